@@ -1,0 +1,1 @@
+"""Experiment configs: ``get_config()`` files layered on :mod:`configs.base`."""

@@ -1,0 +1,42 @@
+"""The paper's Table 1 on its own float MobileNetV1 1.0/224, post-training quantized.
+
+Command (the README's main command):
+
+    python launch/main.py --config configs/reproduce_table1.py --workdir /tmp/table1
+
+Evaluates the official TF-slim float model on the 500 ImageNet validation images of
+``imagenet_val500`` (1001-way, central 87.5 % crop, resized to 224, [-1, 1]) in float and in 8-bit
+simulation for each PTQ row, with activation ranges calibrated (min/max) on the 1000 images of
+``imagenet_calib1000``. Writes ``workdir/results.json``.
+
+Expected on the 2-core CPU machine (2026-11-27): about 4 minutes; top-1 float 71.4,
+tf8_per_tensor 0.2, tf8_zero_variance_fix ~ 58, per_channel ~ 70, cle_per_tensor ~ 69
+(see README for the measured table). ``:smoke``-style local runs: ``--config.limit=50
+--config.num_calibration_images=100``.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base.data_config()
+    c.job = "table1"
+    c.model_path = "models/mobilenet_v1_1.0_224_retrained_graph.pb"  # relative to data_dir
+    c.eval_data = "folder:imagenet_val500"
+    c.calibration_data = "folder:imagenet_calib1000"
+    c.num_calibration_images = 1000
+    c.limit = ml_collections.config_dict.placeholder(int)  # evaluate only the first N images
+    c.rows = (
+        "float",
+        "tf8_per_tensor",
+        "tf8_zero_variance_fix",
+        "per_channel",
+        "cle_per_tensor",
+    )
+    c.observer = "minmax"  # minmax | ema | percentile
+    c.zero_variance_threshold = 1e-10
+    c.cle_iterations = 20
+    c.depthwise_impl = "auto"
+    return c

@@ -1,0 +1,1 @@
+"""Data: sources (ImageFolder trees, tfds datasets), preprocessing and batched pipelines."""

@@ -1,0 +1,125 @@
+"""Where images come from: local ImageFolder trees (through tfds) and tfds datasets.
+
+A source is named by a spec string:
+
+* ``folder:<path>``: ``<data_dir>/<path>`` is a split directory of class folders; it is read with
+  tfds's ``ImageFolder`` builder rooted at its parent (e.g. ``folder:imagenet_val500``,
+  ``folder:imagenette/train``). Class folders are ImageNet wnids, mapped by the label space.
+* ``tfds:<name>:<split>``: a tfds dataset (``imagenet2012``, ``imagenette``, ``cifar10``) from
+  ``tfds_data_dir``; ``imagenet2012`` is prepared from ``manual_dir`` (the ILSVRC2012 tars).
+
+Every source yields raw examples ``{"image_bytes", "label", "filename"}``; decoding happens in
+:mod:`qfsep_jax.data.pipeline` so that a corrupt file can be named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from qfsep_jax.data import labels as labels_lib
+
+
+@dataclasses.dataclass
+class Source:
+    """Raw examples of one split and how many there are."""
+
+    dataset: tf.data.Dataset
+    num_examples: int
+    name: str
+
+
+def _check_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{what} not found: {path!r}. Set --config.data_dir to the folder holding the "
+            "project's data (default ../shared/data)."
+        )
+
+
+def folder_source(data_dir: str, path: str, label_space: str) -> Source:
+    """A class-folder split read with ``tfds.ImageFolder``, labels mapped by ``label_space``."""
+    split_dir = os.path.normpath(os.path.join(data_dir, path))
+    _check_dir(split_dir, "image folder")
+    root, split = os.path.dirname(split_dir), os.path.basename(split_dir)
+    builder = tfds.ImageFolder(root)
+    if split not in builder.info.splits:
+        raise ValueError(f"ImageFolder at {root!r} has no split {split!r}")
+    num_examples = builder.info.splits[split].num_examples
+    if num_examples == 0:
+        raise ValueError(f"no .jpg/.jpeg/.png images under {split_dir!r}")
+    names = builder.info.features["label"].names
+    mapping = labels_lib.wnid_to_index(label_space, data_dir)
+    if mapping is None:
+        table_values = list(range(len(names)))
+    else:
+        folders = {d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))}
+        unknown = sorted(folders - set(mapping))
+        if unknown:
+            raise ValueError(
+                f"class folders {unknown[:5]} of {split_dir!r} are not in label space "
+                f"{label_space!r}"
+            )
+        table_values = [mapping.get(n, -1) for n in names]
+    table = tf.constant(table_values, tf.int64)
+    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.map(
+        lambda ex: {
+            "image_bytes": ex["image"],
+            "label": tf.gather(table, ex["label"]),
+            "filename": ex["image/filename"],
+        },
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return Source(ds, num_examples, f"folder:{path}")
+
+
+def tfds_source(
+    name: str,
+    split: str,
+    tfds_data_dir: str | None,
+    manual_dir: str | None = None,
+    shuffle_files: bool = False,
+) -> Source:
+    """A split of a prepared (or preparable) tfds dataset, with images left encoded.
+
+    ``imagenet2012`` is built from the ILSVRC2012 tar files in ``manual_dir`` on first use.
+    """
+    builder = tfds.builder(name, data_dir=tfds_data_dir)
+    if not builder.is_prepared():
+        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+        builder.download_and_prepare(download_config=download_config)
+    ds = builder.as_dataset(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=shuffle_files
+    )
+    num_examples = builder.info.splits[split].num_examples
+
+    def to_raw(ex):
+        filename = ex.get("file_name", ex.get("id", tf.constant("")))
+        return {"image_bytes": ex["image"], "label": ex["label"], "filename": filename}
+
+    return Source(ds.map(to_raw), num_examples, f"tfds:{name}:{split}")
+
+
+def make_source(
+    spec: str,
+    data_dir: str,
+    label_space: str = "imagenet1001",
+    tfds_data_dir: str | None = None,
+    manual_dir: str | None = None,
+    shuffle_files: bool = False,
+) -> Source:
+    """Resolves a source spec (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "folder" and rest:
+        _check_dir(data_dir, "data directory")
+        return folder_source(data_dir, rest, label_space)
+    if kind == "tfds" and rest.count(":") == 1:
+        name, split = rest.split(":")
+        return tfds_source(name, split, tfds_data_dir, manual_dir, shuffle_files)
+    raise ValueError(
+        f"bad dataset spec {spec!r}: use 'folder:<path under data_dir>' or 'tfds:<name>:<split>'"
+    )

@@ -1,0 +1,1 @@
+"""Importers of external model formats (TF-slim GraphDefs and checkpoints)."""

@@ -1,0 +1,1 @@
+"""Jobs that launch/main.py runs, one module each, chosen by ``config.job``."""

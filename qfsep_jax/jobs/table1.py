@@ -1,0 +1,104 @@
+"""Table 1: float vs 8-bit post-training quantization of an imported TF-slim MobileNetV1."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import ml_collections
+
+from qfsep_jax import evaluation, io_utils, ptq
+from qfsep_jax.data.input import eval_input, resolve_path
+from qfsep_jax.importers.tfslim import load_tfslim
+
+# Published top-1 (%) on all 50k ImageNet val images, MobileNetV1 1.0/224 (see docs/paper.md).
+PAPER_TOP1 = {
+    "float": (70.50, "Sheng et al. 2018"),
+    "tf8_per_tensor": (1.80, "Sheng et al. 2018"),
+    "tf8_zero_variance_fix": (45.73, "Sheng et al. 2018"),
+    "per_channel": (70.3, "Krishnamoorthi 2018"),
+    "cle_per_tensor": (70.51, "Nagel et al. 2019, CLE + bias correction"),
+}
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+    for row in config.rows:
+        if row != "float" and row != "float_relu":
+            ptq.recipe_by_name(row)
+    if config.num_calibration_images <= 0:
+        raise ValueError("num_calibration_images must be positive")
+
+
+def format_table(rows: list[dict]) -> str:
+    """The results as a text table with the published numbers beside them."""
+    lines = [
+        f"{'row':36s} {'top1':>7s} {'top5':>7s} {'int_top1':>8s} {'n':>5s}   paper top1",
+        "-" * 90,
+    ]
+    for r in rows:
+        paper = PAPER_TOP1.get(r["name"])
+        ptext = f"{paper[0]:6.2f} ({paper[1]})" if paper else "-"
+        itext = f"{r['int_top1']:8.2f}" if "int_top1" in r else f"{'-':>8s}"
+        lines.append(
+            f"{r['name']:36s} {r['top1']:7.2f} {r['top5']:7.2f} {itext} {r['n']:5d}   {ptext}"
+        )
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Evaluates every row of ``config.rows``; writes ``workdir/results.json`` atomically."""
+    _validate(config)
+    imported = load_tfslim(resolve_path(config.data_dir, config.model_path))
+    model = imported.model(depthwise_impl=config.depthwise_impl, dropout_rate=0.0)
+    variables = imported.variables
+    evaluate_data = eval_input(config, config.eval_data, limit=config.limit)
+    calib = eval_input(config, config.calibration_data, limit=config.num_calibration_images)
+    logging.info(
+        "model %s (%s); eval %s: %d images; calibration %s: %d images",
+        imported.source, imported.model_kwargs, evaluate_data.name, evaluate_data.num_examples,
+        calib.name, calib.num_examples,
+    )  # fmt: skip
+
+    def score(logits_fn, name):
+        return evaluation.evaluate(
+            logits_fn, evaluate_data.make(), evaluate_data.num_batches, desc=name
+        )
+
+    rows = []
+    for name in config.rows:
+        if name == "float":
+            result = score(ptq.float_logits_fn(model, variables), name)
+            rows.append({"name": name, **result})
+        elif name == "float_relu":
+            relu_model = model.clone(activation="relu")
+            result = score(ptq.float_logits_fn(relu_model, variables), name)
+            rows.append({"name": name, **result})
+        else:
+            recipe = dataclasses.replace(ptq.recipe_by_name(name), observer=config.observer)
+            qmodel = ptq.quantize_post_training(
+                model, variables, recipe, calib.make, calib.num_batches,
+                zero_variance_threshold=config.zero_variance_threshold,
+                cle_iterations=config.cle_iterations,
+            )  # fmt: skip
+            result = score(ptq.fake_quant_logits_fn(qmodel), name)
+            row = {"name": name, **result, "recipe": dataclasses.asdict(recipe)}
+            if "zero_variance_channels" in qmodel.info:
+                row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
+            rows.append(row)
+        logging.info("%s: top1 %.2f top5 %.2f (n=%d)", name, rows[-1]["top1"], rows[-1]["top5"],
+                     rows[-1]["n"])  # fmt: skip
+        jax.clear_caches()
+    out = {
+        "rows": rows,
+        "model": imported.source,
+        "eval_data": evaluate_data.name,
+        "calibration_data": calib.name,
+        "num_calibration_images": calib.num_examples,
+        "crop_fraction": config.crop_fraction,
+        "image_size": config.image_size,
+    }
+    io_utils.write_json(os.path.join(workdir, "results.json"), out)
+    print(format_table(rows))
+    return out

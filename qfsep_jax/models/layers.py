@@ -1,0 +1,237 @@
+"""Conv layers with batch norm, activation and the shared fake-quant hooks.
+
+Every layer of MobileNetV1 is a :class:`ConvLayer`: conv (regular or depthwise, TF "SAME"
+padding), then optionally BN, an activation, and an activation quantizer (:class:`ActQuant`).
+How a forward pass treats quantization is chosen per call by ``quant_mode``:
+
+* ``"float"``: the float model (BN in batch or moving statistics as ``train`` says);
+* ``"calibrate"``: the float inference model; every activation quantizer feeds its observer
+  (range calibration for PTQ), nothing is rounded;
+* ``"fake"``: inference with BN folded into the weights, weights and activations fake-quantized
+  with the calibrated ranges; the simulation that the integer pass matches;
+* ``"qat"``: like ``"fake"``; with ``train=True`` it is quantization-aware training, with BN
+  folding simulated by correction-and-freeze and moving-average activation ranges.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qfsep_jax.models import depthwise
+from qfsep_jax.quant import observers
+from qfsep_jax.quant.fake_quant import fake_quant
+from qfsep_jax.quant.fold import fold_bn
+from qfsep_jax.quant.scheme import QuantConfig, fake_quant_weights
+
+QUANT_MODES = ("float", "calibrate", "fake", "qat")
+ACTIVATIONS = ("relu6", "relu", "none")
+
+
+def activation_fn(name: str, x: jax.Array) -> jax.Array:
+    """Applies the named activation (``relu6``, ``relu`` or ``none``)."""
+    if name == "relu6":
+        return jnp.clip(x, 0.0, 6.0)
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "none":
+        return x
+    raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A regular NHWC conv with TF "SAME" padding (stride 2, even size: 0 before, 1 after)."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def _check_mode(quant_mode: str, quant: QuantConfig | None) -> None:
+    if quant_mode not in QUANT_MODES:
+        raise ValueError(f"unknown quant_mode {quant_mode!r}; choose from {QUANT_MODES}")
+    if quant_mode != "float" and quant is None:
+        raise ValueError(
+            f"quant_mode={quant_mode!r} needs a model built with quant=QuantConfig(...)"
+        )
+
+
+def _where(flag, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a if flag else b`` for a Python bool or a traced scalar bool."""
+    if isinstance(flag, bool):
+        return a if flag else b
+    return jnp.where(flag, a, b)
+
+
+class ActQuant(nn.Module):
+    """Activation quantizer: an observed range in the ``quant_ranges`` collection.
+
+    Variables ``min``, ``max`` and ``count`` hold the observer state (see
+    :mod:`qfsep_jax.quant.observers`). ``quant`` None makes it the identity.
+    """
+
+    quant: QuantConfig | None = None
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, quant_mode: str = "float", train: bool = False, quant_active=True
+    ) -> jax.Array:
+        if self.quant is None:
+            return x
+        init = observers.init_range_state()
+        state = {k: self.variable("quant_ranges", k, lambda v=v: v) for k, v in init.items()}
+        if quant_mode == "float":
+            return x
+        observing = quant_mode == "calibrate" or (quant_mode == "qat" and train)
+        if observing and not self.is_initializing():
+            new = observers.observe(
+                {k: v.value for k, v in state.items()},
+                jax.lax.stop_gradient(x),
+                self.quant,
+                self.axis_name,
+            )
+            for k, v in state.items():
+                v.value = new[k]
+        if quant_mode == "calibrate":
+            return x
+        if self.is_initializing():
+            return x
+        if self.quant.dynamic_activation_ranges:
+            axes = tuple(range(1, x.ndim))
+            lo = jax.lax.stop_gradient(jnp.min(x, axis=axes))
+            hi = jax.lax.stop_gradient(jnp.max(x, axis=axes))
+            return fake_quant(x, lo, hi, self.quant.act_int_range, axis=0)
+        lo, hi = state["min"].value, state["max"].value
+        return _where(quant_active, fake_quant(x, lo, hi, self.quant.act_int_range), x)
+
+
+class ConvLayer(nn.Module):
+    """Conv (regular or depthwise) → [BN] → activation → [activation quantizer].
+
+    Parameters are named ``kernel`` (HWIO; ``(k, k, 1, C)`` for depthwise), ``bias``,
+    ``bn_scale``/``bn_bias`` (params) and ``bn_mean``/``bn_var`` (batch_stats). With
+    ``bn_folded=True`` the layer holds the folded ``kernel`` and ``bias`` only.
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    depthwise: bool = False
+    use_bn: bool = True
+    use_bias: bool = False
+    activation: str = "relu6"
+    quantize_output: bool = True
+    bn_folded: bool = False
+    bn_momentum: float = 0.9997
+    bn_epsilon: float = 1e-3
+    quant: QuantConfig | None = None
+    axis_name: str | None = None
+    depthwise_impl: str = "lax"
+
+    def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        if self.depthwise:
+            return depthwise.depthwise_conv2d(x, kernel, self.stride, impl=self.depthwise_impl)
+        return conv2d(x, kernel, self.stride)
+
+    def _batch_moments(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean = jnp.mean(y, axis=(0, 1, 2))
+        mean_sq = jnp.mean(jnp.square(y), axis=(0, 1, 2))
+        if self.axis_name is not None:
+            mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+        return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        quant_mode: str = "float",
+        bn_frozen=False,
+        quant_active=True,
+    ) -> jax.Array:
+        _check_mode(quant_mode, self.quant)
+        in_features = x.shape[-1]
+        if self.depthwise and self.features != in_features:
+            raise ValueError(
+                f"depthwise layer {self.name}: features={self.features} must equal the input "
+                f"channels {in_features} (depth multiplier 1)"
+            )
+        kshape = (
+            (self.kernel_size, self.kernel_size, 1, in_features)
+            if self.depthwise
+            else (self.kernel_size, self.kernel_size, in_features, self.features)
+        )
+        kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+        kernel = self.param("kernel", kernel_init, kshape)
+        has_bn = self.use_bn and not self.bn_folded
+        has_bias = self.use_bias or (self.use_bn and self.bn_folded)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if has_bias else None
+        if has_bn:
+            gamma = self.param("bn_scale", nn.initializers.ones, (self.features,))
+            beta = self.param("bn_bias", nn.initializers.zeros, (self.features,))
+            ra_mean = self.variable("batch_stats", "bn_mean", jnp.zeros, (self.features,))
+            ra_var = self.variable("batch_stats", "bn_var", jnp.ones, (self.features,))
+
+        quantizing = quant_mode in ("fake", "qat")
+        update_stats = train and has_bn and not self.is_initializing()
+
+        if not quantizing:
+            y = self._conv(x, kernel)
+            if bias is not None:
+                y = y + bias
+            if has_bn:
+                if train:
+                    mean, var = self._batch_moments(y)
+                    if update_stats:
+                        m = self.bn_momentum
+                        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                        ra_var.value = m * ra_var.value + (1 - m) * var
+                else:
+                    mean, var = ra_mean.value, ra_var.value
+                alpha = gamma * jax.lax.rsqrt(var + self.bn_epsilon)
+                y = (y - mean) * alpha + beta
+        elif has_bn and train:
+            # QAT with BN folding simulated by correction-and-freeze (Krishnamoorthi 2018, 3.2.2).
+            y_float = self._conv(x, kernel)
+            if bias is not None:
+                y_float = y_float + bias
+            mean_b, var_b = self._batch_moments(y_float)
+            sigma_b = jnp.sqrt(var_b + self.bn_epsilon)
+            sigma_m = jnp.sqrt(ra_var.value + self.bn_epsilon)
+            w_fold, b_frozen = fold_bn(
+                kernel, bias, gamma, beta, ra_mean.value, ra_var.value, self.bn_epsilon
+            )
+            w_q = _where(quant_active, fake_quant_weights(w_fold, self.quant), w_fold)
+            y_q = self._conv(x, w_q)
+            conv_bias = 0.0 if bias is None else bias
+            b_batch = beta + gamma * (conv_bias - mean_b) / sigma_b
+            y = _where(bn_frozen, y_q + b_frozen, y_q * (sigma_m / sigma_b) + b_batch)
+            if update_stats:
+                m = self.bn_momentum
+                keep = jnp.asarray(bn_frozen, bool)
+                ra_mean.value = jnp.where(keep, ra_mean.value, m * ra_mean.value + (1 - m) * mean_b)
+                ra_var.value = jnp.where(keep, ra_var.value, m * ra_var.value + (1 - m) * var_b)
+        else:
+            if has_bn:
+                w, b = fold_bn(
+                    kernel, bias, gamma, beta, ra_mean.value, ra_var.value, self.bn_epsilon
+                )
+            else:
+                w, b = kernel, bias
+            w_q = _where(quant_active, fake_quant_weights(w, self.quant), w)
+            y = self._conv(x, w_q)
+            if b is not None:
+                y = y + b
+
+        y = activation_fn(self.activation, y)
+        if self.quantize_output:
+            y = ActQuant(self.quant, self.axis_name, name="act_quant")(
+                y, quant_mode, train, quant_active
+            )
+        self.sow("intermediates", "out", y)
+        return y

@@ -1,0 +1,210 @@
+"""MobileNetV1 with the original and the quantization-friendly separable blocks.
+
+Layer names follow TF-slim (``Conv2d_0``, ``Conv2d_{i}`` blocks with ``depthwise`` and
+``pointwise`` layers, ``Logits``), so that imported checkpoints and analysis outputs share keys:
+the TF-slim name of ``("Conv2d_1", "depthwise")`` is ``Conv2d_1_depthwise``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode
+from qfsep_jax.quant.fake_quant import fake_quant
+from qfsep_jax.quant.scheme import QuantConfig
+
+# (output depth, stride) of the 13 separable blocks (paper's Table 2, last block stride 1).
+BLOCK_SPECS: tuple[tuple[int, int], ...] = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+)  # fmt: skip
+BLOCK_TYPES = ("original", "qf")
+
+
+class _SeparableBase(nn.Module):
+    """The interface both separable blocks share: attributes and ``__call__`` signature."""
+
+    features: int
+    stride: int = 1
+    activation: str = "relu6"
+    depthwise_bias: bool = True
+    bn_folded: bool = False
+    bn_momentum: float = 0.9997
+    bn_epsilon: float = 1e-3
+    quant: QuantConfig | None = None
+    axis_name: str | None = None
+    depthwise_impl: str = "auto"
+
+    def _layer(self, name: str, **kw) -> ConvLayer:
+        common = dict(
+            bn_folded=self.bn_folded,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            quant=self.quant,
+            axis_name=self.axis_name,
+            depthwise_impl=self.depthwise_impl,
+        )
+        return ConvLayer(name=name, **common, **kw)
+
+
+class SeparableBlock(_SeparableBase):
+    """The original block: DW 3×3 → BN → act → PW 1×1 → BN → act."""
+
+    @nn.compact
+    def __call__(self, x, train=False, quant_mode="float", bn_frozen=False, quant_active=True):
+        kw = dict(
+            train=train, quant_mode=quant_mode, bn_frozen=bn_frozen, quant_active=quant_active
+        )
+        x = self._layer(
+            "depthwise", features=x.shape[-1], kernel_size=3, stride=self.stride,
+            depthwise=True, activation=self.activation,
+        )(x, **kw)  # fmt: skip
+        return self._layer("pointwise", features=self.features, kernel_size=1,
+                           activation=self.activation)(x, **kw)  # fmt: skip
+
+
+class QFSeparableBlock(_SeparableBase):
+    """The quantization-friendly block: DW 3×3 (+ optional bias) → PW 1×1 → BN → act.
+
+    The depthwise output has no BN and no activation; it is still quantized (it is a tensor of
+    the 8-bit pipeline).
+    """
+
+    @nn.compact
+    def __call__(self, x, train=False, quant_mode="float", bn_frozen=False, quant_active=True):
+        kw = dict(
+            train=train, quant_mode=quant_mode, bn_frozen=bn_frozen, quant_active=quant_active
+        )
+        x = self._layer(
+            "depthwise", features=x.shape[-1], kernel_size=3, stride=self.stride,
+            depthwise=True, use_bn=False, use_bias=self.depthwise_bias, activation="none",
+        )(x, **kw)  # fmt: skip
+        return self._layer("pointwise", features=self.features, kernel_size=1,
+                           activation=self.activation)(x, **kw)  # fmt: skip
+
+
+def block_class(block: str) -> type[_SeparableBase]:
+    """The block module for a config name (``original`` or ``qf``)."""
+    if block == "original":
+        return SeparableBlock
+    if block == "qf":
+        return QFSeparableBlock
+    raise ValueError(f"unknown block type {block!r}; choose from {BLOCK_TYPES}")
+
+
+def scaled_depth(depth: int, width_multiplier: float, min_depth: int = 8) -> int:
+    """TF-slim's channel count for a width multiplier: max(int(d * width), min_depth)."""
+    return max(int(depth * width_multiplier), min_depth)
+
+
+class MobileNetV1(nn.Module):
+    """MobileNetV1 for any input size (global average pool before the 1×1 classifier).
+
+    Attributes:
+      num_classes: classifier outputs (1001 for TF-slim ImageNet checkpoints).
+      width_multiplier: TF-slim depth multiplier.
+      block: ``original`` or ``qf`` (the paper's quantization-friendly block).
+      activation: ``relu6`` or ``relu``, used by every layer but the classifier.
+      depthwise_bias: whether the ``qf`` block's depthwise conv has a bias.
+      dropout_rate: dropout before the classifier (TF-slim: keep_prob 0.999).
+      stem_stride: stride of ``Conv2d_0`` (1 for 32 px inputs).
+      bn_folded: the variables hold folded kernels and biases (after PTQ folding).
+      quant: the quantization scheme; needed by every ``quant_mode`` but ``float``.
+      axis_name: pmap axis for cross-replica BN statistics and range observers.
+      depthwise_impl: ``auto``, ``lax`` or ``shift`` (see :mod:`qfsep_jax.models.depthwise`).
+    """
+
+    num_classes: int = 1001
+    width_multiplier: float = 1.0
+    min_depth: int = 8
+    block: str = "original"
+    activation: str = "relu6"
+    depthwise_bias: bool = True
+    dropout_rate: float = 0.001
+    stem_stride: int = 2
+    bn_folded: bool = False
+    bn_momentum: float = 0.9997
+    bn_epsilon: float = 1e-3
+    quant: QuantConfig | None = None
+    axis_name: str | None = None
+    depthwise_impl: str = "auto"
+
+    @nn.compact
+    def __call__(
+        self,
+        images: jax.Array,
+        train: bool = False,
+        quant_mode: str = "float",
+        bn_frozen=False,
+        quant_active=True,
+    ) -> jax.Array:
+        """Logits ``[batch, num_classes]`` for NHWC float images scaled to [-1, 1]."""
+        _check_mode(quant_mode, self.quant)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected NHWC RGB images, got shape {images.shape}")
+        kw = dict(
+            train=train, quant_mode=quant_mode, bn_frozen=bn_frozen, quant_active=quant_active
+        )
+        common = dict(
+            bn_folded=self.bn_folded, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+            quant=self.quant, axis_name=self.axis_name, depthwise_impl=self.depthwise_impl,
+        )  # fmt: skip
+        x = ActQuant(self.quant, self.axis_name, name="input_quant")(
+            images, quant_mode, train, quant_active
+        )
+        x = ConvLayer(
+            scaled_depth(32, self.width_multiplier, self.min_depth), kernel_size=3,
+            stride=self.stem_stride, activation=self.activation, name="Conv2d_0", **common,
+        )(x, **kw)  # fmt: skip
+        block_cls = block_class(self.block)
+        blk = None
+        for i, (depth, stride) in enumerate(BLOCK_SPECS, start=1):
+            blk = block_cls(
+                scaled_depth(depth, self.width_multiplier, self.min_depth), stride=stride,
+                activation=self.activation, depthwise_bias=self.depthwise_bias,
+                name=f"Conv2d_{i}", **common,
+            )  # fmt: skip
+            x = blk(x, **kw)
+        x = jnp.mean(x, axis=(1, 2), keepdims=True)
+        if quant_mode in ("fake", "qat") and not self.is_initializing():
+            # TFLite's integer average pool keeps the input's (scale, zero point): re-round.
+            last = blk.variables["quant_ranges"]["pointwise"]["act_quant"]
+            pooled_q = fake_quant(x, last["min"], last["max"], self.quant.act_int_range)
+            x = x + jax.lax.stop_gradient(pooled_q - x) if train else pooled_q
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = ConvLayer(
+            self.num_classes, kernel_size=1, use_bn=False, use_bias=True, activation="none",
+            name="Logits", **common,
+        )(x, **kw)  # fmt: skip
+        return jnp.reshape(x, (x.shape[0], self.num_classes))
+
+
+def tfslim_name(path: tuple[str, ...]) -> str:
+    """TF-slim name of a module path: ``("Conv2d_3", "pointwise")`` → ``Conv2d_3_pointwise``."""
+    return "_".join(path)
+
+
+def layer_paths(tree: dict) -> list[tuple[str, ...]]:
+    """Paths of the conv layers (dicts holding a ``kernel``) of a params tree, in network order."""
+    found = []
+
+    def walk(node, path):
+        if "kernel" in node:
+            found.append(path)
+            return
+        for key, sub in node.items():
+            if isinstance(sub, dict):
+                walk(sub, path + (key,))
+
+    walk(tree, ())
+    return sorted(found, key=_layer_order)
+
+
+def _layer_order(path: tuple[str, ...]) -> tuple[int, int]:
+    head = path[0]
+    if head == "Logits":
+        return (len(BLOCK_SPECS) + 1, 0)
+    index = int(head.split("_")[1])
+    return (index, 0 if len(path) == 1 or path[1] == "depthwise" else 1)

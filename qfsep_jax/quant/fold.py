@@ -1,0 +1,113 @@
+"""Batch-norm folding and the paper's zero-variance fix, on the variables pytree.
+
+A conv layer's variables are ``params: {kernel, [bias], [bn_scale, bn_bias]}`` and
+``batch_stats: {bn_mean, bn_var}``. Folding rewrites each BN layer into ``{kernel, bias}`` with
+
+    alpha = gamma / sqrt(var + eps), kernel' = kernel * alpha, bias' = beta + alpha * (bias - mean)
+
+so that the model built with ``bn_folded=True`` computes the same function in inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Variables = dict[str, Any]
+
+
+def bn_alpha(gamma: jax.Array, var: jax.Array, eps: float) -> jax.Array:
+    """The per-channel scale that BN folding multiplies into the kernel: gamma / sqrt(var + eps)."""
+    return gamma * jax.lax.rsqrt(var + eps)
+
+
+def fold_bn(
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    gamma: jax.Array,
+    beta: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    eps: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Folds inference-mode BN into a conv kernel (output channels last) and bias."""
+    alpha = bn_alpha(gamma, var, eps)
+    conv_bias = jnp.zeros_like(beta) if bias is None else bias
+    return kernel * alpha, beta + alpha * (conv_bias - mean)
+
+
+def _map_bn_layers(
+    variables: Variables, fn: Callable[[tuple, dict, dict], tuple[dict, dict]]
+) -> Variables:
+    """Applies ``fn(path, params, stats) -> (params, stats)`` to every BN layer of a tree."""
+
+    def walk(params: dict, stats: dict, path: tuple) -> tuple[dict, dict]:
+        if "bn_scale" in params:
+            return fn(path, params, stats)
+        new_params, new_stats = {}, {}
+        for key, sub in params.items():
+            if isinstance(sub, dict):
+                new_params[key], s = walk(sub, stats.get(key, {}), path + (key,))
+                if s:
+                    new_stats[key] = s
+            else:
+                new_params[key] = sub
+        return new_params, new_stats
+
+    if "params" not in variables:
+        raise ValueError(f"expected a variables dict with 'params', got keys {list(variables)}")
+    params, stats = walk(variables["params"], variables.get("batch_stats", {}), ())
+    out = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
+    out["params"] = params
+    if stats:
+        out["batch_stats"] = stats
+    return out
+
+
+def fold_batch_norm(variables: Variables, eps: float) -> Variables:
+    """Folds every BN layer; the result matches a model built with ``bn_folded=True``."""
+
+    def fold(path, params, stats):
+        kernel, bias = fold_bn(
+            params["kernel"],
+            params.get("bias"),
+            params["bn_scale"],
+            params["bn_bias"],
+            stats["bn_mean"],
+            stats["bn_var"],
+            eps,
+        )
+        return {"kernel": kernel, "bias": bias}, {}
+
+    return _map_bn_layers(variables, fold)
+
+
+def fix_zero_variance(
+    variables: Variables, threshold: float, layer_filter: Callable[[dict], bool] | None = None
+) -> tuple[Variables, dict[str, list[int]]]:
+    """The paper's fix: replace near-zero BN variances by the mean variance of the other channels.
+
+    Channels whose moving variance is below ``threshold`` are the all-zero channels whose folded
+    scale gamma/sqrt(var + eps) explodes. Their variance becomes the mean variance of the other
+    channels of the same layer, before folding. ``layer_filter(params)`` selects layers (default:
+    all BN layers). Returns the new variables and, per layer path, the indices that were fixed.
+    """
+    fixed: dict[str, list[int]] = {}
+
+    def fix(path, params, stats):
+        if layer_filter is not None and not layer_filter(params):
+            return params, stats
+        var = np.asarray(stats["bn_var"])
+        dead = var < threshold
+        if dead.any() and not dead.all():
+            var = var.copy()
+            var[dead] = var[~dead].mean()
+            fixed["/".join(path)] = np.flatnonzero(dead).tolist()
+            stats = {**stats, "bn_var": jnp.asarray(var, jnp.float32)}
+        return params, stats
+
+    return _map_bn_layers(variables, fix), fixed
