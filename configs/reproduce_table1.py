@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.limit = ml_collections.config_dict.placeholder(int)  # evaluate only the first N images
     c.rows = (
         "float",
+        "float_relu",  # the float model with ReLU6 → ReLU: the ceiling of cle_per_tensor
         "tf8_per_tensor",
         "tf8_zero_variance_fix",
         "per_channel",

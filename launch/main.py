@@ -17,6 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 JOBS = {
     "table1": "qfsep_jax.jobs.table1:run",
     "train": "qfsep_jax.train:train_and_evaluate",
+    "tflite_check": "qfsep_jax.jobs.tflite_check:run",
+    "analyze": "qfsep_jax.jobs.analyze:run",
 }
 
 

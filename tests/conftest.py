@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests that need the shared data fail (never skip) when it is missing."""
+
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.environ.get("QFSEP_DATA_DIR", os.path.join(REPO, "..", "shared", "data"))
+FLOAT_GRAPH = "models/mobilenet_v1_1.0_224_retrained_graph.pb"
+TFLITE_MODEL = "models/mobilenet_v1_0.25_128_quant.tflite"
+
+
+def require(path: str) -> str:
+    """Absolute path of ``path`` under the shared data dir; fails the test if it is missing."""
+    full = os.path.normpath(os.path.join(DATA_DIR, path))
+    if not os.path.exists(full):
+        pytest.fail(
+            f"shared data missing: {full}. Point QFSEP_DATA_DIR at the project's data folder "
+            "(default ../shared/data).",
+            pytrace=False,
+        )
+    return full
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    """The shared data folder (``QFSEP_DATA_DIR``, default ``../shared/data``)."""
+    return require(".")
