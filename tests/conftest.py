@@ -2,7 +2,11 @@
 
 import os
 
-import pytest
+# Eight fake CPU devices for the pmap tests; set before anything imports jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.environ.get("QFSEP_DATA_DIR", os.path.join(REPO, "..", "shared", "data"))
