@@ -1,0 +1,108 @@
+"""Post-training quantization pipeline and the Table 1 job."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qfsep_jax import ptq
+from qfsep_jax.models import MobileNetV1
+from tests.conftest import REPO, require
+
+
+def _model_and_vars(seed=0):
+    model = MobileNetV1(num_classes=5, width_multiplier=0.25, depthwise_impl="lax")
+    v = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+    return model, {"params": v["params"], "batch_stats": v["batch_stats"]}
+
+
+def _batches(n_batches=2, bs=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {"image": rng.uniform(-1, 1, (bs, 32, 32, 3)).astype(np.float32), "mask": np.ones(bs)}
+        for _ in range(n_batches)
+    ]
+
+
+def test_calibration_ignores_padding_and_validates():
+    model, v = _model_and_vars()
+    qmodel, folded, _ = ptq.prepare_folded(model, v, ptq.RECIPES["tf8_per_tensor"])
+    batches = _batches()
+    ref = ptq.calibrate(qmodel, folded, batches)
+    padded = [dict(b) for b in batches]
+    padded[1]["image"] = np.concatenate([batches[1]["image"], np.full((2, 32, 32, 3), 50.0)])
+    padded[1]["mask"] = np.array([1, 1, 1, 1, 0, 0])
+    got = ptq.calibrate(qmodel, folded, padded)
+    jax.tree.map(np.testing.assert_array_equal, got["quant_ranges"], ref["quant_ranges"])
+    with pytest.raises(ValueError, match="no images"):
+        ptq.calibrate(qmodel, folded, [])
+    with pytest.raises(ValueError, match="not finite"):
+        bad = [{"image": np.full((2, 32, 32, 3), np.nan, np.float32), "mask": np.ones(2)}]
+        ptq.calibrate(qmodel, folded, bad)
+
+
+def test_per_channel_beats_per_tensor_on_unequal_channels():
+    model, v = _model_and_vars()
+    k = np.asarray(v["params"]["Conv2d_1"]["depthwise"]["kernel"]).copy()
+    k[..., 0] *= 100.0  # one outlier channel, as zero-variance folding produces
+    v["params"]["Conv2d_1"]["depthwise"]["kernel"] = jnp.asarray(k)
+    x = _batches(1, 8, seed=1)[0]["image"]
+    ref = np.asarray(ptq.float_logits_fn(model, v)(x))
+    errors = {}
+    for name in ("tf8_per_tensor", "per_channel"):
+        qm = ptq.quantize_post_training(model, v, ptq.RECIPES[name], lambda: _batches())
+        out = np.asarray(ptq.fake_quant_logits_fn(qm)(x))
+        errors[name] = float(np.mean((out - ref) ** 2))
+    assert errors["per_channel"] < errors["tf8_per_tensor"] / 2, errors
+
+
+def test_recipes_and_errors():
+    assert set(ptq.RECIPES) >= {"tf8_per_tensor", "tf8_zero_variance_fix", "per_channel"}
+    with pytest.raises(ValueError, match="unknown PTQ recipe"):
+        ptq.recipe_by_name("fp4")
+    model, v = _model_and_vars()
+    qm, folded, _ = ptq.prepare_folded(model, v, ptq.RECIPES["tf8_per_tensor"])
+    with pytest.raises(ValueError, match="unfolded"):
+        ptq.prepare_folded(qm, folded, ptq.RECIPES["tf8_per_tensor"])
+
+
+def _main(workdir, *overrides):
+    cmd = [
+        sys.executable, os.path.join(REPO, "launch", "main.py"),
+        "--config", os.path.join(REPO, "configs", "reproduce_table1.py"),
+        "--workdir", str(workdir), f"--config.data_dir={require('.')}", *overrides,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+
+
+def test_table1_job_end_to_end(tmp_path):
+    proc = _main(
+        tmp_path,
+        "--config.limit=10",
+        "--config.num_calibration_images=10",
+        "--config.eval_batch_size=10",
+        "--config.rows=('float', 'tf8_per_tensor')",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert [r["name"] for r in results["rows"]] == ["float", "tf8_per_tensor"]
+    for row in results["rows"]:
+        assert row["n"] == 10 and 0.0 <= row["top1"] <= row["top5"] <= 100.0
+    assert "paper top1" in proc.stdout and "tf8_per_tensor" in proc.stdout
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_table1_job_rejects_bad_config(tmp_path):
+    proc = _main(tmp_path, "--config.no_such_field=1")
+    assert proc.returncode != 0 and "no_such_field" in proc.stderr
+    proc = _main(tmp_path, "--config.rows=('float', 'tf3')", "--config.limit=2")
+    assert proc.returncode != 0 and "unknown PTQ recipe 'tf3'" in proc.stderr
+    proc = _main(tmp_path, "--config.data_dir=/nonexistent/data")
+    assert proc.returncode != 0 and "/nonexistent/data" in proc.stderr
+    assert not os.path.exists(tmp_path / "results.json")
