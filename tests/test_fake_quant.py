@@ -20,7 +20,8 @@ from qfsep_jax.quant import (
 def test_values_match_hand_computation_tf8():
     # Range [-64, 63.5], uint8: scale = 127.5 / 255 = 0.5 and zero point = 128, all exact.
     x = np.array([-100.0, -64.0, -10.3, -0.25, 0.0, 0.25, 0.74, 63.5, 100.0], np.float32)
-    # -10.3 / 0.5 = -20.6 -> -21; +-0.25 / 0.5 = +-0.5 -> +-1 (half away from zero); 0.74 -> 1.48 -> 1.
+    # -10.3 / 0.5 = -20.6 -> -21; +-0.25 / 0.5 = +-0.5 -> +-1 (half away from zero);
+    # 0.74 / 0.5 = 1.48 -> 1.
     expected = np.array([-64.0, -64.0, -10.5, -0.5, 0.0, 0.5, 0.5, 63.5, 63.5])
     got = np.asarray(fake_quant(jnp.asarray(x), -64.0, 63.5, UINT8))
     np.testing.assert_array_equal(got, expected)
