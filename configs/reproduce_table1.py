@@ -20,7 +20,10 @@ import ml_collections
 from configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The full run; ``configs/reproduce_table1.py:smoke`` shrinks it to a 1-minute check."""
+    if variant not in ("", "smoke"):
+        raise ValueError(f"unknown variant {variant!r} of reproduce_table1 (use ':smoke')")
     c = base.data_config()
     c.job = "table1"
     c.model_path = "models/mobilenet_v1_1.0_224_retrained_graph.pb"  # relative to data_dir
@@ -40,4 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.zero_variance_threshold = 1e-10
     c.cle_iterations = 20
     c.depthwise_impl = "auto"
+    c.integer_pass = True  # also run each quantized row through the integer-only pass (int_top1)
+    if variant == "smoke":
+        c.limit = 20
+        c.num_calibration_images = 20
+        c.eval_batch_size = 20
+        c.rows = ("float", "tf8_per_tensor")
     return c

@@ -146,6 +146,7 @@ def calibrate(
         n += valid
     if n == 0:
         raise ValueError("calibration saw no images")
+    ranges = jax.block_until_ready(ranges)
     logging.info("calibrated on %d images (%.1f images/s)", n, n / (time.perf_counter() - start))
     ranges = jax.tree.map(np.asarray, ranges)
     check_all_ranges(ranges)

@@ -9,7 +9,7 @@ import os
 import jax
 import ml_collections
 
-from qfsep_jax import evaluation, io_utils, ptq
+from qfsep_jax import evaluation, intpass, io_utils, ptq
 from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.importers.tfslim import load_tfslim
 
@@ -84,6 +84,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )  # fmt: skip
             result = score(ptq.fake_quant_logits_fn(qmodel), name)
             row = {"name": name, **result, "recipe": dataclasses.asdict(recipe)}
+            if config.get("integer_pass", False) and not recipe.dynamic_activation_ranges:
+                # The same preprocessed images, quantized with the model's input qparams.
+                int_model = intpass.from_quantized(qmodel)
+                row["int_top1"] = score(intpass.logits_fn(int_model), name + "/int")["top1"]
             if "zero_variance_channels" in qmodel.info:
                 row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
             rows.append(row)

@@ -1,0 +1,65 @@
+"""Integer-only inference in ``jax.lax``, bit-exact with TensorFlow Lite's quantized kernels.
+
+Public API:
+
+* :class:`IntModel`, :class:`IntLayer`: the integer model (a pytree; see :mod:`.model`);
+* :func:`from_quantized`, :func:`from_variables`: convert this project's quantized MobileNetV1
+  (PTQ :class:`~qfsep_jax.ptq.QuantizedModel` or QAT variables);
+* :func:`from_tflite`: import an official uint8 (or int8) MobileNetV1-family ``.tflite`` model,
+  optionally with a separate head file;
+* :func:`run`: the jitted integer-only forward pass (input codes → logit codes, optionally every
+  layer's codes);
+* :func:`quantize_input`, :func:`dequantize_logits`, :func:`dequantize_intermediates`,
+  :func:`output_qparams`, :func:`logits_fn`: the float boundaries;
+* :data:`ROUNDING_PRESETS`, :class:`Rounding`: the requantization rounding rules;
+* :func:`snap_biases` (the simulation with int32-grid biases), :func:`float_variables` (the
+  same network in float, for benchmarks); :mod:`.compare` (integer pass vs simulation),
+  :mod:`.reference` (LiteRT runner), :mod:`.synthetic` (test models).
+"""
+
+from qfsep_jax.intpass.kernels import ROUNDINGS
+from qfsep_jax.intpass.model import (
+    POOL_NAME,
+    ROUNDING_PRESETS,
+    IntLayer,
+    IntModel,
+    Rounding,
+    dequantize_codes,
+    dequantize_intermediates,
+    dequantize_logits,
+    float_variables,
+    forward,
+    from_quantized,
+    from_variables,
+    logits_fn,
+    output_qparams,
+    parse_rounding,
+    quantize_input,
+    run,
+    snap_biases,
+)
+from qfsep_jax.intpass.tflite_import import TFLiteImportError, from_tflite
+
+__all__ = [
+    "POOL_NAME",
+    "ROUNDINGS",
+    "ROUNDING_PRESETS",
+    "IntLayer",
+    "IntModel",
+    "Rounding",
+    "TFLiteImportError",
+    "dequantize_codes",
+    "dequantize_intermediates",
+    "dequantize_logits",
+    "float_variables",
+    "forward",
+    "from_quantized",
+    "from_tflite",
+    "from_variables",
+    "logits_fn",
+    "output_qparams",
+    "parse_rounding",
+    "quantize_input",
+    "run",
+    "snap_biases",
+]

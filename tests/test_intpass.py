@@ -1,0 +1,341 @@
+"""Integer kernels against int64 numpy references, the float-free jaxpr, the TFLite importer."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TFLITE_MODEL, require
+
+from qfsep_jax import intpass
+from qfsep_jax.intpass import kernels
+from qfsep_jax.intpass.synthetic import split_tflite
+
+RNG = np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------------------------------
+# int64 references, written from the definitions (not from the kernels).
+# ------------------------------------------------------------------------------------------
+
+
+def ref_mbqm(x, m0, shift, rounding):
+    x, m0, shift = (np.asarray(v, np.int64) for v in (x, m0, shift))
+    if rounding == "single":
+        total = 31 - shift
+        return (x * m0 + (np.int64(1) << (total - 1))) >> total
+    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
+    xl = (x << left).astype(np.int32).astype(np.int64)  # int32 wrap, as C does
+    y = (xl * m0 + (1 << 30)) >> 31  # floor((a*b + 2^30) / 2^31)
+    half = np.where(right > 0, np.int64(1) << np.maximum(right - 1, 0), 0)
+    if rounding == "double":  # ties away from zero
+        mag = (np.abs(y) + half) >> right
+        return np.sign(y) * mag
+    return (y + half) >> right  # ruy: ties up
+
+
+def _window(x, i, j, oh, ow, stride):
+    return x[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride]
+
+
+def ref_conv(q, zin, w, wzp, bias, stride, padding):
+    """Direct conv: Σ (q - Zin)(w - Zw) over a Zin-padded input, + bias (int64)."""
+    n, h, wd, _ = q.shape
+    kh, kw, _, cout = w.shape
+    pt, pb, oh = kernels.pad_amounts(h, kh, stride, padding)
+    pl, pr, ow = kernels.pad_amounts(wd, kw, stride, padding)
+    x = np.pad(q.astype(np.int64), ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=zin)
+    x = x - zin
+    wc = w.astype(np.int64) - wzp.astype(np.int64)
+    out = np.zeros((n, oh, ow, cout), np.int64) + bias
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[
+                :, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride
+            ]
+            out += np.einsum("nhwc,co->nhwo", patch, wc[i, j])
+    return out
+
+
+def ref_depthwise(q, zin, w, wzp, bias, stride, padding):
+    n, h, wd, c = q.shape
+    kh, kw, _ = w.shape
+    pt, pb, oh = kernels.pad_amounts(h, kh, stride, padding)
+    pl, pr, ow = kernels.pad_amounts(wd, kw, stride, padding)
+    x = np.pad(q.astype(np.int64) - zin, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    wc = w.astype(np.int64) - wzp.astype(np.int64)
+    out = np.zeros((n, oh, ow, c), np.int64) + bias
+    for i in range(kh):
+        for j in range(kw):
+            out += (
+                x[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride]
+                * wc[i, j]
+            )
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Fixed-point arithmetic.
+# ------------------------------------------------------------------------------------------
+
+
+def test_quantize_multiplier_matches_definition():
+    m = np.concatenate([RNG.uniform(1e-6, 2.0, 500), [0.5, 0.25, 1.0, 1 - 2**-40, 3e-12, 0.0]])
+    m0, shift = kernels.quantize_multiplier(m)
+    nz = m0 != 0
+    assert np.all((m0[nz] >= 2**30) & (m0[nz] < 2**31))
+    approx = m0.astype(np.float64) * 2.0 ** shift.astype(np.float64) / 2**31
+    assert np.all(np.abs(approx[nz] - m[nz]) <= m[nz] * 2.0**-31)
+    # 1 - 2^-40 rounds to M0 = 2^31, renormalized to 2^30 with shift + 1; tiny M flushes to 0.
+    assert (m0[-3], shift[-3]) == (2**30, 1)
+    assert (m0[-2], shift[-2]) == (0, 0) and (m0[-1], shift[-1]) == (0, 0)
+    with pytest.raises(ValueError, match="finite"):
+        kernels.quantize_multiplier(np.array([np.nan]))
+
+
+def test_conv_multiplier_legacy_uses_float32_product():
+    s_in, s_w, s_out = 0.0078125, np.array([0.00888241], np.float32), 0.02352848
+    legacy = kernels.conv_multiplier(s_in, s_w, s_out, per_channel=False)
+    assert legacy[0] == float(np.float32(s_in) * s_w[0]) / float(np.float32(s_out))
+    per_channel = kernels.conv_multiplier(s_in, s_w, s_out, per_channel=True)
+    assert per_channel[0] == float(np.float32(s_in)) * float(s_w[0]) / float(np.float32(s_out))
+
+
+@pytest.mark.parametrize("rounding", kernels.ROUNDINGS)
+def test_multiply_by_quantized_multiplier_matches_int64(rounding):
+    n = 20000
+    x = np.concatenate(
+        [RNG.integers(-(2**31), 2**31, n // 2), RNG.integers(-(2**20), 2**20, n // 2),
+         [-(2**31), 2**31 - 1, 0, 1, -1]]
+    ).astype(np.int32)  # fmt: skip
+    m0 = RNG.integers(2**30, 2**31, x.size).astype(np.int32)
+    shift = RNG.integers(-31, 1, x.size).astype(np.int32)
+    # Keep to results that fit in int32 (as TFLite's real multipliers < 1 guarantee).
+    got = np.asarray(kernels.multiply_by_quantized_multiplier(x, m0, shift, rounding))
+    want = ref_mbqm(x, m0, shift, rounding)
+    np.testing.assert_array_equal(got, want)
+    # Positive shifts (M >= 1) on small accumulators.
+    xs = RNG.integers(-(2**16), 2**16, 5000).astype(np.int32)
+    m0s = RNG.integers(2**30, 2**31, xs.size).astype(np.int32)
+    sh = RNG.integers(0, 8, xs.size).astype(np.int32)
+    got = np.asarray(kernels.multiply_by_quantized_multiplier(xs, m0s, sh, rounding))
+    np.testing.assert_array_equal(got, ref_mbqm(xs, m0s, sh, rounding))
+
+
+def test_rounding_rules_differ_on_ties():
+    # M = 0.25 (M0 = 2^30, shift = -1): x = -2 is exactly -0.5.
+    def f(x, rule):
+        return int(kernels.multiply_by_quantized_multiplier(jnp.int32(x), 2**30, -1, rule))
+
+    assert [f(-2, r) for r in kernels.ROUNDINGS] == [-1, 0, 0]  # double: away from zero
+    assert [f(2, r) for r in kernels.ROUNDINGS] == [1, 1, 1]
+    # x * M = 2.49999...: the first rounding of "double"/"ruy" lands on the tie 2.5, "single"
+    # sees the exact value: 3 vs 2.
+    m0, shift = 2**31 - 1, -2  # M = (1 - 2^-31) / 4
+    x = 10
+    assert [int(kernels.multiply_by_quantized_multiplier(jnp.int32(x), m0, shift, r))
+            for r in kernels.ROUNDINGS] == [3, 3, 2]  # fmt: skip
+
+
+def test_activation_range():
+    assert kernels.activation_range("relu6", 0.02352848, 0, 0, 255) == (0, 255)
+    assert kernels.activation_range("relu6", 0.05, 10, 0, 255) == (10, 130)
+    assert kernels.activation_range("relu", 0.05, 10, 0, 255) == (10, 255)
+    assert kernels.activation_range("none", 0.05, 10, -128, 127) == (-128, 127)
+    with pytest.raises(ValueError, match="tanh"):
+        kernels.activation_range("tanh", 0.05, 0, 0, 255)
+
+
+# ------------------------------------------------------------------------------------------
+# Layers.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype,kernel,stride,padding,per_channel",
+    [
+        (np.uint8, 3, 2, "SAME", False),
+        (np.uint8, 1, 1, "SAME", False),
+        (np.uint8, 3, 1, "VALID", True),
+        (np.int8, 3, 2, "SAME", True),
+        (np.int8, 1, 1, "SAME", False),
+    ],
+)
+def test_conv_accumulate_matches_direct_conv(dtype, kernel, stride, padding, per_channel):
+    info = np.iinfo(dtype)
+    q = RNG.integers(info.min, info.max + 1, (2, 9, 10, 5)).astype(dtype)
+    w = RNG.integers(info.min, info.max + 1, (kernel, kernel, 5, 7)).astype(dtype)
+    zin = int(RNG.integers(info.min, info.max + 1))
+    wzp = (RNG.integers(info.min, info.max + 1, 7) if per_channel
+           else np.full(7, RNG.integers(info.min, info.max + 1))).astype(np.int32)  # fmt: skip
+    bias = RNG.integers(-(2**20), 2**20, 7).astype(np.int32)
+    got = kernels.conv_accumulate(jnp.asarray(q), zin, jnp.asarray(w), wzp, bias, stride, padding)
+    np.testing.assert_array_equal(np.asarray(got), ref_conv(q, zin, w, wzp, bias, stride, padding))
+
+
+@pytest.mark.parametrize("dtype,stride,padding", [(np.uint8, 1, "SAME"), (np.uint8, 2, "SAME"),
+                                                  (np.int8, 2, "VALID")])  # fmt: skip
+def test_depthwise_accumulate_matches_direct(dtype, stride, padding):
+    info = np.iinfo(dtype)
+    q = RNG.integers(info.min, info.max + 1, (2, 8, 7, 6)).astype(dtype)
+    w = RNG.integers(info.min, info.max + 1, (3, 3, 6)).astype(dtype)
+    zin = int(RNG.integers(info.min, info.max + 1))
+    wzp = RNG.integers(info.min, info.max + 1, 6).astype(np.int32)
+    bias = RNG.integers(-(2**16), 2**16, 6).astype(np.int32)
+    got = kernels.depthwise_accumulate(jnp.asarray(q), zin, jnp.asarray(w), wzp, bias, stride,
+                                       padding)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got), ref_depthwise(q, zin, w, wzp, bias, stride,
+                                                                 padding))  # fmt: skip
+
+
+def test_average_pool_rounds_like_tflite():
+    # Global pool, uint8: (sum + n/2) / n.
+    q = RNG.integers(0, 256, (3, 4, 4, 5)).astype(np.uint8)
+    s = q.astype(np.int64).sum(axis=(1, 2), keepdims=True)
+    want = np.clip((s + 8) // 16, 0, 255)
+    got = kernels.average_pool(jnp.asarray(q), None, 1, "VALID", 0, 255)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # SAME 3x3 stride 2 on int8: only valid taps count; ties away from zero; fused clamp.
+    q = RNG.integers(-128, 128, (2, 5, 5, 3)).astype(np.int8)
+    got = np.asarray(kernels.average_pool(jnp.asarray(q), (3, 3), 2, "SAME", -100, 100))
+    x = q.astype(np.int64)
+    for oy in range(3):
+        for ox in range(3):
+            ys = slice(max(0, 2 * oy - 1), min(5, 2 * oy + 2))
+            xs = slice(max(0, 2 * ox - 1), min(5, 2 * ox + 2))
+            win = x[:, ys, xs]
+            cnt = win.shape[1] * win.shape[2]
+            tot = win.sum(axis=(1, 2))
+            val = np.where(tot > 0, (tot + cnt // 2) // cnt, -((-tot + cnt // 2) // cnt))
+            np.testing.assert_array_equal(got[:, oy, ox], np.clip(val, -100, 100))
+
+
+# ------------------------------------------------------------------------------------------
+# No float op in the integer body.
+# ------------------------------------------------------------------------------------------
+
+
+def float_ops(jaxpr) -> list[str]:
+    """Primitives of ``jaxpr`` (recursively) that read or write a floating-point value."""
+    found = []
+
+    def is_float(v):
+        aval = getattr(v, "aval", None)
+        dtype = getattr(aval, "dtype", None)
+        return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+    def walk(jx):
+        for v in list(jx.invars) + list(jx.constvars):
+            if is_float(v):
+                found.append(f"input {v.aval}")
+        for eqn in jx.eqns:
+            if any(is_float(v) for v in list(eqn.invars) + list(eqn.outvars)):
+                found.append(str(eqn.primitive))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    for c in jaxpr.consts:
+        if jnp.issubdtype(np.asarray(c).dtype, jnp.inexact):
+            found.append("float constant")
+    return found
+
+
+def test_float_op_walker_catches_floats():
+    # The walker itself must be able to fail: a float op anywhere (even nested) is found.
+    def f(x):
+        return jax.jit(lambda y: (y.astype(jnp.float32) * 0.5).astype(jnp.int32))(x)
+
+    assert float_ops(jax.make_jaxpr(f)(jnp.zeros(3, jnp.int32)))
+    assert not float_ops(jax.make_jaxpr(lambda x: x * 3 + 1)(jnp.zeros(3, jnp.int32)))
+
+
+@pytest.fixture(scope="module")
+def official():
+    return intpass.from_tflite(require(TFLITE_MODEL))
+
+
+@pytest.mark.parametrize("rounding", list(intpass.ROUNDING_PRESETS))
+def test_integer_body_has_no_float_op(official, rounding):
+    model = official.with_rounding(rounding)
+    x = jnp.zeros((2, 128, 128, 3), jnp.uint8)
+    jaxpr = jax.make_jaxpr(lambda m, x: intpass.forward(m, x, True))(model, x)
+    assert float_ops(jaxpr) == []
+    assert len(jaxpr.jaxpr.eqns) > 100  # the walk saw the whole network
+
+
+# ------------------------------------------------------------------------------------------
+# TFLite import.
+# ------------------------------------------------------------------------------------------
+
+
+def test_official_model_structure(official):
+    names = official.layer_names
+    assert names[0] == "Conv2d_0" and names[-2:] == ["AvgPool_1a", "Logits"]
+    assert names[1:27:2] == [f"Conv2d_{i}_depthwise" for i in range(1, 14)]
+    assert names[2:28:2] == [f"Conv2d_{i}_pointwise" for i in range(1, 14)]
+    assert (official.dtype, official.input_scale, official.input_zero_point) == (
+        "uint8", 0.0078125, 128)  # fmt: skip
+    first = official.layer("Conv2d_0")
+    assert first.weight.shape == (3, 3, 3, 8) and first.weight.dtype == np.uint8
+    assert official.layer("Logits").out_channels == 1001
+    assert official.layer("AvgPool_1a").window == (4, 4)
+    logits, inter = intpass.run(official, np.zeros((2, 128, 128, 3), np.uint8), True)
+    assert logits.shape == (2, 1001) and logits.dtype == jnp.uint8
+    assert list(inter) == names
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(os.urandom(2000))
+    with pytest.raises(intpass.TFLiteImportError, match="not a TensorFlow Lite flatbuffer"):
+        intpass.from_tflite(str(garbage))
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(open(require(TFLITE_MODEL), "rb").read()[:5000])
+    with pytest.raises(intpass.TFLiteImportError, match="malformed|not a TensorFlow Lite"):
+        intpass.from_tflite(str(truncated))
+    with pytest.raises(FileNotFoundError):
+        intpass.from_tflite(str(tmp_path / "missing.tflite"))
+
+
+def test_unrelated_float_model_is_rejected(tmp_path):
+    import tensorflow as tf
+
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3)])
+    path = tmp_path / "float.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    with pytest.raises(intpass.TFLiteImportError, match="float32"):
+        intpass.from_tflite(str(path))
+
+
+def test_head_must_fit_backbone(tmp_path):
+    # (The pair's bit-exactness against LiteRT is in test_tflite.py.)
+    path = require(TFLITE_MODEL)
+    bb, hd = str(tmp_path / "bb.tflite"), str(tmp_path / "hd.tflite")
+    split_tflite(path, bb, hd, "MobilenetV1/Logits/AvgPool_1a/AvgPool")
+    pair = intpass.from_tflite(bb, hd)
+    whole = intpass.from_tflite(path)
+    assert pair.layer_names == whole.layer_names
+    assert [t[1] for t in pair.tensor_map] == [0] * 28 + [1, 1]  # the head holds the logits
+    for a, b in zip(pair.layers, whole.layers, strict=True):
+        assert a.name == b.name and (a.weight is None or np.array_equal(a.weight, b.weight))
+    with pytest.raises(intpass.TFLiteImportError, match="does not match the backbone"):
+        intpass.from_tflite(bb, bb)  # a backbone is no head for itself
+    with pytest.raises(intpass.TFLiteImportError, match="cannot take a head"):
+        intpass.from_tflite(path, hd)
+
+
+def test_quantize_and_dequantize_helpers(official):
+    images = np.linspace(-1, 1, 2 * 128 * 128 * 3, dtype=np.float32).reshape(2, 128, 128, 3)
+    q = intpass.quantize_input(official, images)
+    assert q.dtype == jnp.uint8 and int(q.min()) == 0 and int(q.max()) == 255
+    assert int(intpass.quantize_input(official, np.zeros((1, 1, 1, 1)))[0, 0, 0, 0]) == 128
+    logits, inter = intpass.run(official, q, True)
+    real = intpass.dequantize_logits(official, logits)
+    scale, zp = intpass.output_qparams(official)["Logits"]
+    np.testing.assert_allclose(real, scale * (np.asarray(logits, np.float32) - zp))
+    deq = intpass.dequantize_intermediates(official, inter)
+    assert set(deq) == set(inter) and deq["Conv2d_0"].dtype == jnp.float32
+    with pytest.raises(ValueError, match="uint8 codes"):
+        intpass.run(official, images)

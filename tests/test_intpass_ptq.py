@@ -1,0 +1,132 @@
+"""Our own quantized models through the integer pass: PTQ of the official float graph, QAT-style.
+
+Small on purpose (128 px, 16 calibration and 16 evaluation images); the full imagenet_val500 run
+is ``python -m qfsep_jax.intpass.compare`` (see its docstring and the README).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FLOAT_GRAPH, require
+from test_intpass import float_ops
+
+from configs import base
+from qfsep_jax import intpass, ptq
+from qfsep_jax.data.input import eval_input
+from qfsep_jax.importers.tfslim import load_tfslim
+from qfsep_jax.intpass import compare
+from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+from qfsep_jax.quant.scheme import QuantConfig
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def setup(data_dir):
+    config = base.data_config()
+    config.data_dir, config.image_size, config.eval_batch_size = data_dir, SIZE, 16
+    imported = load_tfslim(require(FLOAT_GRAPH))
+    model = imported.model(dropout_rate=0.0)
+    calib = eval_input(config, "folder:imagenet_calib1000", limit=16)
+    images = next(iter(eval_input(config, "folder:imagenet_val500", limit=16).make()))["image"]
+    return model, imported.variables, calib, images
+
+
+def _ptq(setup, recipe):
+    model, variables, calib, _ = setup
+    return ptq.quantize_post_training(
+        model, variables, ptq.recipe_by_name(recipe), calib.make, calib.num_batches
+    )
+
+
+@pytest.fixture(scope="module")
+def tf8(setup):
+    qmodel = _ptq(setup, "tf8_zero_variance_fix")
+    return qmodel, intpass.from_quantized(qmodel)
+
+
+def test_tf8_layers_agree_within_one_lsb(setup, tf8):
+    qmodel, int_model = tf8
+    lw = compare.layerwise_agreement(qmodel.model, qmodel.variables, int_model, setup[3])
+    assert list(lw) == int_model.layer_names
+    assert max(v["max_lsb"] for v in lw.values()) == 1, lw
+    assert all(v["frac_differing"] < 0.1 for v in lw.values()), lw
+
+
+def test_layerwise_comparison_detects_a_wrong_layer(setup, tf8):
+    # Negative control: double one layer's multiplier; that layer (only) must disagree.
+    qmodel, int_model = tf8
+    layers = list(int_model.layers)
+    k = int_model.layer_names.index("Conv2d_5_pointwise")
+    layers[k] = dataclasses.replace(layers[k], shift=np.asarray(layers[k].shift) + 1)
+    broken = dataclasses.replace(int_model, layers=tuple(layers))
+    lw = compare.layerwise_agreement(qmodel.model, qmodel.variables, broken, setup[3])
+    assert lw["Conv2d_5_pointwise"]["max_lsb"] > 1
+    assert lw["Conv2d_5_depthwise"]["max_lsb"] <= 1 and lw["Conv2d_6_depthwise"]["max_lsb"] <= 1
+
+
+def test_tf8_end_to_end_top1(setup, tf8):
+    qmodel, int_model = tf8
+    e2e = compare.end_to_end_agreement(qmodel.model, qmodel.variables, int_model, setup[3])
+    assert e2e["n"] == 16
+    assert e2e["layers"]["Conv2d_0"]["max_lsb"] <= 1  # first layer: same input, same codes
+    batch = {"image": setup[3], "label": np.zeros(16, np.int32), "mask": np.ones(16)}
+    report = compare.agreement_report(qmodel.model, qmodel.variables, int_model, [batch])
+    # Full imagenet_val500 numbers: README / report. Disagreements are 8-bit logit ties.
+    assert report["top1_agreement"] >= 14 / 16, report
+    assert report["top1_agreement_tie_aware"] >= 15 / 16, report
+    assert report["top1_agreement"] == e2e["top1_agreement"]
+
+
+def test_int8_per_channel_scheme(setup):
+    qmodel = _ptq(setup, "int8_per_channel")
+    int_model = intpass.from_quantized(qmodel)
+    assert int_model.dtype == "int8"
+    first = int_model.layer("Conv2d_0")
+    assert first.weight.dtype == np.int8 and int(np.abs(first.weight).max()) <= 127
+    assert np.all(np.asarray(first.weight_zero_point) == 0)
+    assert len(set(np.asarray(first.multiplier).tolist())) > 1  # per-channel multipliers
+    lw = compare.layerwise_agreement(qmodel.model, qmodel.variables, int_model, setup[3])
+    assert max(v["max_lsb"] for v in lw.values()) == 1, lw
+    x = jnp.zeros((1, SIZE, SIZE, 3), jnp.int8)
+    assert float_ops(jax.make_jaxpr(lambda m, x: intpass.forward(m, x, True))(int_model, x)) == []
+
+
+def test_unfolded_qat_style_model(setup):
+    # A BN-unfolded model with observed ranges (as QAT leaves it): from_variables folds first.
+    model = MobileNetV1(width_multiplier=0.25, num_classes=10, block="qf", activation="relu",
+                        quant=QuantConfig(), dropout_rate=0.0)  # fmt: skip
+    images = jnp.asarray(setup[3][:8])
+    # Random variables from the shapes (compiling model.init costs more than this whole test).
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
+        if "quant_ranges" in name:
+            init = {"'min'": np.inf, "'max'": -np.inf, "'count'": 0.0}
+            return np.float32(next(v for k, v in init.items() if k in name))
+        return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)  # BN stats, biases
+
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    calibrate = jax.jit(
+        lambda v, x: model.apply(v, x, quant_mode="calibrate", mutable=["quant_ranges"])[1]
+    )
+    new = calibrate(variables, images)
+    variables = {**variables, **new}
+    int_model = intpass.from_variables(model, variables)
+    assert int_model.layer("Conv2d_1_depthwise").activation == "none"
+    lw = compare.layerwise_agreement(model, variables, int_model, images)
+    assert max(v["max_lsb"] for v in lw.values()) <= 1, lw
+    with pytest.raises(ValueError, match="quant_ranges"):
+        intpass.from_variables(model, {k: v for k, v in variables.items()
+                                       if k != "quant_ranges"})  # fmt: skip
+    with pytest.raises(ValueError, match="dynamic"):
+        intpass.from_variables(model.clone(quant=QuantConfig(dynamic_activation_ranges=True)),
+                               variables)  # fmt: skip
