@@ -1,0 +1,69 @@
+"""Figure 5 at small scale: the four core-layer designs trained on Imagenette, then TF8 PTQ.
+
+Command (resumable: rerun the same command after an interruption):
+
+    python launch/figure5.py --config configs/figure5.py --workdir runs/figure5
+
+Each variant trains with its own config (``variant_configs``, the Imagenette training configs;
+the training recipe is documented there), with ``train_overrides`` applied on top and the seed
+set per run. Then each trained model is post-training quantized (``ptq_recipe``, TF8 per-tensor;
+activation ranges calibrated on the first ``num_calibration_images`` training images, eval
+preprocessing) and evaluated in float, 8-bit fake-quant and 8-bit integer-only on the variant's
+``eval_data`` (Imagenette val), and its per-layer SQNR is measured on the first
+``num_sqnr_images`` val images. ``--config.seeds='(0,1)'`` adds seeds.
+
+``configs/figure5.py:tiny`` is the test-scale version (1 training step at 32 px, width 0.25, a
+few images): it checks the pipeline, its numbers mean nothing.
+"""
+
+import ml_collections
+
+from configs import train_base
+
+VARIANTS = tuple(train_base.VARIANTS)  # original, qf_relu6, qf_relu, qf_relu_l2dw
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.job = "figure5"  # run by launch/figure5.py (not launch/main.py)
+    c.data_dir = "../shared/data"
+    c.variants = VARIANTS
+    # variant → training config file (relative to the repo root or absolute)
+    c.variant_configs = ml_collections.ConfigDict(
+        {v: f"configs/imagenette_{v}.py" for v in VARIANTS}
+    )
+    c.seeds = (0,)
+    c.train_overrides = ml_collections.ConfigDict()  # nested fields set on every training config
+    c.steps = ("train", "evaluate", "sqnr", "summary")
+    c.ptq_recipe = "tf8_per_tensor"
+    c.calibration_data = "folder:imagenette/train"
+    c.num_calibration_images = 500
+    c.eval_limit = ml_collections.config_dict.placeholder(int)  # None: all 3,925 val images
+    c.num_sqnr_images = 200
+    c.sqnr_batch_size = 25
+    c.integer = "auto"  # auto (if qfsep_jax.intpass exists) | on | off
+
+    if arg == "tiny":
+        c.variants = ("original", "qf_relu_l2dw")
+        c.train_overrides = ml_collections.ConfigDict(
+            {
+                "image_size": 32,
+                "batch_size": 8,
+                "eval_batch_size": 8,
+                "eval_limit": 8,
+                "eval_every_steps": -1,
+                "total_steps": 1,
+                "num_devices": 1,
+                "log_every_steps": 1,
+                "async_checkpoints": False,
+                "dropout_rate": 0.0,
+                "model": {"width_multiplier": 0.25, "stem_stride": 1},
+            }
+        )
+        c.num_calibration_images = 8
+        c.eval_limit = 8
+        c.num_sqnr_images = 4
+        c.sqnr_batch_size = 4
+    elif arg:
+        raise ValueError(f"unknown figure5 config variant {arg!r}; use '' or 'tiny'")
+    return c

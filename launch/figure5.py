@@ -1,0 +1,433 @@
+"""Figure 5 at small scale: train the four core-layer variants, PTQ them, score and analyse.
+
+    python launch/figure5.py --config configs/figure5.py --workdir runs/figure5
+
+Steps, per variant and seed, each skipped when its result file exists (rerun to resume; the
+training step itself resumes from its newest checkpoint):
+
+1. ``train``: ``qfsep_jax.train.train_and_evaluate`` → ``<variant>/seed<k>/train/`` (done when
+   its ``results.json`` reports ``final_step == total_steps``);
+2. ``evaluate``: TF8 post-training quantization, then float, fake-quant and integer-only top-1
+   on the variant's eval data → ``<variant>/seed<k>/results.json``;
+3. ``sqnr``: per-layer SQNR (fake-quant and integer-only) → ``<variant>/seed<k>/sqnr.json``;
+4. ``summary`` (always rerun, cheap): ``<variant>/results.json`` (over seeds),
+   ``summary.json`` (what ``launch/collect_results.py`` turns into the README table) and the
+   plots ``figure5_accuracy.png``, ``figure5_sqnr.png`` (and ``figure5_sqnr_integer.png``).
+
+A variant's training config comes from ``config.variant_configs`` with
+``config.train_overrides`` applied and ``seed``/``data_dir`` set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from qfsep_jax import evaluation, io_utils, ptq
+from qfsep_jax.analysis import sqnr as sqnr_lib
+from qfsep_jax.data.input import eval_input
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("train", "evaluate", "sqnr", "summary")
+INTEGER_MODES = ("auto", "on", "off")
+
+# The paper's Figure 5 / Table 3 (ImageNet2012 val top-1 %, float and 8-bit), docs/paper.md §6.
+VARIANT_INFO: dict[str, dict[str, Any]] = {
+    "original": {"label": "DW→BN→ReLU6→PW→BN→ReLU6", "paper": {"float": 70.50, "8bit": 1.80}},
+    "qf_relu6": {"label": "DW→PW→BN→ReLU6", "paper": {"float": 70.55, "8bit": 61.50}},
+    "qf_relu": {"label": "DW→PW→BN→ReLU", "paper": {"float": 70.80, "8bit": 67.80}},
+    "qf_relu_l2dw": {
+        "label": "DW→PW→BN→ReLU, L2 on DW weights",
+        "paper": {"float": 70.77, "8bit": 68.03},
+    },
+}
+
+
+# ---------------------------------------------------------------- configs
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file (``path`` relative to the repo root, or absolute)."""
+    full = path if os.path.isabs(path) else os.path.join(REPO, path)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"training config not found: {full}")
+    spec = importlib.util.spec_from_file_location(f"_figure5_cfg_{abs(hash(full))}", full)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where=""):
+    """Sets nested fields of ``config`` in place; an unknown field is an error (a typo guard)."""
+    for key, value in overrides.items():
+        name = f"{where}.{key}" if where else key
+        if key not in config:
+            raise KeyError(f"train_overrides: the training config has no field {name!r}")
+        if isinstance(value, Mapping):
+            apply_overrides(config[key], value, name)
+        else:
+            config[key] = value
+    return config
+
+
+def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int):
+    """The training config of one run: the variant's file, the overrides, seed and data_dir."""
+    if variant not in config.variant_configs:
+        raise KeyError(f"no training config for variant {variant!r} in config.variant_configs")
+    c = load_config_file(config.variant_configs[variant])
+    apply_overrides(c, config.train_overrides.to_dict())
+    c.seed = int(seed)
+    c.data_dir = config.data_dir
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for a bad experiment config, before anything runs."""
+    unknown = sorted(set(config.steps) - set(STEPS))
+    if unknown:
+        raise ValueError(f"unknown steps {unknown}; choose from {STEPS}")
+    if config.integer not in INTEGER_MODES:
+        raise ValueError(f"integer must be one of {INTEGER_MODES}, got {config.integer!r}")
+    ptq.recipe_by_name(config.ptq_recipe)
+    if not config.variants or not config.seeds:
+        raise ValueError("config.variants and config.seeds must not be empty")
+    for field in ("num_calibration_images", "num_sqnr_images", "sqnr_batch_size"):
+        if config[field] <= 0:
+            raise ValueError(f"{field} must be positive, got {config[field]}")
+
+
+def run_dir(workdir: str, variant: str, seed: int) -> str:
+    return os.path.join(workdir, variant, f"seed{seed}")
+
+
+# ---------------------------------------------------------------- steps
+
+
+def train_done(train_dir: str) -> bool:
+    """Whether a training workdir holds a finished run (final_step == total_steps)."""
+    path = os.path.join(train_dir, "results.json")
+    if not os.path.isfile(path):
+        return False
+    r = io_utils.read_json(path)
+    return r.get("final_step") is not None and r.get("final_step") == r.get("total_steps")
+
+
+def step_train(train_config, train_dir: str) -> dict:
+    """Trains (or resumes) one variant; returns the training summary."""
+    from qfsep_jax import train
+
+    return train.train_and_evaluate(train_config, train_dir)
+
+
+def quantize_trained(train_config, train_dir: str, config) -> tuple[ptq.QuantizedModel, Any, dict]:
+    """The trained model post-training quantized per ``config``: ``(qmodel, float model, vars)``.
+
+    The float model and variables come from the newest checkpoint of ``train_dir``.
+    """
+    from qfsep_jax import checkpointing, train
+
+    model, _ = train.create_model_and_variables(train_config, train.num_classes_of(train_config))
+    model = model.clone(axis_name=None, dropout_rate=0.0)
+    loaded = checkpointing.load_variables(train_dir)
+    variables = {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}
+    calib = eval_input(train_config, config.calibration_data, limit=config.num_calibration_images)
+    recipe = ptq.recipe_by_name(config.ptq_recipe)
+    qmodel = ptq.quantize_post_training(model, variables, recipe, calib.make, calib.num_batches)
+    qmodel.info.update(
+        {"calibration_data": calib.name, "num_calibration_images": calib.num_examples}
+    )
+    return qmodel, model, variables
+
+
+def use_integer(setting: str) -> bool:
+    """Whether to run the integer-only pass (``auto``: when ``qfsep_jax.intpass`` exists)."""
+    available = importlib.util.find_spec("qfsep_jax.intpass") is not None
+    if setting == "on" and not available:
+        raise ValueError("integer='on' but qfsep_jax.intpass (the integer-only pass) is absent")
+    return setting != "off" and available
+
+
+def step_evaluate(train_config, qmodel, model, variables, config) -> dict:
+    """Float, fake-quant and (if available) integer-only top-1/top-5 on the eval data."""
+    data = eval_input(train_config, train_config.eval_data, limit=config.eval_limit)
+
+    def score(fn, desc):
+        return evaluation.evaluate(fn, data.make(), data.num_batches, desc=desc)
+
+    out = {
+        "eval_data": data.name,
+        "float": score(ptq.float_logits_fn(model, variables), "float"),
+        "fake_quant": score(ptq.fake_quant_logits_fn(qmodel), "fake-quant"),
+        "integer": None,
+        "ptq_recipe": dataclasses.asdict(qmodel.recipe),
+        "calibration_data": qmodel.info["calibration_data"],
+        "num_calibration_images": qmodel.info["num_calibration_images"],
+    }
+    if use_integer(config.integer):
+        from qfsep_jax import intpass
+
+        try:
+            int_model = intpass.from_quantized(qmodel)
+        except ValueError as err:  # e.g. the int32 accumulator bound check
+            if config.integer == "on":
+                raise
+            out["integer_error"] = str(err)
+            logging.warning("no integer-only evaluation: %s", err)
+        else:
+            out["integer"] = score(intpass.logits_fn(int_model), "integer")
+    return out
+
+
+def step_sqnr(train_config, qmodel, config) -> dict:
+    """Per-layer SQNR (fake-quant, integer-only where available) on the first val images."""
+    data = eval_input(
+        train_config, train_config.eval_data, limit=config.num_sqnr_images,
+        batch_size=config.sqnr_batch_size,
+    )  # fmt: skip
+    integer_fn, integer_error = None, None
+    if use_integer(config.integer):
+        try:
+            integer_fn = sqnr_lib.integer_pass_fn(qmodel)
+        except ValueError as err:  # e.g. the int32 accumulator bound check
+            if config.integer == "on":
+                raise
+            integer_error = str(err)
+    measured = sqnr_lib.measure_sqnr(
+        qmodel, data.make(), data.num_batches, integer_fn=integer_fn, desc="sqnr"
+    )
+    out = {
+        "definition": sqnr_lib.SQNR_DEFINITION,
+        "sqnr_data": data.name,
+        "num_images": data.num_examples,
+        **measured,
+    }
+    if integer_error:
+        out["integer_error"] = integer_error
+    return out
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _stats(values: list[float]) -> dict[str, Any] | None:
+    """Mean, population std, count and the values (None when there are none)."""
+    if not values:
+        return None
+    a = np.asarray(values, np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "n": int(a.size), "values": a.tolist()}
+
+
+def _curve_stats(curves: list[Mapping[str, float]]) -> tuple[dict, dict]:
+    """Per-layer mean and std over seeds of ``{layer: dB}`` curves (layers of the first)."""
+    if not curves:
+        return {}, {}
+    mean, std = {}, {}
+    for layer in curves[0]:
+        vals = [c[layer] for c in curves if c.get(layer) is not None]
+        if vals:
+            mean[layer], std[layer] = float(np.mean(vals)), float(np.std(vals))
+    return mean, std
+
+
+def summarize_variant(variant: str, runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Over the seeds of one variant: top-1 statistics and mean SQNR curves.
+
+    ``runs`` maps seed → ``{"results": evaluate-step output, "sqnr": sqnr-step output | None}``.
+    """
+    info = VARIANT_INFO.get(variant, {"label": variant, "paper": {}})
+
+    def top1(kind):
+        return [r["results"][kind]["top1"] for r in runs.values() if r["results"].get(kind)]
+
+    fq = [sqnr_lib.sqnr_curve(r["sqnr"]["fake_quant"]) for r in runs.values() if r.get("sqnr")]
+    it = [
+        sqnr_lib.sqnr_curve(r["sqnr"]["integer"])
+        for r in runs.values()
+        if r.get("sqnr") and "integer" in r["sqnr"]
+    ]
+    fq_mean, fq_std = _curve_stats(fq)
+    it_mean, it_std = _curve_stats(it)
+    return {
+        "variant": variant,
+        "label": info["label"],
+        "paper": info["paper"],
+        "seeds": sorted(runs),
+        "num_seeds": len(runs),
+        "float_top1": _stats(top1("float")),
+        "fake_quant_top1": _stats(top1("fake_quant")),
+        "integer_top1": _stats(top1("integer")),
+        "sqnr_fake_quant": fq_mean,
+        "sqnr_fake_quant_std": fq_std,
+        "sqnr_integer": it_mean,
+        "sqnr_integer_std": it_std,
+    }
+
+
+def describe(config, workdir: str) -> str:
+    """One sentence on the recipe, read from the first variant's resolved training config."""
+    first = config.variants[0]
+    tc = variant_config(config, first, config.seeds[0])
+    steps = tc.get("total_steps")
+    length = f"{steps} steps" if steps else f"{tc.num_epochs:g} epochs"
+    return (
+        f"Trained from scratch on {tc.train_data} ({length}, batch {tc.batch_size}, "
+        f"{tc.optimizer} lr {tc.learning_rate:g}, width {tc.model.width_multiplier:g}, "
+        f"{tc.image_size} px), evaluated on {tc.eval_data}"
+        + (f" (first {config.eval_limit} images)" if config.eval_limit else "")
+        + f"; PTQ recipe `{config.ptq_recipe}`, calibration on {config.num_calibration_images} "
+        f"images of {config.calibration_data}; seeds {list(config.seeds)}. "
+        "Paper columns: ImageNet2012, full MobileNetV1 1.0/224."
+    )
+
+
+def step_summary(config, workdir: str) -> dict[str, Any]:
+    """Collects every finished run into ``summary.json`` and the plots."""
+    variants: dict[str, Any] = {}
+    for variant in config.variants:
+        runs = {}
+        for seed in config.seeds:
+            d = run_dir(workdir, variant, seed)
+            res = os.path.join(d, "results.json")
+            if not os.path.isfile(res):
+                continue
+            sq = os.path.join(d, "sqnr.json")
+            runs[seed] = {
+                "results": io_utils.read_json(res),
+                "sqnr": io_utils.read_json(sq) if os.path.isfile(sq) else None,
+            }
+        if not runs:
+            logging.warning("summary: no finished run of %s yet", variant)
+            continue
+        variants[variant] = summarize_variant(variant, runs)
+        io_utils.write_json(os.path.join(workdir, variant, "results.json"), variants[variant])
+    summary = {
+        "job": "figure5",
+        "description": describe(config, workdir),
+        "variants": variants,
+        "sqnr": {v: s["sqnr_fake_quant"] for v, s in variants.items() if s["sqnr_fake_quant"]},
+        "sqnr_integer": {v: s["sqnr_integer"] for v, s in variants.items() if s["sqnr_integer"]},
+        "config": config.to_dict(),
+    }
+    io_utils.write_json(os.path.join(workdir, "summary.json"), summary)
+    if variants:
+        _plot(variants, workdir)
+    return summary
+
+
+def _plot(variants: Mapping[str, Any], workdir: str) -> None:
+    from qfsep_jax.analysis import plots
+
+    table, spreads = {}, {}
+    for v, s in variants.items():
+        table[v], spreads[v] = {}, {}
+        for key, label in (("float_top1", "float"), ("fake_quant_top1", "8-bit fake-quant"),
+                           ("integer_top1", "8-bit integer")):  # fmt: skip
+            if s[key]:
+                table[v][label], spreads[v][label] = s[key]["mean"], s[key]["std"]
+    plots.plot_accuracy(
+        table, os.path.join(workdir, "figure5_accuracy.png"), spreads,
+        title="Imagenette val top-1 by core layer (TF8 post-training quantization)",
+    )  # fmt: skip
+    for key, name in (
+        ("sqnr_fake_quant", "figure5_sqnr"),
+        ("sqnr_integer", "figure5_sqnr_integer"),
+    ):
+        curves = {v: s[key] for v, s in variants.items() if s[key]}
+        if curves:
+            plots.plot_sqnr(
+                curves, os.path.join(workdir, f"{name}.png"),
+                spreads={v: variants[v][key + "_std"] for v in curves},
+                title=f"per-layer SQNR by core layer ({key.split('_', 1)[1].replace('_', '-')})",
+            )  # fmt: skip
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs the configured steps; returns ``{"actions": {...}, "summary": {...} | None}``.
+
+    ``actions`` maps ``"<variant>/seed<k>/<step>"`` to ``"ran"`` or ``"skipped"``.
+    """
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    actions: dict[str, str] = {}
+    for variant in config.variants:
+        for seed in config.seeds:
+            d = run_dir(workdir, variant, seed)
+            tc = variant_config(config, variant, seed)
+            train_dir = os.path.join(d, "train")
+            key = f"{variant}/seed{seed}"
+            if "train" in config.steps:
+                if train_done(train_dir):
+                    actions[f"{key}/train"] = "skipped"
+                else:
+                    start = time.perf_counter()
+                    step_train(tc, train_dir)
+                    actions[f"{key}/train"] = "ran"
+                    logging.info("%s: trained in %.0fs", key, time.perf_counter() - start)
+            qmodel = None
+            for step, filename in (("evaluate", "results.json"), ("sqnr", "sqnr.json")):
+                if step not in config.steps:
+                    continue
+                path = os.path.join(d, filename)
+                if os.path.isfile(path):
+                    actions[f"{key}/{step}"] = "skipped"
+                    continue
+                if not train_done(train_dir):
+                    raise RuntimeError(f"{key}: step {step!r} needs a finished training run")
+                if qmodel is None:
+                    qmodel, model, variables = quantize_trained(tc, train_dir, config)
+                if step == "evaluate":
+                    out = step_evaluate(tc, qmodel, model, variables, config)
+                    out.update({"variant": variant, "seed": seed})
+                    logging.info(
+                        "%s: top-1 float %.2f, fake-quant %.2f, integer %s", key,
+                        out["float"]["top1"], out["fake_quant"]["top1"],
+                        "-" if out["integer"] is None else f"{out['integer']['top1']:.2f}",
+                    )  # fmt: skip
+                else:
+                    out = step_sqnr(tc, qmodel, config)
+                io_utils.write_json(path, out)
+                actions[f"{key}/{step}"] = "ran"
+            jax.clear_caches()
+    summary = step_summary(config, workdir) if "summary" in config.steps else None
+    return {"actions": actions, "summary": summary}
+
+
+def main(argv):
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    result = run(_CONFIG.value, _WORKDIR.value)
+    for key, action in result["actions"].items():
+        print(f"{key}: {action}")
+    if result["summary"]:
+        for v, s in result["summary"]["variants"].items():
+            cells = [
+                f"{k} {s[k]['mean']:.2f}±{s[k]['std']:.2f}"
+                for k in ("float_top1", "fake_quant_top1", "integer_top1")
+                if s[k]
+            ]
+            print(f"{v:12s} " + ", ".join(cells))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/figure5.py[:tiny]")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs and results go.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

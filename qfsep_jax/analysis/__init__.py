@@ -1,0 +1,34 @@
+"""The paper's analysis tools: per-layer SQNR, folded BN scales α, range tables and plots.
+
+* :mod:`~qfsep_jax.analysis.sqnr`: per-layer SQNR of a quantized pipeline (fake-quant and
+  integer-only) against its float network, with the uniform-noise estimate (Figure 4).
+* :mod:`~qfsep_jax.analysis.alpha`: α per channel of the BN layers after depthwise convs,
+  zero-variance channels flagged, comparison with the paper's Figure 3.
+* :mod:`~qfsep_jax.analysis.ranges`: weight and activation range tables per layer.
+* :mod:`~qfsep_jax.analysis.plots`: PNGs shaped like the paper's Figures 3, 4 and 5 (imported on
+  demand, it loads matplotlib).
+"""
+
+from qfsep_jax.analysis.alpha import PAPER_FIG3_ALPHA, alpha_summary, bn_alphas, compare_to_paper
+from qfsep_jax.analysis.ranges import activation_range_table, weight_range_table
+from qfsep_jax.analysis.sqnr import (
+    SQNR_DEFINITION,
+    measure_sqnr,
+    per_image_power,
+    summarize,
+    uniform_noise_constant,
+)
+
+__all__ = [
+    "PAPER_FIG3_ALPHA",
+    "SQNR_DEFINITION",
+    "activation_range_table",
+    "alpha_summary",
+    "bn_alphas",
+    "compare_to_paper",
+    "measure_sqnr",
+    "per_image_power",
+    "summarize",
+    "uniform_noise_constant",
+    "weight_range_table",
+]

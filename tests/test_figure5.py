@@ -1,0 +1,154 @@
+"""launch/figure5.py at tiny scale: train 1 step, PTQ, scores, SQNR, resume, summary, errors."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from configs import figure5 as figure5_config
+
+_spec = importlib.util.spec_from_file_location(
+    "figure5", os.path.join(REPO, "launch", "figure5.py")
+)
+figure5 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(figure5)
+_spec = importlib.util.spec_from_file_location(
+    "collect_results", os.path.join(REPO, "launch", "collect_results.py")
+)
+collect_results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(collect_results)
+
+
+def tiny_config(data_dir, **fields):
+    c = figure5_config.get_config("tiny")
+    c.data_dir = data_dir
+    for k, v in fields.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    """The whole pipeline once, for the variant with the most options (qf block, ReLU, L2)."""
+    workdir = str(tmp_path_factory.mktemp("figure5"))
+    config = tiny_config(data_dir, variants=("qf_relu_l2dw",))
+    return config, workdir, figure5.run(config, workdir)
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_tiny_pipeline_writes_every_result(tiny_run):
+    config, workdir, result = tiny_run
+    assert result["actions"] == {
+        f"qf_relu_l2dw/seed0/{s}": "ran" for s in ("train", "evaluate", "sqnr")
+    }
+    run = os.path.join(workdir, "qf_relu_l2dw", "seed0")
+    trained = _read(os.path.join(run, "train", "results.json"))
+    assert trained["final_step"] == trained["total_steps"] == 1
+    used = _read(os.path.join(run, "train", "config.json"))  # the variant's config, overridden
+    assert used["model"]["block"] == "qf" and used["model"]["activation"] == "relu"
+    assert used["depthwise_weight_decay"] > 0 and used["image_size"] == 32 and used["seed"] == 0
+
+    scores = _read(os.path.join(run, "results.json"))
+    kinds = ["float", "fake_quant"] + (["integer"] if figure5.use_integer("auto") else [])
+    for kind in kinds:
+        assert scores[kind]["n"] == 8 and 0.0 <= scores[kind]["top1"] <= 100.0
+    assert (
+        scores["ptq_recipe"]["scheme"] == "tf8" and not scores["ptq_recipe"]["per_channel_weights"]
+    )
+    assert scores["num_calibration_images"] == 8
+    assert scores["eval_data"] == "folder:imagenette/val"
+
+    sqnr = _read(os.path.join(run, "sqnr.json"))
+    layers = list(sqnr["fake_quant"])
+    assert layers[0] == "Conv2d_0" and layers[-1] == "Logits" and len(layers) == 28
+    assert all(row["num_images"] == 4 for row in sqnr["fake_quant"].values())
+    if "integer" in kinds:
+        assert list(sqnr["integer"]) == layers
+
+    summary = _read(os.path.join(workdir, "summary.json"))
+    s = summary["variants"]["qf_relu_l2dw"]
+    assert s["float_top1"]["values"] == [scores["float"]["top1"]] and s["num_seeds"] == 1
+    assert s["paper"] == {"float": 70.77, "8bit": 68.03}
+    assert summary["sqnr"]["qf_relu_l2dw"]["Conv2d_0"] == pytest.approx(
+        sqnr["fake_quant"]["Conv2d_0"]["sqnr_db"]
+    )
+    assert "1 steps, batch 8" in summary["description"]
+    for png in ("figure5_accuracy.png", "figure5_sqnr.png"):
+        with open(os.path.join(workdir, png), "rb") as f:
+            assert f.read(4) == b"\x89PNG"
+
+
+def test_rerun_skips_every_finished_step(tiny_run):
+    config, workdir, _ = tiny_run
+    results = os.path.join(workdir, "qf_relu_l2dw", "seed0", "results.json")
+    before = os.stat(results).st_mtime_ns
+    again = figure5.run(config, workdir)
+    assert set(again["actions"].values()) == {"skipped"} and len(again["actions"]) == 3
+    assert os.stat(results).st_mtime_ns == before
+
+
+def test_readme_table_from_the_summary(tiny_run):
+    _, workdir, _ = tiny_run
+    summary_path = os.path.join(workdir, "summary.json")
+    tables = collect_results.format_figure5(_read(summary_path), summary_path)
+    assert set(tables) == {"figure5", "figure5_sqnr"}
+    assert "| `qf_relu_l2dw` | DW→PW→BN→ReLU, L2 on DW weights | 1 |" in tables["figure5"]
+    assert "| `Conv2d_0` |" in tables["figure5_sqnr"]
+
+
+def test_summary_over_seeds_and_variants(tmp_path, data_dir):
+    """Aggregation on hand-made run files (two variants × two seeds): mean, std, curves."""
+    config = tiny_config(data_dir, seeds=(0, 1), steps=("summary",))
+    top1 = {("original", 0): 10.0, ("original", 1): 20.0, ("qf_relu_l2dw", 0): 50.0}
+    for (variant, seed), value in top1.items():
+        d = tmp_path / variant / f"seed{seed}"
+        d.mkdir(parents=True)
+        res = {
+            k: {"top1": value + i, "top5": 99.0, "n": 8}
+            for i, k in enumerate(["float", "fake_quant"])
+        }
+        (d / "results.json").write_text(json.dumps({**res, "integer": None}))
+        sq = {"fake_quant": {"Conv2d_0": {"sqnr_db": value}, "Logits": {"sqnr_db": None}}}
+        (d / "sqnr.json").write_text(json.dumps(sq))
+    result = figure5.run(config, str(tmp_path))
+    assert result["actions"] == {}
+    v = result["summary"]["variants"]
+    assert v["original"]["float_top1"]["mean"] == pytest.approx(15.0)
+    assert v["original"]["float_top1"]["std"] == pytest.approx(np.std([10.0, 20.0]))
+    assert v["original"]["fake_quant_top1"]["values"] == [11.0, 21.0]
+    assert v["original"]["integer_top1"] is None and v["original"]["seeds"] == [0, 1]
+    assert v["qf_relu_l2dw"]["num_seeds"] == 1
+    assert result["summary"]["sqnr"]["original"] == {"Conv2d_0": 15.0}  # None layers dropped
+    assert v["original"]["sqnr_fake_quant_std"]["Conv2d_0"] == pytest.approx(5.0)
+    assert _read(tmp_path / "original" / "results.json")["float_top1"]["n"] == 2
+    table = collect_results.format_figure5(result["summary"], "summary.json")["figure5"]
+    assert "| `original` | DW→BN→ReLU6→PW→BN→ReLU6 | 2 | 15.00 ± 5.00 | 16.00 ± 5.00 | – |" in table
+
+
+def test_bad_configs_fail_clearly(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="unknown steps"):
+        figure5.run(tiny_config(data_dir, steps=("train", "fly")), str(tmp_path))
+    config = tiny_config(data_dir)
+    config.train_overrides.model.widht = 1.0
+    with pytest.raises(KeyError, match="no field 'model.widht'"):
+        figure5.run(config, str(tmp_path))
+    config = tiny_config(data_dir)
+    config.variant_configs.original = "configs/nope.py"
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        figure5.run(config, str(tmp_path))
+    with pytest.raises(RuntimeError, match="needs a finished training run"):
+        figure5.run(tiny_config(data_dir, steps=("evaluate",)), str(tmp_path))
+    with pytest.raises(ValueError, match="integer must be one of"):
+        figure5.run(tiny_config(data_dir, integer="maybe"), str(tmp_path))
+    assert not figure5.train_done(str(tmp_path / "nothing"))
+    halted = tmp_path / "halted"
+    halted.mkdir()
+    (halted / "results.json").write_text(json.dumps({"final_step": 3, "total_steps": 10}))
+    assert not figure5.train_done(str(halted))
