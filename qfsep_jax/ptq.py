@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.quant import cle as cle_lib
+from qfsep_jax.quant import observers
 from qfsep_jax.quant.fake_quant import check_range
 from qfsep_jax.quant.fold import fix_zero_variance, fold_batch_norm
 from qfsep_jax.quant.scheme import QuantConfig
@@ -125,8 +126,7 @@ def calibrate(
     """
     if model.quant is None:
         raise ValueError("calibrate needs a model built with quant=QuantConfig(...)")
-    init = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
-    ranges = init["quant_ranges"]
+    ranges = empty_ranges(model)
     params = {k: v for k, v in variables.items() if k != "quant_ranges"}
 
     @jax.jit
@@ -153,6 +153,17 @@ def calibrate(
     return {**params, "quant_ranges": ranges}
 
 
+def empty_ranges(model: MobileNetV1) -> dict:
+    """A ``quant_ranges`` tree of fresh observer states for ``model`` (no compute, no compile)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
+    fresh = {k: np.asarray(v) for k, v in observers.init_range_state().items()}
+
+    def fill(tree: dict) -> dict:
+        return {k: fill(v) if isinstance(v, dict) else fresh[k] for k, v in tree.items()}
+
+    return fill(shapes["quant_ranges"])
+
+
 def check_all_ranges(ranges: dict, path: str = "") -> None:
     """Validates every observer state of a ``quant_ranges`` tree (finite, ordered)."""
     if "min" in ranges and "max" in ranges:
@@ -176,8 +187,7 @@ def quantize_post_training(
         model, variables, recipe, zero_variance_threshold, cle_iterations
     )
     if recipe.dynamic_activation_ranges:
-        init = qmodel.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
-        qvars = {**folded, "quant_ranges": jax.tree.map(np.asarray, init["quant_ranges"])}
+        qvars = {**folded, "quant_ranges": empty_ranges(qmodel)}
     else:
         qvars = calibrate(qmodel, folded, calibration_batches(), num_calibration_batches)
     return QuantizedModel(qmodel, qvars, recipe, info)
