@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -25,11 +26,20 @@ from qfsep_jax.data import labels as labels_lib
 
 @dataclasses.dataclass
 class Source:
-    """Raw examples of one split and how many there are."""
+    """Raw examples of one split and how many there are.
+
+    ``random_access``: ``tf.data.experimental.at(dataset, i)`` works (folder trees), which lets
+    the training input address examples by index. ``reopen()`` builds a fresh copy of
+    ``dataset``: a pipeline that calls ``at`` on a dataset must own it, because TF 2.21 crashes
+    (segfault) when a dataset captured by ``at`` is reused after an earlier pipeline's iterator
+    over it was deleted.
+    """
 
     dataset: tf.data.Dataset
     num_examples: int
     name: str
+    random_access: bool = False
+    reopen: Callable[[], tf.data.Dataset] | None = None
 
 
 def _check_dir(path: str, what: str) -> None:
@@ -65,16 +75,19 @@ def folder_source(data_dir: str, path: str, label_space: str) -> Source:
             )
         table_values = [mapping.get(n, -1) for n in names]
     table = tf.constant(table_values, tf.int64)
-    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    ds = ds.map(
-        lambda ex: {
-            "image_bytes": ex["image"],
-            "label": tf.gather(table, ex["label"]),
-            "filename": ex["image/filename"],
-        },
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    return Source(ds, num_examples, f"folder:{path}")
+
+    def make() -> tf.data.Dataset:
+        ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+        return ds.map(
+            lambda ex: {
+                "image_bytes": ex["image"],
+                "label": tf.gather(table, ex["label"]),
+                "filename": ex["image/filename"],
+            },
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+
+    return Source(make(), num_examples, f"folder:{path}", random_access=True, reopen=make)
 
 
 def tfds_source(
@@ -83,19 +96,30 @@ def tfds_source(
     tfds_data_dir: str | None,
     manual_dir: str | None = None,
     shuffle_files: bool = False,
+    process_split: tuple[int, int] = (0, 1),
 ) -> Source:
     """A split of a prepared (or preparable) tfds dataset, with images left encoded.
 
     ``imagenet2012`` is built from the ILSVRC2012 tar files in ``manual_dir`` on first use.
+    ``process_split=(index, count)`` reads only part ``index`` of ``count`` even parts of the
+    split (``tfds.even_splits``), so that each training process reads its own files.
     """
     builder = tfds.builder(name, data_dir=tfds_data_dir)
     if not builder.is_prepared():
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         builder.download_and_prepare(download_config=download_config)
+    index, count = process_split
+    if count > 1:
+        split = tfds.even_splits(split, count)[index]
     ds = builder.as_dataset(
         split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=shuffle_files
     )
-    num_examples = builder.info.splits[split].num_examples
+    if builder.info.splits:
+        num_examples = builder.info.splits[split].num_examples
+    else:  # no split metadata (e.g. under tfds.testing.mock_data): count the records
+        num_examples = int(ds.cardinality())
+        if num_examples < 0:
+            raise ValueError(f"tfds {name}:{split} has no split metadata and unknown cardinality")
 
     def to_raw(ex):
         filename = ex.get("file_name", ex.get("id", tf.constant("")))
@@ -111,15 +135,20 @@ def make_source(
     tfds_data_dir: str | None = None,
     manual_dir: str | None = None,
     shuffle_files: bool = False,
+    process_split: tuple[int, int] = (0, 1),
 ) -> Source:
-    """Resolves a source spec (see the module docstring)."""
+    """Resolves a source spec (see the module docstring).
+
+    ``process_split`` applies to tfds sources only; folder sources are random-access and the
+    training input picks each process's examples by index.
+    """
     kind, _, rest = spec.partition(":")
     if kind == "folder" and rest:
         _check_dir(data_dir, "data directory")
         return folder_source(data_dir, rest, label_space)
     if kind == "tfds" and rest.count(":") == 1:
         name, split = rest.split(":")
-        return tfds_source(name, split, tfds_data_dir, manual_dir, shuffle_files)
+        return tfds_source(name, split, tfds_data_dir, manual_dir, shuffle_files, process_split)
     raise ValueError(
         f"bad dataset spec {spec!r}: use 'folder:<path under data_dir>' or 'tfds:<name>:<split>'"
     )

@@ -1,0 +1,43 @@
+"""Quantization-aware fine-tuning of an Imagenette float run (configs/imagenette_<variant>.py).
+
+``configs/qat_imagenette.py:<variant>`` (``original``, ``qf_relu6``, ``qf_relu``,
+``qf_relu_l2dw``) starts from the newest checkpoint of ``/tmp/imagenette_<variant>`` (override
+with ``--config.init_from=checkpoint:<workdir>``) and fine-tunes for 5 epochs in QAT mode: TF8
+(uint8, per-tensor) fake quantization of the BN-folded weights and of every activation with the
+shared straight-through primitive, BN folding simulated by correction-and-freeze (BN statistics
+frozen after 2 epochs), EMA activation ranges (decay 0.99: [choice] for the short run; TF's
+contrib.quantize uses 0.999), quantization from the first step (quant delay 0, as TF-slim does
+when fine-tuning). The run ends by exporting the BN-folded quantized model that the integer-only
+pass converts (``workdir/quantized_model``; ``qfsep_jax.train.load_quantized``).
+
+Command (after the float run):
+
+    python launch/main.py --config configs/qat_imagenette.py:qf_relu \
+        --workdir /tmp/qat_imagenette_qf_relu
+
+Expected time on the 2-core CPU machine: QAT steps cost ~1.5-2x float steps (the float conv that
+gives the batch statistics is computed as well), so ~10-15 min for the 5 epochs.
+Expected accuracy: not measured here.
+"""
+
+import ml_collections
+
+from configs import train_base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "qf_relu"
+    c = train_base.imagenette_config(variant)
+    c.init_from = f"checkpoint:/tmp/imagenette_{variant}"
+    c.qat.enabled = True
+    c.qat.scheme = "tf8"
+    c.qat.ema_decay = 0.99
+    c.qat.quant_delay_steps = 0
+    steps_per_epoch = 9469 // c.batch_size
+    c.qat.bn_freeze_step = 2 * steps_per_epoch
+    c.num_epochs = 5.0
+    c.learning_rate = 0.005
+    c.warmup_epochs = 0.0
+    c.lr_schedule = "cosine"
+    c.eval_every_steps = steps_per_epoch
+    return c

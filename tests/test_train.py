@@ -1,0 +1,415 @@
+"""Training: losses/schedules/optimizers, 8 devices = 1 device, exact resume, NaN guard, QAT.
+
+The end-to-end runs use ``configs/smoke.py`` (MobileNetV1 0.25 at 32 px on real Imagenette
+images). Compiled executables go to a per-session persistent cache so that runs sharing a step
+function (the resume test's three runs) compile it once.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import FLOAT_GRAPH, require
+from jax.experimental.compilation_cache import compilation_cache
+
+from configs import smoke
+from qfsep_jax import checkpointing, train
+from qfsep_jax.data import train_input
+from qfsep_jax.metrics_log import read_metrics
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this session's training tests."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    compilation_cache.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()
+
+
+def smoke_config(data_dir, **overrides):
+    c = smoke.get_config()
+    c.data_dir = data_dir
+    c.eval_every_steps = -1
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def losses(workdir):
+    return {s: r["train_loss"] for s, r in read_metrics(str(workdir)).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces.
+
+
+def test_weight_decay_is_tfslim_l2_with_its_own_depthwise_coefficient():
+    params = {
+        "Conv2d_0": {"kernel": jnp.full((3, 3, 3, 2), 2.0), "bn_scale": jnp.ones(2)},
+        "Conv2d_1": {
+            "depthwise": {"kernel": jnp.full((3, 3, 1, 2), 3.0), "bias": jnp.ones(2)},
+            "pointwise": {"kernel": jnp.full((1, 1, 2, 4), 1.0), "bn_bias": jnp.ones(4)},
+        },
+        "Logits": {"kernel": jnp.full((1, 1, 4, 5), 0.5), "bias": jnp.ones(5)},
+    }
+    sq_regular = 54 * 4.0 + 8 * 1.0 + 20 * 0.25  # Conv2d_0, pointwise, Logits kernels
+    sq_depthwise = 18 * 9.0
+    got = train.weight_decay_loss(params, 1e-2, 0.0)
+    np.testing.assert_allclose(got, 1e-2 * sq_regular / 2, rtol=1e-6)
+    got = train.weight_decay_loss(params, 1e-2, 1e-3)
+    np.testing.assert_allclose(got, 1e-2 * sq_regular / 2 + 1e-3 * sq_depthwise / 2, rtol=1e-6)
+    assert float(train.weight_decay_loss(params, 0.0, 0.0)) == 0.0
+
+
+def test_cross_entropy_with_label_smoothing_matches_formula():
+    logits = jnp.asarray([[2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 0.0, 0.0]])
+    labels = jnp.asarray([0, 3])
+    logp = jax.nn.log_softmax(logits)
+    s = 0.1
+    target = np.full((2, 4), s / 4)
+    target[0, 0] += 1 - s
+    target[1, 3] += 1 - s
+    expected = -np.mean(np.sum(target * np.asarray(logp), axis=1))
+    got = train.cross_entropy_loss(logits, labels, 4, s)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    plain = -np.mean([logp[0, 0], logp[1, 3]])
+    np.testing.assert_allclose(train.cross_entropy_loss(logits, labels, 4), plain, rtol=1e-6)
+
+
+def test_schedules():
+    c = smoke.get_config()
+    c.learning_rate, c.lr_schedule = 0.045, "exponential"
+    sched = train.learning_rate_schedule(c, steps_per_epoch=100, total_steps=10_000)
+    # TF-slim: staircase decay by 0.94 every int(2.5 epochs) = 250 steps.
+    for step, k in [(0, 0), (249, 0), (250, 1), (499, 1), (500, 2), (2600, 10)]:
+        np.testing.assert_allclose(sched(step), 0.045 * 0.94**k, rtol=1e-6)
+    c.lr_schedule, c.warmup_epochs = "cosine", 1.0
+    sched = train.learning_rate_schedule(c, steps_per_epoch=100, total_steps=1100)
+    np.testing.assert_allclose([sched(0), sched(50), sched(100)], [0.0, 0.0225, 0.045], atol=1e-7)
+    np.testing.assert_allclose(sched(600), 0.0225, rtol=1e-5)  # half way down the cosine
+    np.testing.assert_allclose(sched(1100), 0.0, atol=1e-9)
+    c.lr_schedule = "bogus"
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train.learning_rate_schedule(c, 100, 1000)
+
+
+def test_rmsprop_follows_tensorflow_semantics():
+    """TF1 RMSProp: ms starts at 1, ms = d*ms + (1-d)*g^2, mom = m*mom + lr*g/sqrt(ms+eps)."""
+    c = smoke.get_config()
+    c.optimizer, c.rmsprop_decay, c.momentum, c.rmsprop_epsilon = "rmsprop", 0.9, 0.9, 1.0
+    tx = train.make_optimizer(c, optax.constant_schedule(0.1))
+    w = jnp.asarray([1.0, -2.0, 0.5])
+    state = tx.init(w)
+    ms, mom, w_ref = np.ones(3), np.zeros(3), np.asarray(w, np.float64)
+    rng = np.random.RandomState(0)
+    for _ in range(5):
+        g = rng.normal(size=3)
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, w)
+        w = optax.apply_updates(w, updates)
+        ms = 0.9 * ms + 0.1 * g**2
+        mom = 0.9 * mom + 0.1 * g / np.sqrt(ms + 1.0)
+        w_ref = w_ref - mom
+    np.testing.assert_allclose(w, w_ref, rtol=1e-5)
+    c.optimizer = "adamw"
+    with pytest.raises(ValueError, match="optimizer"):
+        train.make_optimizer(c, optax.constant_schedule(0.1))
+
+
+# ----------------------------------------------------------------------------------------------
+# End-to-end runs.
+
+
+# The smoke network at initialisation is a deep, narrow plain BN net whose gradients explode
+# (|g| ~ 60, mostly in the first layers): its training is chaotic. A 1e-6 relative perturbation
+# of the initial weights changes the loss by 1e-2 within 2 steps at learning rate 0.01, and by
+# ~1e-4 over 10 steps at 1e-6. Float rounding differs between 8 devices (cross-replica means) and
+# 1 device, so the comparison runs at learning rate 1e-6, where the updates still move the loss
+# (against a run at learning rate 0) by 1e-4 at step 2 and by 1e-3 to 5e-3 from step 6 on.
+EQUIVALENCE_LR = 1e-6
+
+
+@pytest.fixture(scope="module")
+def float_runs(data_dir, tmp_path_factory):
+    """The same 10-step float run (dropout off) on 8 devices and on 1 device."""
+    out = {}
+    for n in (8, 1):
+        workdir = tmp_path_factory.mktemp(f"float_{n}dev")
+        config = smoke_config(
+            data_dir, total_steps=10, num_devices=n, learning_rate=EQUIVALENCE_LR,
+            checkpoint_every_steps=1, keep_checkpoints=10,
+        )  # fmt: skip
+        train.train_and_evaluate(config, str(workdir))
+        out[n] = workdir
+    return out
+
+
+def _raw_state(workdir, step):
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+def _rel_diff(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    diff = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(la, lb, strict=True)))
+    return diff / np.sqrt(sum(np.sum(y**2) for y in lb))
+
+
+def test_eight_devices_match_one_device(float_runs):
+    assert jax.local_device_count() >= 8, "conftest must give 8 fake CPU devices"
+    l8, l1 = losses(float_runs[8]), losses(float_runs[1])
+    assert sorted(l8) == sorted(l1) == list(range(1, 11))
+    a, b = np.array([l8[s] for s in l8]), np.array([l1[s] for s in l1])
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    assert len(set(np.round(a, 6))) > 5, "losses should change from step to step"
+    # After step 1 (same initial state), the momentum trace is the device-averaged gradient and
+    # the moving BN statistics hold the cross-replica batch moments: both match 1 device's
+    # (a gradient summed over devices or not averaged, or per-device BN, would be off by O(1)).
+    s8, s1 = _raw_state(float_runs[8], 1), _raw_state(float_runs[1], 1)
+    assert int(s8["step"]) == int(s1["step"]) == 1
+    assert _rel_diff(s8["opt_state"], s1["opt_state"]) < 1e-4
+    assert _rel_diff(_batch_moments(s8), _batch_moments(s1)) < 1e-3
+
+
+def _batch_moments(state, momentum=0.9997):
+    """The batch moments of step 1 from the moving statistics (initialised to mean 0, var 1)."""
+    out = {}
+    for path, v in jax.tree_util.tree_leaves_with_path(state["batch_stats"]):
+        key = jax.tree_util.keystr(path)
+        v = np.asarray(v, np.float64)
+        out[key] = (v - momentum if key.endswith("['bn_var']") else v) / (1 - momentum)
+    return out
+
+
+def test_metrics_file_has_one_record_per_logged_step(float_runs):
+    records = read_metrics(str(float_runs[1]))
+    for step, r in records.items():
+        assert r["step"] == step and np.isfinite(r["train_loss"])
+        for key in ("cross_entropy", "learning_rate", "steps_per_sec", "images_per_sec"):
+            assert key in r
+    with open(os.path.join(float_runs[1], "metrics.jsonl")) as f:
+        assert len(f.read().splitlines()) == 10
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(float_runs[1]))
+
+
+def test_nan_guard_stops_without_saving_the_nan_state(data_dir, tmp_path, monkeypatch):
+    real = train_input.train_batches
+
+    def poisoned(source, stream, start_step, skipped_before=0):
+        for batch in real(source, stream, start_step, skipped_before):
+            if batch["step"] == 1:
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(train_input, "train_batches", poisoned)
+    config = smoke_config(
+        data_dir, total_steps=4, num_devices=1, checkpoint_every_steps=1,
+        learning_rate=EQUIVALENCE_LR,  # the 1-device float run's executable (compile cache)
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match="NaN guard: .*step 2"):
+        train.train_and_evaluate(config, str(tmp_path))
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.all_steps() == [1]
+    ckpt.close()
+    assert sorted(read_metrics(str(tmp_path))) == [1]
+
+
+QAT = {
+    "qat.enabled": True,
+    "qat.quant_delay_steps": 2,
+    "qat.bn_freeze_step": 4,
+    "total_steps": 6,
+    "num_devices": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def qat_runs(data_dir, tmp_path_factory):
+    """QAT (delay 2, BN frozen at 4) for 6 steps: uninterrupted, and stopped at 3 + resumed."""
+    full = tmp_path_factory.mktemp("qat_full")
+    train.train_and_evaluate(smoke_config(data_dir, **QAT), str(full))
+    split = tmp_path_factory.mktemp("qat_split")
+    first = train.train_and_evaluate(smoke_config(data_dir, halt_after_steps=3, **QAT), str(split))
+    at_halt = checkpointing.Checkpointer(str(split / "checkpoints"))
+    halted = {"steps": at_halt.all_steps(), "summary": first}
+    model, variables = train.create_model_and_variables(smoke_config(data_dir, **QAT), 10)
+    tx = train.make_optimizer(smoke_config(data_dir, **QAT), optax.constant_schedule(0.01))
+    target = train.create_train_state(variables, tx, 0)
+    halted["state"], halted["meta"] = at_halt.restore(3, target)
+    halted["initial"] = target
+    at_halt.close()
+    # A save that crashed half way: Orbax's temporary folder of a later step.
+    junk = split / "checkpoints" / "5.orbax-checkpoint-tmp-1234"
+    (junk / "state").mkdir(parents=True)
+    (junk / "state" / "garbage").write_bytes(b"\0" * 10)
+    second = train.train_and_evaluate(smoke_config(data_dir, **QAT), str(split))
+    return {"full": full, "split": split, "halted": halted, "resumed": second}
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_losses(qat_runs):
+    h = qat_runs["halted"]
+    assert h["steps"] == [3] and h["summary"]["final_step"] == 3
+    assert qat_runs["resumed"]["start_step"] == 3
+    full, split = losses(qat_runs["full"]), losses(qat_runs["split"])
+    assert sorted(full) == sorted(split) == list(range(1, 7))
+    for step in range(1, 7):
+        assert split[step] == full[step], (step, split[step], full[step])  # exactly
+
+
+def test_checkpoint_holds_the_whole_training_state(qat_runs):
+    h = qat_runs["halted"]
+    state, meta, initial = h["state"], h["meta"], h["initial"]
+    assert int(state.step) == 3
+    assert meta["examples_seen"] == 3 * 16 and meta["seed"] == 0 and meta["global_batch"] == 16
+    # Ranges were observed in each of the 3 steps; BN statistics and optimizer moved.
+    counts = [c for p, c in jax.tree_util.tree_leaves_with_path(state.quant_ranges)
+              if jax.tree_util.keystr(p).endswith("['count']")]  # fmt: skip
+    assert counts and all(float(c) == 3.0 for c in counts)
+    changed = jax.tree.map(
+        lambda a, b: bool(np.any(a != b)), state.batch_stats, initial.batch_stats
+    )
+    assert all(jax.tree.leaves(changed))
+    momenta = jax.tree.leaves(state.opt_state)
+    assert momenta and any(np.any(m != 0) for m in momenta)
+
+
+def test_qat_steps_change_the_weights(qat_runs):
+    """Steps 3-6 run with fake quantization active; the weights keep moving (STE gradients)."""
+    h = qat_runs["halted"]
+    final = checkpointing.load_variables(str(qat_runs["full"]))["params"]
+    at3 = h["state"].params
+    moved = [float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(final), jax.tree.leaves(at3), strict=True)]  # fmt: skip
+    assert min(moved) > 0.0
+
+
+def test_qat_model_runs_integer_only_with_the_fake_quant_top1(qat_runs, data_dir):
+    import qfsep_jax.intpass as intpass
+    from qfsep_jax.data import input as data_input
+    from qfsep_jax.evaluation import topk_correct
+    from qfsep_jax.ptq import fake_quant_logits_fn
+
+    quantized = train.load_quantized(str(qat_runs["full"] / "quantized_model"))
+    assert quantized.model.bn_folded and quantized.model.quant is not None
+    config = smoke_config(data_dir, **QAT)
+    model, _ = train.create_model_and_variables(config, 10)
+    qat_apply = jax.jit(lambda v, x: model.clone(axis_name=None).apply(v, x, quant_mode="qat"))
+    qat_vars = checkpointing.load_variables(str(qat_runs["full"]))
+    fake_fn = fake_quant_logits_fn(quantized)
+    int_fn = intpass.logits_fn(intpass.from_quantized(quantized))
+    inp = data_input.eval_input(config, "folder:imagenette/val", limit=64, batch_size=32)
+    same_as_qat, same_top1, hits = [], [], {"fake": 0.0, "int": 0.0}
+    for batch in inp.make():
+        qat = np.argmax(qat_apply(qat_vars, batch["image"]), -1)
+        fake_logits, int_logits = fake_fn(batch["image"]), int_fn(batch["image"])
+        fake, integer = np.argmax(fake_logits, -1), np.argmax(int_logits, -1)
+        same_as_qat.extend(qat == fake)  # the export is the QAT model's inference pass
+        same_top1.extend(fake == integer)
+        for name, logits in (("fake", fake_logits), ("int", int_logits)):
+            hits[name] += float(topk_correct(logits, batch["label"], batch["mask"])["top1"])
+    assert len(same_top1) == 64
+    assert np.mean(same_as_qat) >= 0.95, np.mean(same_as_qat)
+    # Integer-only pass vs fake-quant simulation: the same top-1 prediction per image, and the
+    # same top-1 accuracy up to one image.
+    assert np.mean(same_top1) >= 0.95, np.mean(same_top1)
+    assert abs(hits["fake"] - hits["int"]) <= 1.0, hits
+
+
+def test_qat_starts_from_a_float_checkpoint(float_runs, data_dir):
+    config = smoke_config(data_dir, **{"qat.enabled": True,
+                                       "init_from": f"checkpoint:{float_runs[1]}"})  # fmt: skip
+    model, variables = train.create_model_and_variables(config, 10)
+    assert model.quant is not None and model.quant.observer == "ema"
+    floats = checkpointing.load_variables(str(float_runs[1]))
+    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(floats["params"]),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    counts = jax.tree.leaves(
+        {k: v["count"] for k, v in _range_nodes(variables["quant_ranges"]).items()}
+    )
+    assert counts and all(float(c) == 0.0 for c in counts)
+    bad = smoke_config(data_dir, **{"qat.enabled": True, "model.width_multiplier": 0.5,
+                                    "init_from": f"checkpoint:{float_runs[1]}"})  # fmt: skip
+    with pytest.raises(ValueError, match="shape"):
+        train.create_model_and_variables(bad, 10)
+
+
+def test_qat_starts_from_the_imported_tfslim_graph(data_dir):
+    require(FLOAT_GRAPH)
+    config = smoke_config(
+        data_dir, label_space="imagenet1001",
+        **{"qat.enabled": True, "init_from": f"tfslim:{FLOAT_GRAPH}"},
+    )  # fmt: skip
+    model, variables = train.create_model_and_variables(config, 1001)
+    assert model.num_classes == 1001 and model.width_multiplier == 1.0
+    assert model.quant is not None and model.axis_name == "batch"
+    kernel = variables["params"]["Conv2d_1"]["depthwise"]["kernel"]
+    assert kernel.shape == (3, 3, 1, 32) and float(np.abs(kernel).max()) > 0.1
+    with pytest.raises(ValueError, match="1001 classes"):
+        train.create_model_and_variables(
+            smoke_config(data_dir, **{"qat.enabled": True, "init_from": f"tfslim:{FLOAT_GRAPH}"}),
+            10,
+        )
+
+
+def _range_nodes(tree, path=()):
+    if "count" in tree:
+        return {path: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_range_nodes(v, path + (k,)))
+    return out
+
+
+def test_resume_with_another_data_stream_is_refused(qat_runs, data_dir):
+    config = smoke_config(data_dir, seed=1, **QAT)
+    with pytest.raises(ValueError, match="seed=0"):
+        train.train_and_evaluate(config, str(qat_runs["split"]))
+
+
+def test_metrics_reader_keeps_the_last_record_of_a_step_and_drops_a_torn_line(tmp_path):
+    from qfsep_jax.metrics_log import JsonlWriter
+
+    writer = JsonlWriter(str(tmp_path / "metrics.jsonl"))
+    writer.write_scalars(1, {"train_loss": np.float32(2.5)})
+    writer.write_scalars(2, {"train_loss": 2.25, "eval_top1": 10.0})
+    writer.write_scalars(2, {"train_loss": 2.0})  # the step again after a resume
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train_lo')  # a crash in the middle of a line
+    records = read_metrics(str(tmp_path))
+    assert records == {1: {"step": 1, "train_loss": 2.5}, 2: {"step": 2, "train_loss": 2.0}}
+
+
+def test_distributed_initialization_is_requested_by_config_or_environment():
+    from ml_collections import ConfigDict
+
+    from qfsep_jax import distributed
+
+    assert not distributed.requested_by_environment({})
+    assert not distributed.requested_by_environment({"SLURM_NTASKS": "1"})
+    assert distributed.requested_by_environment({"SLURM_NTASKS": "4"})
+    assert distributed.requested_by_environment({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert distributed.requested_by_environment({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"})
+    off = ConfigDict({"mode": "off", "coordinator_address": "", "num_processes": -1,
+                      "process_id": -1})  # fmt: skip
+    assert distributed.maybe_initialize(off) is False
+    with pytest.raises(ValueError, match="distributed.mode"):
+        distributed.maybe_initialize(ConfigDict({**off.to_dict(), "mode": "yes"}))
