@@ -24,7 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_data = "folder:imagenette/val"
     c.label_space = "imagenette"
     c.num_classes = config_dict.placeholder(int)  # None: the label space's class count
-    c.tfds_label_offset = 0  # added to tfds labels (1: tfds imagenet2012 -> TF-slim 1001 classes)
     c.image_size = 224
     c.crop_area_range = (0.05, 1.0)  # TF-slim inception preprocessing
     c.crop_aspect_ratio_range = (0.75, 1.33)
@@ -126,9 +125,7 @@ def imagenet_config(variant: str, arg: str | None = None) -> ml_collections.Conf
     c = apply_variant(get_config(), variant)
     c.train_data = "tfds:imagenet2012:train"
     c.eval_data = "tfds:imagenet2012:validation"
-    c.label_space = "folder"  # tfds's labels (sorted wnids) ...
-    c.num_classes = 1001
-    c.tfds_label_offset = 1  # ... + 1: TF-slim's 1001 classes, 0 = background
+    c.label_space = "imagenet1001"  # tfds's wnids → TF-slim's 1001 classes (0 = background)
     c.image_size = 224
     c.batch_size = 128
     c.eval_batch_size = 200

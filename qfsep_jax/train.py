@@ -433,7 +433,6 @@ def evaluate(
     )  # fmt: skip
     # Every process must run the same number of steps (collectives): pad with empty batches.
     num_batches = int(np.max(multihost_utils.process_allgather(np.int64(inp.num_batches))))
-    offset = config.tfds_label_offset if config.eval_data.startswith("tfds:") else 0
     size = config.image_size
     empty = {
         "image": np.zeros((per_process, size, size, 3), np.float32),
@@ -447,7 +446,7 @@ def evaluate(
         leave=False, disable=pi != 0,
     ):  # fmt: skip
         skipped = max(skipped, int(batch.get("skipped", 0)))
-        batch = {"image": batch["image"], "label": batch["label"] + offset, "mask": batch["mask"]}
+        batch = {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}
         counts, _ = p_eval(state, train_input.shard_batch(batch, len(local_devices)))
         totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     totals = jax.device_get(totals)
@@ -587,7 +586,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         area_range=tuple(config.crop_area_range),
         aspect_ratio_range=tuple(config.crop_aspect_ratio_range),
         on_corrupt=config.on_corrupt,
-        label_offset=config.tfds_label_offset if config.train_data.startswith("tfds:") else 0,
         shuffle_buffer=config.shuffle_buffer,
         num_classes=num_classes,
     )

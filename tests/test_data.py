@@ -79,3 +79,24 @@ def test_bad_paths_and_specs(tmp_path, data_dir):
     with pytest.raises(ValueError, match="label_space"):
         labels.wnid_to_index("coco", data_dir)
     assert labels.num_classes("imagenet1001", require(".")) == 1001
+
+
+def test_tfds_imagenet_validation_maps_to_tfslim_labels(data_dir):
+    # The real-ImageNet path (tfds imagenet2012, prepared from manual_dir), on tfds's mock data.
+    import tensorflow_datasets as tfds
+
+    from configs import reproduce_table1
+    from qfsep_jax.data.input import eval_input
+
+    config = reproduce_table1.get_config()
+    config.data_dir = data_dir
+    config.image_size = 32
+    with tfds.testing.mock_data(num_examples=12):
+        raw = sources.make_source("tfds:imagenet2012:validation", data_dir, label_space="folder")
+        raw_labels = [int(ex["label"]) for ex in raw.dataset]
+        data = eval_input(config, "tfds:imagenet2012:validation", batch_size=5)
+        batches = list(data.make())
+    assert data.num_examples == 12 and len(batches) == 3
+    labels_1001 = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+    np.testing.assert_array_equal(labels_1001, np.asarray(raw_labels) + 1)
+    assert batches[0]["image"].shape == (5, 32, 32, 3)

@@ -97,8 +97,14 @@ def tfds_source(
     manual_dir: str | None = None,
     shuffle_files: bool = False,
     process_split: tuple[int, int] = (0, 1),
+    label_space: str = "folder",
+    data_dir: str | None = None,
 ) -> Source:
     """A split of a prepared (or preparable) tfds dataset, with images left encoded.
+
+    Labels are mapped by class name into ``label_space`` (e.g. tfds ``imagenet2012``'s wnids to
+    TF-slim's 1001 classes with ``imagenet1001``, whose label files live in ``data_dir``);
+    ``folder`` keeps tfds's own indices.
 
     ``imagenet2012`` is built from the ILSVRC2012 tar files in ``manual_dir`` on first use.
     ``process_split=(index, count)`` reads only part ``index`` of ``count`` even parts of the
@@ -121,11 +127,32 @@ def tfds_source(
         if num_examples < 0:
             raise ValueError(f"tfds {name}:{split} has no split metadata and unknown cardinality")
 
+    table = _label_table(builder.info.features["label"].names, label_space, data_dir, name)
+
     def to_raw(ex):
         filename = ex.get("file_name", ex.get("id", tf.constant("")))
-        return {"image_bytes": ex["image"], "label": ex["label"], "filename": filename}
+        label = ex["label"] if table is None else tf.gather(table, ex["label"])
+        return {"image_bytes": ex["image"], "label": label, "filename": filename}
 
     return Source(ds.map(to_raw), num_examples, f"tfds:{name}:{split}")
+
+
+def _label_table(
+    names: list[str], label_space: str, data_dir: str | None, what: str
+) -> tf.Tensor | None:
+    """tfds class index → label-space index (None: keep tfds's indices)."""
+    if label_space == "folder":
+        return None
+    if data_dir is None:
+        raise ValueError(f"label_space {label_space!r} needs data_dir (its labels/ folder)")
+    mapping = labels_lib.wnid_to_index(label_space, data_dir)
+    unknown = [n for n in names if n not in mapping]
+    if unknown:
+        raise ValueError(
+            f"classes {unknown[:5]} of tfds {what} are not in label space {label_space!r}; "
+            "use label_space='folder' to keep tfds's own labels"
+        )
+    return tf.constant([mapping[n] for n in names], tf.int64)
 
 
 def make_source(
@@ -148,7 +175,10 @@ def make_source(
         return folder_source(data_dir, rest, label_space)
     if kind == "tfds" and rest.count(":") == 1:
         name, split = rest.split(":")
-        return tfds_source(name, split, tfds_data_dir, manual_dir, shuffle_files, process_split)
+        return tfds_source(
+            name, split, tfds_data_dir, manual_dir, shuffle_files, process_split,
+            label_space=label_space, data_dir=data_dir,
+        )  # fmt: skip
     raise ValueError(
         f"bad dataset spec {spec!r}: use 'folder:<path under data_dir>' or 'tfds:<name>:<split>'"
     )

@@ -51,7 +51,6 @@ class TrainStream:
       image_size: training crop size.
       area_range, aspect_ratio_range: inception crop parameters.
       on_corrupt: ``error`` or ``skip``.
-      label_offset: added to every label (1 maps tfds ImageNet labels to TF-slim's 1001 classes).
       shuffle_buffer: shuffle buffer of streaming sources.
       num_classes: if set, every label must lie in ``[0, num_classes)``.
     """
@@ -64,7 +63,6 @@ class TrainStream:
     area_range: tuple[float, float] = (0.05, 1.0)
     aspect_ratio_range: tuple[float, float] = (0.75, 1.33)
     on_corrupt: str = "error"
-    label_offset: int = 0
     shuffle_buffer: int = 10_000
     num_classes: int | None = None
 
@@ -156,7 +154,7 @@ def _decode_batch(stream: TrainStream, raw: dict) -> tf.data.Dataset:
             area_range=stream.area_range,
             aspect_ratio_range=stream.aspect_ratio_range,
         )
-        label = tf.cast(ex["label"], tf.int32) + stream.label_offset
+        label = tf.cast(ex["label"], tf.int32)
         return {"image": image, "label": label, "step": ex["step"]}
 
     ds = tf.data.Dataset.from_tensor_slices(raw).map(

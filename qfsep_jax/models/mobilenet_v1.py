@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode
+from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode, _where
 from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.scheme import QuantConfig
 
@@ -172,7 +172,8 @@ class MobileNetV1(nn.Module):
             # TFLite's integer average pool keeps the input's (scale, zero point): re-round.
             last = blk.variables["quant_ranges"]["pointwise"]["act_quant"]
             pooled_q = fake_quant(x, last["min"], last["max"], self.quant.act_int_range)
-            x = x + jax.lax.stop_gradient(pooled_q - x) if train else pooled_q
+            pooled_q = x + jax.lax.stop_gradient(pooled_q - x) if train else pooled_q
+            x = _where(quant_active, pooled_q, x)  # no rounding during a QAT quant delay
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = ConvLayer(
             self.num_classes, kernel_size=1, use_bn=False, use_bias=True, activation="none",
