@@ -316,6 +316,7 @@ def step_summary(config, workdir: str) -> dict[str, Any]:
         "sqnr": {v: s["sqnr_fake_quant"] for v, s in variants.items() if s["sqnr_fake_quant"]},
         "sqnr_integer": {v: s["sqnr_integer"] for v, s in variants.items() if s["sqnr_integer"]},
         "config": config.to_dict(),
+        "run": io_utils.run_info(),
     }
     io_utils.write_json(os.path.join(workdir, "summary.json"), summary)
     if variants:

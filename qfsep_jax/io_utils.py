@@ -36,6 +36,31 @@ def _default_mode(path: str) -> int:
     return 0o666 & ~umask
 
 
+def run_info() -> dict[str, Any]:
+    """Where and when a result was measured: date, CPU, core count, devices and versions."""
+    import datetime
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def write_json(path: str, obj: Any) -> None:
     """Atomically writes ``obj`` as indented JSON (non-finite floats rejected)."""
     write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

@@ -201,6 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "sqnr": tables,
         "paper_fig4_original_db": sqnr_lib.PAPER_FIG4_SQNR["original"],
         "seconds": round(time.perf_counter() - start, 1),
+        "run": io_utils.run_info(),
     }
     io_utils.write_json(os.path.join(workdir, "results.json"), results)
     print(format_summary(results))

@@ -102,6 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "num_calibration_images": calib.num_examples,
         "crop_fraction": config.crop_fraction,
         "image_size": config.image_size,
+        "run": io_utils.run_info(),
     }
     io_utils.write_json(os.path.join(workdir, "results.json"), out)
     print(format_table(rows))
