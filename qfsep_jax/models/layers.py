@@ -15,6 +15,8 @@ How a forward pass treats quantization is chosen per call by ``quant_mode``:
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,8 +42,22 @@ def activation_fn(name: str, x: jax.Array) -> jax.Array:
     raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """A regular NHWC conv with TF "SAME" padding (stride 2, even size: 0 before, 1 after)."""
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "lax") -> jax.Array:
+    """A regular NHWC conv with TF "SAME" padding (stride 2, even size: 0 before, 1 after).
+
+    A 1×1 stride-1 conv (pointwise, classifier) is the matmul ``[N*H*W, Cin] @ [Cin, Cout]``:
+    XLA:CPU then runs forward and both gradients as plain matmuls, where its convolution path
+    transposes activations for the kernel gradient (issue 6); same result up to summation order.
+    Larger kernels use XLA's convolution; with ``impl`` resolving to ``shift`` (the CPU default
+    of ``auto``, as for depthwise layers) a conv with at most 8 input channels (the RGB stem)
+    runs its forward pass as shifted multiply-adds
+    (:func:`~qfsep_jax.models.depthwise.direct_conv2d`).
+    """
+    if kernel.shape[:2] == (1, 1) and stride == 1:
+        n, h, w, c = x.shape
+        return jnp.reshape(jnp.reshape(x, (n * h * w, c)) @ kernel[0, 0], (n, h, w, -1))
+    if kernel.shape[2] <= 8 and depthwise.resolve_impl(impl) == "shift":
+        return depthwise.direct_conv2d(x, kernel, stride)
     return jax.lax.conv_general_dilated(
         x,
         kernel,
@@ -49,6 +65,68 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
         padding="SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
+
+
+def _raw_moments(y: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+    """Per-channel E[y] and E[y^2] over batch and space (and over ``axis_name`` devices)."""
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    mean_sq = jnp.mean(jnp.square(y), axis=(0, 1, 2))
+    if axis_name is not None:
+        mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+    return mean, mean_sq
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(
+    y: jax.Array, gamma: jax.Array, beta: jax.Array, epsilon: float, axis_name: str | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BN of NHWC ``y``: ``((y - mean) * gamma / sqrt(var + eps) + beta, mean, var)``.
+
+    ``mean``/``var`` are the batch moments (``var = max(E[y^2] - E[y]^2, 0)``, combined over
+    ``axis_name`` devices). The hand-written VJP gives the gradients that autodiff of this
+    forward gives (up to float rounding), with two reductions (sum of g, sum of g * y) and one
+    elementwise pass, where XLA's autodiff graph materializes ``y - mean`` in the forward pass
+    and needs three reductions and extra passes (issue 6: BN fusion).
+    """
+    return _bn_train_fwd(y, gamma, beta, epsilon, axis_name)[0]
+
+
+def _bn_train_fwd(y, gamma, beta, epsilon, axis_name):
+    mean, mean_sq = _raw_moments(y, axis_name)
+    diff = mean_sq - jnp.square(mean)
+    var = jnp.maximum(diff, 0.0)
+    inv = jax.lax.rsqrt(var + epsilon)
+    out = (y - mean) * (gamma * inv) + beta
+    return (out, mean, var), (y, gamma, mean, diff, inv)
+
+
+def _bn_train_bwd(epsilon, axis_name, residuals, cotangents):
+    del epsilon
+    g, g_mean, g_var = cotangents
+    y, gamma, mean, diff, inv = residuals
+    alpha = gamma * inv
+    sum_g = jnp.sum(g, axis=(0, 1, 2))
+    # sum(g * (y - mean)) as sum(g * y) - mean * sum(g): XLA:CPU runs a product-and-sum as one
+    # library reduction, but writes ``y - mean`` to memory first for the centred form.
+    sum_gyc = jnp.sum(g * y, axis=(0, 1, 2)) - mean * sum_g
+    # Through var = max(diff, 0): jnp.maximum's gradient is 1 above, 1/2 at the tie, 0 below.
+    var_grad = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
+    d_var = (sum_gyc * gamma * (-0.5) * inv**3 + g_var) * var_grad
+    d_mean = g_mean - sum_g * alpha - 2.0 * mean * d_var
+    d_mean_sq = d_var
+    count = y.shape[0] * y.shape[1] * y.shape[2]
+    if axis_name is not None:
+        # The transpose of the forward pmean: every device's cotangent reaches every device.
+        d_mean, d_mean_sq = jax.lax.psum((d_mean, d_mean_sq), axis_name)
+        count = count * jax.lax.psum(1, axis_name)
+    dy = g * alpha + d_mean / count + (2.0 / count) * d_mean_sq * y
+    return dy.astype(y.dtype), sum_gyc * inv, sum_g
+
+
+batch_norm_train.defvjp(
+    lambda y, gamma, beta, epsilon, axis_name: _bn_train_fwd(y, gamma, beta, epsilon, axis_name),
+    _bn_train_bwd,
+)
 
 
 def _check_mode(quant_mode: str, quant: QuantConfig | None) -> None:
@@ -136,13 +214,10 @@ class ConvLayer(nn.Module):
     def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         if self.depthwise:
             return depthwise.depthwise_conv2d(x, kernel, self.stride, impl=self.depthwise_impl)
-        return conv2d(x, kernel, self.stride)
+        return conv2d(x, kernel, self.stride, impl=self.depthwise_impl)
 
     def _batch_moments(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mean = jnp.mean(y, axis=(0, 1, 2))
-        mean_sq = jnp.mean(jnp.square(y), axis=(0, 1, 2))
-        if self.axis_name is not None:
-            mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+        mean, mean_sq = _raw_moments(y, self.axis_name)
         return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
     @nn.compact
@@ -186,15 +261,14 @@ class ConvLayer(nn.Module):
                 y = y + bias
             if has_bn:
                 if train:
-                    mean, var = self._batch_moments(y)
+                    y, mean, var = batch_norm_train(y, gamma, beta, self.bn_epsilon, self.axis_name)
                     if update_stats:
                         m = self.bn_momentum
                         ra_mean.value = m * ra_mean.value + (1 - m) * mean
                         ra_var.value = m * ra_var.value + (1 - m) * var
                 else:
-                    mean, var = ra_mean.value, ra_var.value
-                alpha = gamma * jax.lax.rsqrt(var + self.bn_epsilon)
-                y = (y - mean) * alpha + beta
+                    alpha = gamma * jax.lax.rsqrt(ra_var.value + self.bn_epsilon)
+                    y = (y - ra_mean.value) * alpha + beta
         elif has_bn and train:
             # QAT with BN folding simulated by correction-and-freeze (Krishnamoorthi 2018, 3.2.2).
             y_float = self._conv(x, kernel)

@@ -1,0 +1,352 @@
+"""Benchmark: training throughput of JAX (this project's train step) vs PyTorch, same MobileNetV1.
+
+    python launch/bench_train.py [--rows small,large] [--modes float,qat] [--threads 2]
+                                 [--steps 3] [--reps 5] [--depthwise_impl auto]
+                                 [--frameworks jax,torch] [--no-malloc_tune] [--omp_passive]
+
+Not a test. One process times both frameworks, interleaved rep by rep so that both see the same
+machine load, for each row (width multiplier, input size, stem stride, batch) and mode:
+
+* ``small``: width 0.5, 32 px, stem stride 1, batch 128; ``large``: width 1.0, 224 px, batch 32.
+* JAX: :func:`qfsep_jax.train.train_step` under :func:`qfsep_jax.train.pmap_step` on one CPU
+  device, SGD with momentum 0.9, 1001 classes; ``float`` trains the float model (BN in batch
+  statistics), ``qat`` the QAT model (``quant_mode="qat"``: tf8 per-tensor fake quantization of
+  weights and activations, BN folding by correction-and-freeze, EMA activation ranges).
+* PyTorch (``requirements-bench.txt``): the same layer sequence (conv/BN/ReLU6, depthwise with
+  ``groups=C``, average pool, dropout 0.001, 1001-way classifier), channels-last, SGD with
+  momentum 0.9. ``qat`` is torch's eager-mode QAT: ``fuse_modules_qat`` (ConvBn2d) and
+  ``prepare_qat`` with per-tensor affine fake quantization (uint8 activations with moving-average
+  min/max, int8 weights with min/max), one activation fake-quant per layer after ReLU6 (the
+  redundant one that ``prepare_qat`` puts between ConvBn2d and ReLU6 is removed). Padding is
+  torch's symmetric padding; TF "SAME" differs only in where a stride-2 layer's pad goes.
+* Both run with ``--threads`` threads: the process is pinned to that many CPUs before either
+  framework starts (XLA sizes its thread pool from the affinity mask) and torch gets
+  ``set_num_threads``. ``--malloc_tune`` (default on) keeps freed memory in glibc's heap
+  (see :func:`tune_malloc`); it applies to both frameworks, which share the process.
+  ``--omp_passive`` lets torch's idle OpenMP threads sleep: use it only on a busy machine,
+  where spinning threads make torch's 2-thread numbers collapse, and say so.
+
+Warm-up (compilation and two steps) is excluded. Each rep times ``--steps`` steps; the best rep
+gives images/s (the median is printed too, with the process CPU time per step, which other
+processes on the machine disturb less, and page faults per step). The last lines read
+``train img/s: jax=… torch=… ratio=…  [row]``, one per row and mode, the final one for the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import os
+import resource
+import statistics
+import sys
+import time
+
+ROWS = {
+    # name: (width multiplier, input size, stem stride, batch)
+    "small": (0.5, 32, 1, 128),
+    "large": (1.0, 224, 2, 32),
+}
+NUM_CLASSES = 1001
+LEARNING_RATE = 0.01
+MOMENTUM = 0.9
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="small,large", help=f"comma list of {sorted(ROWS)}")
+    p.add_argument("--modes", default="float,qat", help="comma list of float, qat")
+    p.add_argument("--frameworks", default="jax,torch", help="comma list of jax, torch")
+    p.add_argument("--threads", type=int, default=2, help="CPUs for both frameworks")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per rep")
+    p.add_argument("--reps", type=int, default=5, help="reps per framework (best is reported)")
+    p.add_argument("--depthwise_impl", default="auto", help="auto | lax | shift")
+    p.add_argument(
+        "--malloc_tune", action=argparse.BooleanOptionalAction, default=True,
+        help="keep freed memory in glibc's heap (both frameworks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--omp_passive", action="store_true",
+        help="OMP_WAIT_POLICY=PASSIVE for torch: idle OpenMP threads sleep instead of spinning "
+        "(off by default; on a busy machine torch's spinning threads collapse its throughput)",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    for name in args.rows.split(","):
+        if name not in ROWS:
+            p.error(f"unknown row {name!r}; choose from {sorted(ROWS)}")
+    for mode in args.modes.split(","):
+        if mode not in ("float", "qat"):
+            p.error(f"unknown mode {mode!r}; choose from float, qat")
+    for fw in args.frameworks.split(","):
+        if fw not in ("jax", "torch"):
+            p.error(f"unknown framework {fw!r}; choose from jax, torch")
+    if args.threads < 1 or args.steps < 1 or args.reps < 1:
+        p.error("--threads, --steps and --reps must be positive")
+    return args
+
+
+def pin_threads(threads: int) -> list[int]:
+    """Pins this process to ``threads`` of its allowed CPUs (before jax/torch start)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if threads > len(allowed):
+        raise SystemExit(f"--threads {threads}: only {len(allowed)} CPUs available")
+    cpus = allowed[:threads]
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def tune_malloc() -> None:
+    """Keeps freed memory in glibc's heap instead of returning it to the OS.
+
+    XLA:CPU allocates each step's temporaries afresh (one block of 1.35 GB for the 224 px row,
+    0.23 GB for the 32 px row) and so does PyTorch for its activations. With glibc's defaults,
+    blocks above the mmap threshold (and blocks a thread arena cannot hold) are mmap-ed and
+    unmapped again, and a freed block at the top of the heap above the trim threshold is given
+    back, so every step pays page faults on all that fresh memory (measured: 330k faults, a
+    third of the JAX step time, on the 224 px row). No mmap, no trimming, a single arena and a
+    256 MiB heap growth step make freed blocks reusable. Both frameworks share the process, so
+    both get it.
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
+    ok = (
+        libc.mallopt(m_arena_max, 1)
+        and libc.mallopt(m_mmap_max, 0)
+        and libc.mallopt(m_trim_threshold, -1)  # -1: never trim (mallopt(3))
+        and libc.mallopt(m_top_pad, 1 << 28)
+    )
+    if not ok:
+        raise SystemExit("mallopt failed: run with --no-malloc_tune on this libc")
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX: the project's train step.
+
+
+def jax_step(row: str, mode: str, depthwise_impl: str):
+    """The project's pmapped train step for a row and mode, with its initial state and batch.
+
+    Returns ``(step, state, batch)``; ``step(state, batch) -> (state, metrics)``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from qfsep_jax import train
+    from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+    from qfsep_jax.quant.scheme import QuantConfig
+
+    width, size, stem, batch = ROWS[row]
+    qat = mode == "qat"
+    quant = QuantConfig(scheme="tf8", observer="ema", ema_decay=0.999) if qat else None
+    model = MobileNetV1(
+        num_classes=NUM_CLASSES, width_multiplier=width, stem_stride=stem, quant=quant,
+        depthwise_impl=depthwise_impl, axis_name=train.AXIS,
+    )  # fmt: skip
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)
+    )
+    variables = jax.tree.map(np.asarray, dict(variables))
+    schedule = optax.constant_schedule(LEARNING_RATE)
+    tx = optax.sgd(schedule, momentum=MOMENTUM)
+    hp = train.StepConfig(num_classes=NUM_CLASSES, qat=qat)
+    step = train.pmap_step(
+        functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, hp=hp),
+        devices=jax.local_devices()[:1],
+    )
+    rs = np.random.RandomState(0)
+    batch_arrays = {
+        "image": rs.uniform(-1, 1, (1, batch, size, size, 3)).astype(np.float32),
+        "label": rs.randint(0, NUM_CLASSES, (1, batch)).astype(np.int32),
+    }
+    state = train.create_train_state(variables, tx, seed=0)
+    return step, state, jax.device_put(batch_arrays)
+
+
+def jax_runner(row: str, mode: str, depthwise_impl: str):
+    """A zero-argument callable running one JAX train step (state carried inside)."""
+    import numpy as np
+
+    step, state, batch_arrays = jax_step(row, mode, depthwise_impl)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch_arrays)
+        loss = float(metrics["train_loss"][0])  # blocks until the step is done
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"JAX {row}/{mode}: non-finite loss {loss}")
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch: the same architecture.
+
+
+BLOCKS = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+)  # fmt: skip
+
+
+def torch_mobilenet(width: float, stem_stride: int, qat: bool):
+    """MobileNetV1 as a ``torch.nn.Sequential`` (TF-slim depths, ReLU6, dropout 0.001)."""
+    import torch.ao.quantization as tq
+    from torch import nn
+
+    def depth(d):
+        return max(int(d * width), 8)
+
+    layers = [tq.QuantStub()] if qat else []
+    fuse = []
+
+    def conv_bn_relu6(cin, cout, k, stride, groups=1):
+        i = len(layers)
+        layers.extend([
+            nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout, eps=1e-3),
+            nn.ReLU6(),
+        ])  # fmt: skip
+        fuse.append([str(i), str(i + 1)])
+
+    c = depth(32)
+    conv_bn_relu6(3, c, 3, stem_stride)
+    for d, s in BLOCKS:
+        conv_bn_relu6(c, c, 3, s, groups=c)
+        conv_bn_relu6(c, depth(d), 1, 1)
+        c = depth(d)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Dropout(0.001), nn.Flatten(), nn.Linear(c, NUM_CLASSES)]
+    if qat:
+        layers.append(tq.DeQuantStub())
+    model = nn.Sequential(*layers)
+    if not qat:
+        return model
+    model.train()
+    model = tq.fuse_modules_qat(model, fuse)
+    import torch
+
+    model.qconfig = tq.QConfig(
+        activation=tq.FakeQuantize.with_args(
+            observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+            dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+        ),
+        weight=tq.FakeQuantize.with_args(
+            observer=tq.MinMaxObserver, quant_min=-128, quant_max=127,
+            dtype=torch.qint8, qscheme=torch.per_tensor_affine,
+        ),
+    )  # fmt: skip
+    tq.prepare_qat(model, inplace=True)
+    # One activation fake-quant per layer, after ReLU6 (as the JAX model): drop ConvBn2d's own.
+    for module in model:
+        if isinstance(module, torch.ao.nn.intrinsic.qat.ConvBn2d):
+            module.activation_post_process = nn.Identity()
+    return model
+
+
+def torch_runner(row: str, mode: str, threads: int):
+    """A zero-argument callable running one PyTorch train step."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    width, size, stem, batch = ROWS[row]
+    torch.manual_seed(0)
+    model = torch_mobilenet(width, stem, mode == "qat").to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    x = torch.rand(batch, 3, size, size).mul_(2).sub_(1).to(memory_format=torch.channels_last)
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"torch {row}/{mode}: non-finite loss {loss.item()}")
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    args = _parse(argv)
+    cpus = pin_threads(args.threads)
+    if args.malloc_tune:
+        tune_malloc()
+    if args.omp_passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch's OpenMP runtime starts
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+
+    frameworks = args.frameworks.split(",")
+    versions = [f"jax {jax.__version__} ({jax.default_backend()})"]
+    if "torch" in frameworks:
+        import torch
+
+        versions.append(f"torch {torch.__version__}")
+    print(
+        f"# {', '.join(versions)}; CPUs {cpus}; malloc_tune={args.malloc_tune}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}; "
+        f"depthwise_impl={args.depthwise_impl}; {args.steps} steps x {args.reps} reps",
+        flush=True,
+    )
+    results = []
+    for row in args.rows.split(","):
+        width, size, stem, batch = ROWS[row]
+        for mode in args.modes.split(","):
+            label = f"w={width} px={size} stem={stem} batch={batch} {mode}"
+            runners = {}
+            for fw in frameworks:
+                start = time.perf_counter()
+                if fw == "jax":
+                    run = jax_runner(row, mode, args.depthwise_impl)
+                else:
+                    run = torch_runner(row, mode, args.threads)
+                run()
+                run()  # warm-up: compilation (JAX), allocator and oneDNN caches (both)
+                runners[fw] = run
+                print(f"  {label} {fw}: warm-up {time.perf_counter() - start:.1f}s", flush=True)
+            rates = {fw: [] for fw in frameworks}
+            cpu_ms = {fw: [] for fw in frameworks}
+            faults = {fw: [] for fw in frameworks}
+            for _ in range(args.reps):
+                for fw, run in runners.items():  # interleaved: both see the same load
+                    flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    for _ in range(args.steps):
+                        run()
+                    rates[fw].append(batch * args.steps / (time.perf_counter() - start))
+                    cpu_ms[fw].append((time.process_time() - cpu_start) / args.steps * 1e3)
+                    flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt
+                    faults[fw].append(flt / args.steps)
+            best = {fw: max(r) for fw, r in rates.items()}
+            for fw in frameworks:
+                # CPU time per step is less sensitive to other processes than wall time (it
+                # still includes cache interference, and torch's OpenMP spin-waits).
+                print(
+                    f"  {label} {fw}: best {best[fw]:.1f} img/s, "
+                    f"median {statistics.median(rates[fw]):.1f} img/s, "
+                    f"CPU {min(cpu_ms[fw]):.0f} ms/step (min), "
+                    f"{min(faults[fw]):.0f} page faults/step (min)",
+                    flush=True,
+                )
+            results.append((label, best))
+            del runners
+    print("# summary (best rep, images/s)")
+    for label, best in results:
+        jax_rate, torch_rate = best.get("jax"), best.get("torch")
+        ratio = jax_rate / torch_rate if jax_rate and torch_rate else float("nan")
+        fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+        print(
+            f"train img/s: jax={fmt(jax_rate)} torch={fmt(torch_rate)} ratio={ratio:.2f}  [{label}]"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

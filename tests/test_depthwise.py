@@ -1,0 +1,310 @@
+"""The depthwise implementations ('lax' grouped conv, 'shift' multiply-adds with a custom VJP)
+and the CPU lowering of the other convs (1×1 as matmul, the RGB stem as multiply-adds) agree in
+outputs and gradients; with the fake-quant primitive; under pmap; TF "SAME" geometry."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qfsep_jax.models import depthwise
+from qfsep_jax.models.depthwise import depthwise_conv2d, direct_conv2d, resolve_impl
+from qfsep_jax.models.layers import ConvLayer, batch_norm_train, conv2d
+from qfsep_jax.quant import QuantConfig
+from qfsep_jax.quant.fake_quant import UINT8, fake_quant
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _np_depthwise_same(x, k, stride):
+    """Reference: explicit TF "SAME" padding (before = total // 2), then a direct loop."""
+    n, h, w, c = x.shape
+    kh, kw = k.shape[:2]
+    oh, ow = -(-h // stride), -(-w // stride)
+    th = max((oh - 1) * stride + kh - h, 0)
+    tw = max((ow - 1) * stride + kw - w, 0)
+    xp = np.pad(x, ((0, 0), (th // 2, th - th // 2), (tw // 2, tw - tw // 2), (0, 0)))
+    out = np.zeros((n, oh, ow, c), np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            tap = xp[
+                :, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride
+            ]
+            out += tap * k[i, j, 0]
+    return out
+
+
+def _value_and_grads(fn, x, k, cot):
+    """fn(x, k), and the gradients of sum(fn(x, k) * cot) w.r.t. x and k, jitted."""
+    loss = lambda x, k: jnp.sum(fn(x, k) * cot)  # noqa: E731
+    return jax.jit(lambda x, k: (fn(x, k), *jax.grad(loss, argnums=(0, 1))(x, k)))(x, k)
+
+
+def _inputs(shape, kshape, stride, seed=0):
+    rs = np.random.RandomState(seed)
+    x = rs.randn(*shape).astype(np.float32)
+    k = rs.randn(*kshape).astype(np.float32)
+    oh, ow = -(-shape[1] // stride), -(-shape[2] // stride)
+    cot = rs.randn(shape[0], oh, ow, kshape[-1]).astype(np.float32)
+    return x, k, cot
+
+
+# (batch, height, width, channels, kernel, stride): odd/even sizes, non-square, both strides,
+# output sizes that are and are not multiples of the kernel-gradient block, a 5×5 kernel.
+CASES = [
+    (2, 8, 8, 3, 3, 1),
+    (2, 7, 7, 3, 3, 1),
+    (2, 8, 8, 3, 3, 2),
+    (2, 7, 9, 4, 3, 2),
+    (1, 13, 11, 5, 3, 1),
+    (1, 9, 9, 2, 5, 2),
+    (3, 1, 1, 2, 3, 2),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,ks,stride", CASES)
+def test_shift_equals_lax_outputs_and_gradients(n, h, w, c, ks, stride):
+    x, k, cot = _inputs((n, h, w, c), (ks, ks, 1, c), stride)
+    got = {
+        impl: _value_and_grads(functools.partial(_dw, stride=stride, impl=impl), x, k, cot)
+        for impl in ("lax", "shift")
+    }
+    ref = _np_depthwise_same(x, k, stride)
+    for impl in ("lax", "shift"):
+        np.testing.assert_allclose(got[impl][0], ref, **TOL, err_msg=f"{impl} vs TF SAME")
+    for name, a, b in zip(("output", "d/dx", "d/dkernel"), got["lax"], got["shift"], strict=True):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(b, a, **TOL, err_msg=name)
+
+
+def _dw(x, k, stride, impl):
+    return depthwise_conv2d(x, k, stride, impl=impl)
+
+
+def test_tf_same_puts_the_odd_pad_after():
+    # Stride 2 on an even size: 0 rows/columns before, 1 after (TF), not 1/0 (PyTorch-style).
+    assert depthwise.same_padding(8, 3, 2) == (0, 1)
+    assert depthwise.same_padding(7, 3, 2) == (1, 1)
+    assert depthwise.same_padding(8, 3, 1) == (1, 1)
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    x[0, 0, 0, 0] = 1.0  # only the first pixel is on; tap (0, 0) sees it at output (0, 0)
+    k = np.zeros((3, 3, 1, 1), np.float32)
+    k[0, 0, 0, 0] = 1.0
+    out = np.asarray(depthwise_conv2d(x, k, 2, impl="shift"))
+    assert out[0, 0, 0, 0] == 1.0 and out.sum() == 1.0
+
+
+def test_kernel_gradient_in_batch_chunks(monkeypatch):
+    # A tiny chunk budget forces the chunked loop (used for 224 px layers) on small shapes.
+    x, k, cot = _inputs((6, 9, 8, 3), (3, 3, 1, 3), 2, seed=1)
+    ref = _value_and_grads(functools.partial(_dw, stride=2, impl="lax"), x, k, cot)
+    padded_image_bytes = (9 + 2) * (8 + 1) * 3 * 4  # SAME padding for stride 2: 2 rows, 1 col
+    monkeypatch.setattr(depthwise, "_CHUNK_BYTES", 2 * padded_image_bytes)  # 2 images a chunk
+    fn = functools.partial(_dw, stride=2, impl="shift")
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(fn(x, k) * cot), (0, 1)))(x, k)
+    assert "scan" in str(jaxpr) or "while" in str(jaxpr)  # the chunked loop is tested
+    got = _value_and_grads(fn, x, k, cot)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(b, a, **TOL)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_under_the_fake_quant_primitive(stride):
+    # QAT: fake-quantized input and kernel into the conv; gradients flow back through the
+    # straight-through estimator into the input, the kernel and the input range.
+    x, k, cot = _inputs((2, 8, 7, 4), (3, 3, 1, 4), stride, seed=2)
+    x = 3.0 * x
+
+    def qat_layer(impl, x, k, x_max):
+        xq = fake_quant(x, -2.0, x_max, UINT8)  # some inputs clip below and above
+        kq = fake_quant(k, jnp.min(k), jnp.max(k), UINT8)
+        return jnp.sum(depthwise_conv2d(xq, kq, stride, impl=impl) * cot)
+
+    got = {
+        impl: jax.jit(jax.value_and_grad(functools.partial(qat_layer, impl), argnums=(0, 1, 2)))(
+            x, k, 2.5
+        )
+        for impl in ("lax", "shift")
+    }
+    (la, lg), (sa, sg) = got["lax"], got["shift"]
+    np.testing.assert_allclose(sa, la, rtol=1e-5)
+    for name, a, b in zip(("d/dx", "d/dkernel", "d/dx_max"), lg, sg, strict=True):
+        np.testing.assert_allclose(b, a, **TOL, err_msg=name)
+    assert np.any(np.asarray(sg[0]) == 0) and np.any(np.asarray(sg[0]) != 0)  # STE clipped
+    assert float(sg[2]) != 0.0  # the range gets a gradient
+
+
+def test_qat_depthwise_layer_same_for_both_impls():
+    # The model's QAT path (BN folded into a fake-quantized kernel, correction-and-freeze, EMA
+    # activation range): forward, parameter gradients and the updated ranges agree.
+    rs = np.random.RandomState(3)
+    x = jnp.asarray(rs.randn(4, 9, 9, 6).astype(np.float32))
+    cot = jnp.asarray(rs.randn(4, 5, 5, 6).astype(np.float32))
+    outs = {}
+    for impl in ("lax", "shift"):
+        layer = ConvLayer(
+            features=6, stride=2, depthwise=True, quant=QuantConfig(observer="ema"),
+            depthwise_impl=impl,
+        )  # fmt: skip
+        v = layer.init(jax.random.key(0), x)
+
+        def loss(params, v=v, layer=layer):
+            y, new = layer.apply(
+                {**v, "params": params}, x, train=True, quant_mode="qat",
+                mutable=["batch_stats", "quant_ranges", "intermediates"],
+            )  # fmt: skip
+            return jnp.sum(y * cot), (y, new["quant_ranges"])
+
+        outs[impl] = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
+    (g_lax, (y_lax, r_lax)), (g_sh, (y_sh, r_sh)) = outs["lax"], outs["shift"]
+    np.testing.assert_allclose(y_sh, y_lax, **TOL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4), g_lax, g_sh)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, **TOL), r_lax, r_sh)
+    assert float(jnp.max(jnp.abs(g_sh["kernel"]))) > 0
+
+
+def test_under_pmap():
+    # Eight replicas (conftest: 8 host devices) of the same conv and its gradients.
+    ndev = jax.local_device_count()
+    assert ndev >= 2, "conftest should provide several host devices"
+    x, k, cot = _inputs((ndev * 2, 8, 8, 3), (3, 3, 1, 3), 2, seed=4)
+    xs = x.reshape(ndev, 2, 8, 8, 3)
+    cs = cot.reshape(ndev, 2, 4, 4, 3)
+
+    def per_device(impl, x, k, cot):
+        y = depthwise_conv2d(x, k, 2, impl=impl)
+        dx, dk = jax.grad(lambda x, k: jnp.sum(depthwise_conv2d(x, k, 2, impl=impl) * cot), (0, 1))(
+            x, k
+        )
+        return y, dx, jax.lax.psum(dk, "d")
+
+    results = {
+        impl: jax.pmap(functools.partial(per_device, impl), axis_name="d", in_axes=(0, None, 0))(
+            xs, k, cs
+        )
+        for impl in ("lax", "shift")
+    }
+    ref = _value_and_grads(functools.partial(_dw, stride=2, impl="lax"), x, k, cot)
+    for impl, (y, dx, dk) in results.items():
+        np.testing.assert_allclose(y.reshape(ref[0].shape), ref[0], **TOL, err_msg=impl)
+        np.testing.assert_allclose(dx.reshape(ref[1].shape), ref[1], **TOL, err_msg=impl)
+        for d in range(ndev):  # the psum-ed kernel gradient is the full-batch one everywhere
+            np.testing.assert_allclose(dk[d], ref[2], **TOL, err_msg=impl)
+
+
+@pytest.mark.parametrize("h,ks,stride", [(8, 3, 1), (8, 3, 2), (9, 3, 2), (7, 5, 2), (6, 1, 2)])
+def test_regular_conv_lowerings_match_lax(h, ks, stride):
+    x, _, cot = _inputs((2, h, h + 1, 3), (ks, ks, 1, 5), stride, seed=5)
+    k = np.random.RandomState(6).randn(ks, ks, 3, 5).astype(np.float32)
+    ref = _value_and_grads(
+        lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        x, k, cot,
+    )  # fmt: skip
+    impls = {"conv2d shift": functools.partial(conv2d, stride=stride, impl="shift")}
+    if ks > 1:
+        impls["direct"] = functools.partial(direct_conv2d, stride=stride)
+    for name, fn in impls.items():
+        got = _value_and_grads(lambda x, k, fn=fn: fn(x, k), x, k, cot)
+        for what, a, b in zip(("output", "d/dx", "d/dkernel"), ref, got, strict=True):
+            np.testing.assert_allclose(b, a, **TOL, err_msg=f"{name} {what}")
+
+
+def test_pointwise_is_a_matmul_with_conv_gradients():
+    x, _, cot = _inputs((2, 5, 6, 7), (1, 1, 1, 4), 1, seed=7)
+    k = np.random.RandomState(8).randn(1, 1, 7, 4).astype(np.float32)
+    ref = _value_and_grads(
+        lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        x, k, cot,
+    )  # fmt: skip
+    for impl in ("lax", "shift"):
+        got = _value_and_grads(functools.partial(conv2d, stride=1, impl=impl), x, k, cot)
+        for a, b in zip(ref, got, strict=True):
+            np.testing.assert_allclose(b, a, **TOL)
+    lowered = jax.jit(lambda x, k: conv2d(x, k, 1)).lower(x, k).as_text()
+    assert "dot_general" in lowered and "convolution" not in lowered
+
+
+def test_auto_picks_per_backend_and_bad_input_is_rejected():
+    assert resolve_impl("auto", "cpu") == "shift"
+    assert resolve_impl("auto", "gpu") == "lax"
+    assert resolve_impl("auto", "tpu") == "lax"
+    assert resolve_impl("lax", "cpu") == "lax" and resolve_impl("shift", "gpu") == "shift"
+    assert resolve_impl("auto") == ("shift" if jax.default_backend() == "cpu" else "lax")
+    with pytest.raises(ValueError, match="unknown depthwise impl"):
+        resolve_impl("fft")
+    x = jnp.zeros((1, 4, 4, 3))
+    with pytest.raises(ValueError, match=r"\(k, k, 1, 3\)"):
+        depthwise_conv2d(x, jnp.zeros((3, 3, 1, 4)), 1, impl="shift")
+    with pytest.raises(ValueError, match="NHWC"):
+        depthwise_conv2d(jnp.zeros((4, 4, 3)), jnp.zeros((3, 3, 1, 3)), 1)
+    with pytest.raises(ValueError, match="stride"):
+        depthwise_conv2d(x, jnp.zeros((3, 3, 1, 3)), 0)
+    with pytest.raises(ValueError, match="expects NHWC input with 2 channels"):
+        direct_conv2d(x, jnp.zeros((3, 3, 2, 5)), 1)
+
+
+def _bn_reference(y, gamma, beta, eps, axis_name):
+    """Training BN as plain jnp (autodiff gives the reference gradients)."""
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    mean_sq = jnp.mean(jnp.square(y), axis=(0, 1, 2))
+    if axis_name is not None:
+        mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    return (y - mean) * (gamma * jax.lax.rsqrt(var + eps)) + beta, mean, var
+
+
+def _bn_loss(bn, axis_name, y, gamma, beta, cot, cm, cv):
+    # ReLU6 after BN as in the model; the moments feed the loss too (as running statistics do
+    # not, but their cotangents must be handled); one channel is constant (var clamps to 0).
+    out, mean, var = bn(y, gamma, beta, 1e-3, axis_name)
+    return jnp.sum(jnp.clip(out, 0.0, 6.0) * cot) + jnp.sum(mean * cm) + jnp.sum(var * cv)
+
+
+def _bn_inputs(shape, seed):
+    rs = np.random.RandomState(seed)
+    y = (rs.randn(*shape) * 2 + 1).astype(np.float32)
+    y[..., 0] = 0.5  # a constant channel
+    c = shape[-1]
+    gamma = (rs.rand(c) + 0.5).astype(np.float32)
+    beta = rs.randn(c).astype(np.float32)
+    cot = rs.randn(*shape).astype(np.float32)
+    return y, gamma, beta, cot, rs.randn(c).astype(np.float32), rs.randn(c).astype(np.float32)
+
+
+def test_batch_norm_vjp_equals_autodiff():
+    y, gamma, beta, cot, cm, cv = _bn_inputs((4, 5, 6, 7), seed=9)
+    grads = {
+        name: jax.jit(jax.value_and_grad(functools.partial(_bn_loss, bn, None), argnums=(0, 1, 2)))(
+            y, gamma, beta, cot, cm, cv
+        )
+        for name, bn in (("ref", _bn_reference), ("vjp", batch_norm_train))
+    }
+    np.testing.assert_allclose(grads["vjp"][0], grads["ref"][0], rtol=1e-6)
+    for name, a, b in zip(("d/dy", "d/dgamma", "d/dbeta"), grads["ref"][1], grads["vjp"][1],
+                          strict=True):  # fmt: skip
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+    outs = jax.jit(lambda *a: batch_norm_train(*a, 1e-3, None))(y, gamma, beta)
+    refs = jax.jit(lambda *a: _bn_reference(*a, 1e-3, None))(y, gamma, beta)
+    for a, b in zip(refs, outs, strict=True):
+        np.testing.assert_array_equal(b, a)  # the same forward arithmetic
+
+
+def test_batch_norm_vjp_under_pmap():
+    # Moments over all devices; the backward psum is the transpose of the forward pmean.
+    ndev = jax.local_device_count()
+    y, gamma, beta, cot, cm, cv = _bn_inputs((ndev * 2, 3, 4, 5), seed=10)
+    split = lambda a: a.reshape(ndev, 2, *a.shape[1:])  # noqa: E731
+    res = {}
+    for name, bn in (("ref", _bn_reference), ("vjp", batch_norm_train)):
+        fn = jax.grad(functools.partial(_bn_loss, bn, "d"), argnums=(0, 1, 2))
+        res[name] = jax.pmap(fn, axis_name="d", in_axes=(0, None, None, 0, None, None))(
+            split(y), gamma, beta, split(cot), cm, cv
+        )
+    for name, a, b in zip(("d/dy", "d/dgamma", "d/dbeta"), res["ref"], res["vjp"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
