@@ -22,7 +22,8 @@ machine load, for each row (width multiplier, input size, stem stride, batch) an
 * Both run with ``--threads`` threads: the process is pinned to that many CPUs before either
   framework starts (XLA sizes its thread pool from the affinity mask) and torch gets
   ``set_num_threads``. ``--malloc_tune`` (default on) keeps freed memory in glibc's heap
-  (see :func:`tune_malloc`); it applies to both frameworks, which share the process.
+  (see :func:`qfsep_jax.runtime.tune_malloc`); it applies to both frameworks, which share
+  the process.
   ``--omp_passive`` lets torch's idle OpenMP threads sleep: use it only on a busy machine,
   where spinning threads make torch's 2-thread numbers collapse, and say so.
 
@@ -35,13 +36,14 @@ processes on the machine disturb less, and page faults per step). The last lines
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import os
 import resource
 import statistics
 import sys
 import time
+
+from qfsep_jax import runtime
 
 ROWS = {
     # name: (width multiplier, input size, stem stride, batch)
@@ -94,30 +96,6 @@ def pin_threads(threads: int) -> list[int]:
     cpus = allowed[:threads]
     os.sched_setaffinity(0, cpus)
     return cpus
-
-
-def tune_malloc() -> None:
-    """Keeps freed memory in glibc's heap instead of returning it to the OS.
-
-    XLA:CPU allocates each step's temporaries afresh (one block of 1.35 GB for the 224 px row,
-    0.23 GB for the 32 px row) and so does PyTorch for its activations. With glibc's defaults,
-    blocks above the mmap threshold (and blocks a thread arena cannot hold) are mmap-ed and
-    unmapped again, and a freed block at the top of the heap above the trim threshold is given
-    back, so every step pays page faults on all that fresh memory (measured: 330k faults, a
-    third of the JAX step time, on the 224 px row). No mmap, no trimming, a single arena and a
-    256 MiB heap growth step make freed blocks reusable. Both frameworks share the process, so
-    both get it.
-    """
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
-    ok = (
-        libc.mallopt(m_arena_max, 1)
-        and libc.mallopt(m_mmap_max, 0)
-        and libc.mallopt(m_trim_threshold, -1)  # -1: never trim (mallopt(3))
-        and libc.mallopt(m_top_pad, 1 << 28)
-    )
-    if not ok:
-        raise SystemExit("mallopt failed: run with --no-malloc_tune on this libc")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +254,8 @@ def torch_runner(row: str, mode: str, threads: int):
 def main(argv=None) -> None:
     args = _parse(argv)
     cpus = pin_threads(args.threads)
-    if args.malloc_tune:
-        tune_malloc()
+    if args.malloc_tune and not runtime.tune_malloc():
+        raise SystemExit("mallopt failed: run with --no-malloc_tune on this libc")
     if args.omp_passive:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch's OpenMP runtime starts
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qfsep_jax import evaluation, io_utils, ptq
+from qfsep_jax import evaluation, io_utils, ptq, runtime
 from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input
 
@@ -411,6 +411,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    runtime.tune_malloc()
     result = run(_CONFIG.value, _WORKDIR.value)
     for key, action in result["actions"].items():
         print(f"{key}: {action}")
