@@ -9,8 +9,9 @@ The training stream is defined by positions, not by iterator state, so that a ru
   ``i`` of ``P`` reads only its slice ``[s*B + i*B/P, s*B + (i+1)*B/P)``. The global batch is
   therefore the same whatever the number of processes and devices.
 * **Streaming sources** (``tfds:`` datasets, record files without random access): each process
-  reads its own even split of the tfds split, shuffled per epoch with a seed derived from
-  ``(seed, process, epoch)`` (shuffle buffer ``shuffle_buffer``); resuming skips records inside
+  reads its own even split of the tfds split; each epoch permutes consecutive windows of
+  ``shuffle_buffer`` records with a stateless seed derived from ``(seed, process, epoch)``
+  (independent of TF's global seed); resuming skips records inside
   the current epoch (it reads, but does not decode, up to one epoch of this process's records).
   The stream depends on the process count.
 
@@ -51,7 +52,7 @@ class TrainStream:
       image_size: training crop size.
       area_range, aspect_ratio_range: inception crop parameters.
       on_corrupt: ``error`` or ``skip``.
-      shuffle_buffer: shuffle buffer of streaming sources.
+      shuffle_buffer: records per shuffled window of streaming sources.
       num_classes: if set, every label must lie in ``[0, num_classes)``.
     """
 
@@ -122,12 +123,22 @@ def _raw_stream(source: Source, stream: TrainStream, start_step: int) -> tf.data
     salt = stream.process_index
 
     def epoch_ds(epoch):
-        # A 64-bit shuffle seed per (seed, process, epoch).
+        # Permute consecutive windows of ``buffer`` records with a stateless op seeded by
+        # (seed, process, epoch). ``Dataset.shuffle`` would mix in TF's global seed (and cannot
+        # take a traced seed once one is set), which would break exact resumption.
         mix = tf.cast(salt, tf.int64) * 2**32 + epoch
-        seed = tf.random.stateless_uniform(
-            [], _seed_pair(stream.seed, mix), minval=None, maxval=None, dtype=tf.int64
-        )
-        ds = base.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+        seed = _seed_pair(stream.seed, mix)
+
+        def permute(window_index, window):
+            size = tf.shape(window["label"], out_type=tf.int64)[0]
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(size), seed + tf.stack([tf.constant(0, tf.int64), window_index])
+            )
+            return tf.data.Dataset.from_tensor_slices(
+                {k: tf.gather(v, order) for k, v in window.items()}
+            )
+
+        ds = base.batch(buffer).enumerate().flat_map(permute)
         return ds.enumerate(start=epoch * n).map(lambda q, ex: {**ex, "local": q})
 
     ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_ds).skip(start - first_epoch * n)
