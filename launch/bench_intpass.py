@@ -1,6 +1,7 @@
 """Benchmark: the jitted integer-only pass vs the float pass vs LiteRT, same model and inputs.
 
     python launch/bench_intpass.py [--model M.tflite] [--batch_sizes 1,50] [--threads 0]
+                                   [--out results.json]
 
 The model is a uint8 MobileNetV1-family ``.tflite`` (default: the official 0.25/128). The float
 pass is this project's BN-folded float MobileNetV1 with the model's dequantized weights (same
@@ -26,6 +27,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch_sizes", default="1,50")
     p.add_argument("--threads", type=int, default=0, help="0: all cores; 1: single thread")
     p.add_argument("--repeats", type=int, default=5, help="timed runs (best is reported)")
+    p.add_argument("--out", default="", help="also write the results as JSON here (atomically)")
     return p.parse_args()
 
 
@@ -51,7 +53,7 @@ def main() -> None:
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from qfsep_jax import intpass
+    from qfsep_jax import intpass, io_utils
     from qfsep_jax.intpass.model import float_variables
     from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 
@@ -110,6 +112,18 @@ def main() -> None:
         print(f"            int/float {ips['int_pass'] / ips['float_pass']:.2f}x   "
               f"int/litert_builtin {ips['int_pass'] / ips['litert_builtin']:.2f}x   "
               f"int/litert_xnnpack {ips['int_pass'] / ips['litert_xnnpack']:.2f}x")  # fmt: skip
+    if args.out:
+        io_utils.write_json(
+            os.path.abspath(args.out),
+            {
+                "model": args.model,
+                "input_shape": list(shape),
+                "threads": "XLA default (all cores)" if args.threads == 0 else 1,
+                "litert_num_threads": threads,
+                "images_per_sec": {str(bs): ips for bs, ips in rows},
+                "run": io_utils.run_info(),
+            },
+        )
     sys.stdout.flush()
 
 

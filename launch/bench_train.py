@@ -3,6 +3,7 @@
     python launch/bench_train.py [--rows small,large] [--modes float,qat] [--threads 2]
                                  [--steps 3] [--reps 5] [--depthwise_impl auto]
                                  [--frameworks jax,torch] [--no-malloc_tune] [--omp_passive]
+                                 [--out results.json]
 
 Not a test. One process times both frameworks, interleaved rep by rep so that both see the same
 machine load, for each row (width multiplier, input size, stem stride, batch) and mode:
@@ -68,6 +69,7 @@ def _parse(argv=None) -> argparse.Namespace:
         "--malloc_tune", action=argparse.BooleanOptionalAction, default=True,
         help="keep freed memory in glibc's heap (both frameworks)",
     )  # fmt: skip
+    p.add_argument("--out", default="", help="also write the results as JSON here (atomically)")
     p.add_argument(
         "--omp_passive", action="store_true",
         help="OMP_WAIT_POLICY=PASSIVE for torch: idle OpenMP threads sleep instead of spinning "
@@ -274,6 +276,7 @@ def main(argv=None) -> None:
         flush=True,
     )
     results = []
+    records = []
     for row in args.rows.split(","):
         width, size, stem, batch = ROWS[row]
         for mode in args.modes.split(","):
@@ -314,6 +317,12 @@ def main(argv=None) -> None:
                     flush=True,
                 )
             results.append((label, best))
+            records.append({
+                "row": row, "mode": mode, "width": width, "image_size": size, "stem_stride": stem,
+                "batch": batch, "best_images_per_sec": best,
+                "median_images_per_sec": {fw: statistics.median(r) for fw, r in rates.items()},
+                "cpu_ms_per_step_min": {fw: min(c) for fw, c in cpu_ms.items()},
+            })  # fmt: skip
             del runners
     print("# summary (best rep, images/s)")
     for label, best in results:
@@ -322,6 +331,24 @@ def main(argv=None) -> None:
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
         print(
             f"train img/s: jax={fmt(jax_rate)} torch={fmt(torch_rate)} ratio={ratio:.2f}  [{label}]"
+        )
+    if args.out:
+        from qfsep_jax import io_utils
+
+        io_utils.write_json(
+            os.path.abspath(args.out),
+            {
+                "versions": versions,
+                "threads": args.threads,
+                "cpus": sorted(cpus),
+                "steps": args.steps,
+                "reps": args.reps,
+                "depthwise_impl": args.depthwise_impl,
+                "malloc_tune": args.malloc_tune,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+                "rows": records,
+                "run": io_utils.run_info(),
+            },
         )
     sys.stdout.flush()
 

@@ -11,7 +11,9 @@ in the README, and nothing else:
     <!-- /results:table1 -->
 
 Tables: ``table1`` (job table1), ``analyze_alpha`` and ``analyze_sqnr`` (job analyze),
-``figure5`` and ``figure5_sqnr`` (launch/figure5.py). A source given on the command line must
+``figure5`` and ``figure5_sqnr`` (launch/figure5.py), ``tflite_check`` (job tflite_check),
+``bench_intpass`` and ``bench_train`` (the benchmark scripts' ``--out runs/bench/intpass.json``
+and ``--out runs/bench/train.json``). A source given on the command line must
 exist and its markers must be present; a default source that is absent is skipped with a note.
 ``--check`` writes nothing and exits 1 when the README is out of date. The write is atomic.
 """
@@ -232,6 +234,66 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
     return {"figure5": acc_md, "figure5_sqnr": sqnr_md}
 
 
+def format_tflite_check(results: Mapping[str, Any], path: str) -> dict[str, str]:
+    """One line: bit-exact images against LiteRT, with the model, kernels and top-1."""
+    head = f" + head `{os.path.basename(results['head'])}`" if results.get("head") else ""
+    text = (
+        f"`{os.path.basename(results['model'])}`{head} on {results['eval_data']} "
+        f"({results['image_size']} px), LiteRT {results['litert_version']} "
+        f"`{results['op_resolver']}` kernels, rounding preset `{results['rounding_preset']}`: "
+        f"**bit-exact on {results['bit_exact_images']}/{results['n']} images**, every one of "
+        f"{results['tensors_compared_per_image']} uint8 tensors per image compared."
+    )
+    if "top1_int" in results:
+        text += (
+            f" Top-1 (1001-way): integer pass {results['top1_int']:.2f} %, LiteRT "
+            f"{results['top1_litert']:.2f} %."
+        )
+    return {"tflite_check": "\n".join([_provenance(path), text + _measured(results)])}
+
+
+def format_bench_intpass(results: Mapping[str, Any], path: str) -> dict[str, str]:
+    """Images/s of the integer pass, the float pass and LiteRT per batch size, with ratios."""
+    engines = ["int_pass", "float_pass", "litert_builtin", "litert_xnnpack"]
+    body = []
+    for bs, ips in results["images_per_sec"].items():
+        body.append(
+            [bs] + [ips[e] for e in engines]
+            + [ips["int_pass"] / ips["float_pass"], ips["int_pass"] / ips["litert_builtin"],
+               ips["int_pass"] / ips["litert_xnnpack"]]
+        )  # fmt: skip
+    header = ["batch"] + [f"{e} img/s" for e in engines]
+    header += ["int/float", "int/LiteRT builtin", "int/LiteRT XNNPACK"]
+    note = (
+        f"`{os.path.basename(results['model'])}`, input {results['input_shape']}; JAX threads: "
+        f"{results['threads']}, LiteRT num_threads={results['litert_num_threads']}. Best of "
+        f"repeated runs." + _measured(results)
+    )
+    return {"bench_intpass": "\n".join([_provenance(path), markdown_table(header, body, 1), "",
+                                        note])}  # fmt: skip
+
+
+def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
+    """Training images/s, JAX vs PyTorch, per row and mode, with the ratio."""
+    body = []
+    for r in results["rows"]:
+        best = r["best_images_per_sec"]
+        jax_rate, torch_rate = best.get("jax"), best.get("torch")
+        body.append([
+            f"{r['width']}, {r['image_size']} px (stem stride {r['stem_stride']}), {r['batch']}",
+            r["mode"], jax_rate, torch_rate,
+            jax_rate / torch_rate if jax_rate and torch_rate else None,
+        ])  # fmt: skip
+    header = ["width, input, batch", "mode", "JAX img/s", "PyTorch img/s", "ratio JAX/PyTorch"]
+    note = (
+        f"{'; '.join(results['versions'])}; {results['threads']} threads (CPUs "
+        f"{results['cpus']}), depthwise `{results['depthwise_impl']}`, malloc_tune="
+        f"{results['malloc_tune']}, OMP_WAIT_POLICY={results['omp_wait_policy']}. Best of "
+        f"{results['reps']} interleaved reps of {results['steps']} steps." + _measured(results)
+    )
+    return {"bench_train": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
+
+
 Formatter = Callable[[Mapping[str, Any], str], dict[str, str]]
 
 # source name → (default path under --runs, formatter)
@@ -239,6 +301,9 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
     "table1": ("table1/results.json", format_table1),
     "analyze": ("analyze/results.json", format_analyze),
     "figure5": ("figure5/summary.json", format_figure5),
+    "tflite_check": ("tflite_check/results.json", format_tflite_check),
+    "bench_intpass": ("bench/intpass.json", format_bench_intpass),
+    "bench_train": ("bench/train.json", format_bench_train),
 }
 
 

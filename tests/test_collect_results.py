@@ -136,3 +136,36 @@ def test_default_sources_come_from_the_runs_folder(tmp_path):
     _write(tmp_path / "runs" / "table1" / "results.json", TABLE1)
     assert collect_results.main(["--readme", str(readme), "--runs", str(tmp_path / "runs")]) == 0
     assert "`my_new_row`" in readme.read_text()
+
+
+RUN = {"date": "2026-11-27", "cpu": "Test CPU", "cores": 2, "devices": "1 cpu"}
+
+
+def test_benchmark_and_tflite_tables_compute_ratios():
+    train = {
+        "versions": ["jax 0.10.2 (cpu)", "torch 2.13.0"], "threads": 2, "cpus": [0, 1],
+        "steps": 3, "reps": 5, "depthwise_impl": "auto", "malloc_tune": True,
+        "omp_wait_policy": "(default)", "run": RUN,
+        "rows": [{"row": "small", "mode": "qat", "width": 0.5, "image_size": 32,
+                  "stem_stride": 1, "batch": 128,
+                  "best_images_per_sec": {"jax": 300.0, "torch": 200.0}}],
+    }  # fmt: skip
+    md = collect_results.format_bench_train(train, "t.json")["bench_train"]
+    assert "| 0.5, 32 px (stem stride 1), 128 | qat | 300.00 | 200.00 | 1.50 |" in md
+    assert "Measured 2026-11-27 on Test CPU" in md
+    intpass = {
+        "model": "/x/m.tflite", "input_shape": [128, 128, 3], "threads": 1,
+        "litert_num_threads": 1, "run": RUN,
+        "images_per_sec": {"50": {"int_pass": 100.0, "float_pass": 50.0,
+                                  "litert_builtin": 400.0, "litert_xnnpack": 1000.0}},
+    }  # fmt: skip
+    md = collect_results.format_bench_intpass(intpass, "i.json")["bench_intpass"]
+    assert "| 50 | 100.0 | 50.0 | 400.0 | 1000.0 | 2.0 | 0.2 | 0.1 |" in md
+    check = {
+        "model": "/d/m.tflite", "head": "", "eval_data": "folder:v", "image_size": 128,
+        "litert_version": "2.1", "op_resolver": "builtin", "rounding_preset": "litert_x86",
+        "bit_exact_images": 499, "n": 500, "tensors_compared_per_image": 31,
+        "top1_int": 50.0, "top1_litert": 50.0,
+    }  # fmt: skip
+    md = collect_results.format_tflite_check(check, "c.json")["tflite_check"]
+    assert "bit-exact on 499/500 images" in md and "`m.tflite`" in md

@@ -243,6 +243,45 @@ def multiply_by_quantized_multiplier(
     return rounding_shift_right_tie_up(y, right)
 
 
+def requantize_fine(
+    acc: Array,
+    multiplier: Array,
+    shift: Array,
+    extra_bits: int,
+    lower: Array | int | None = None,
+    upper: Array | int | None = None,
+) -> Array:
+    """int32 accumulators → ``round(acc * M * 2**extra_bits)`` in int32, no 8-bit clamp.
+
+    ``M = multiplier * 2**shift / 2**31`` is the layer's own requantization multiplier, so the
+    result is the output on the grid ``S_out / 2**extra_bits`` with zero point 0: a
+    higher-resolution version of the layer's output codes (used for the logits, whose 8-bit codes
+    tie). One exact 64-bit rounding ``(acc * M0 + 2**(t-1)) >> t`` with ``t = 31 - shift -
+    extra_bits`` (ties up), saturated to int32; ``t`` must lie in ``[1, 62]``, i.e. ``-31 - e <=
+    shift <= 30 - e`` for ``e = extra_bits`` (checked by the callers on the host). Optional
+    ``lower``/``upper`` clamp the result (in the same fine units). Integer ops only.
+    """
+    multiplier = jnp.asarray(multiplier, jnp.int32)
+    total = 31 - jnp.asarray(shift, jnp.int32) - jnp.int32(extra_bits)
+    hi, lo = mul_i32_nonneg(acc, multiplier)
+    round_hi = jnp.where(total > 32, jnp.int32(1) << jnp.clip(total - 33, 0, 31), 0)
+    round_lo = jnp.where(
+        total <= 32, _u32(jnp.int32(1) << jnp.clip(total - 1, 0, 31)), jnp.uint32(0)
+    )
+    hi, lo = _add64(hi, lo, round_hi, round_lo)
+    small = jnp.clip(total, 1, 31)
+    low_part = _i32((lo >> _u32(small)) | (_u32(hi) << _u32(32 - small)))
+    # For t < 32 the shifted 64-bit value fits int32 iff its bits above 31 are low_part's sign.
+    fits = (hi >> small) == (low_part >> 31)
+    saturated = jnp.where(hi < 0, jnp.int32(_INT32_MIN), jnp.int32(_INT32_MAX))
+    low_part = jnp.where(fits, low_part, saturated)
+    high_part = hi >> jnp.clip(total - 32, 0, 31)  # t >= 32: always fits
+    out = jnp.where(total < 32, low_part, high_part)
+    if lower is not None or upper is not None:
+        out = jnp.clip(out, lower, upper)
+    return out
+
+
 def requantize(
     acc: Array,
     multiplier: Array,

@@ -139,6 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "tensors_compared_per_image": len(int_model.tensor_map),
         "litert_version": _litert_version(),
         "jax_backend": jax.default_backend(),
+        "run": io_utils.run_info(),
     }
     if score:
         out["top1_int"] = 100.0 * hits["int"] / n
