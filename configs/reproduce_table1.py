@@ -38,6 +38,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         "tf8_zero_variance_fix",
         "per_channel",
         "cle_per_tensor",
+        "tf8_dynamic_ranges",  # per-input activation ranges (no calibration), fake-quant only
     )
     c.observer = "minmax"  # minmax | ema | percentile
     c.zero_variance_threshold = 1e-10
