@@ -30,3 +30,28 @@ def require(path: str) -> str:
 def data_dir() -> str:
     """The shared data folder (``QFSEP_DATA_DIR``, default ``../shared/data``)."""
     return require(".")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache shared by the session's training tests (same executables).
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("compile_cache")``.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    compilation_cache.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()

@@ -13,31 +13,13 @@ import numpy as np
 import optax
 import pytest
 from conftest import FLOAT_GRAPH, require
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import smoke
 from qfsep_jax import checkpointing, train
 from qfsep_jax.data import train_input
 from qfsep_jax.metrics_log import read_metrics
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this session's training tests."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    compilation_cache.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def smoke_config(data_dir, **overrides):
