@@ -1,5 +1,6 @@
 """Integer kernels against int64 numpy references, the float-free jaxpr, the TFLite importer."""
 
+import dataclasses
 import os
 
 import jax
@@ -138,6 +139,34 @@ def test_rounding_rules_differ_on_ties():
             for r in kernels.ROUNDINGS] == [3, 3, 2]  # fmt: skip
 
 
+def ref_fine(acc, m0, shift, bits):
+    """round(acc * M0 * 2**(shift + bits) / 2**31), ties up, saturated: exact Python ints."""
+    out = []
+    for a, m, s in zip(np.ravel(acc).tolist(), np.ravel(m0).tolist(), np.ravel(shift).tolist(),
+                       strict=True):  # fmt: skip
+        t = 31 - s - bits
+        out.append(min(max((a * m + (1 << (t - 1))) >> t, -(2**31)), 2**31 - 1))
+    return np.array(out, np.int64).reshape(np.shape(acc))
+
+
+@pytest.mark.parametrize("bits", [0, 16])
+def test_requantize_fine_matches_exact_reference(bits):
+    n = 6000
+    acc = np.concatenate([RNG.integers(-(2**31), 2**31, n // 2), RNG.integers(-(2**18), 2**18,
+                          n // 2), [-(2**31), 2**31 - 1, 0, 1, -1]]).astype(np.int32)  # fmt: skip
+    m0 = RNG.integers(2**30, 2**31, acc.size).astype(np.int32)
+    m0[-5:] = 2**31 - 1
+    # Every shift the fine path accepts: t = 31 - shift - bits from 1 (saturating) to 62.
+    shift = RNG.integers(-31 - bits, 31 - bits, acc.size).astype(np.int32)
+    shift[:4] = [30 - bits, -31 - bits, -1 - bits, -bits]  # t = 1, 62, 32, 31
+    got = np.asarray(kernels.requantize_fine(acc, m0, shift, bits))
+    want = ref_fine(acc, m0, shift, bits)
+    np.testing.assert_array_equal(got, want)
+    assert np.any(np.abs(want) == 2**31 - 1)  # saturation was exercised
+    clamped = np.asarray(kernels.requantize_fine(acc, m0, shift, bits, -(2**20), 2**20))
+    np.testing.assert_array_equal(clamped, np.clip(want, -(2**20), 2**20))
+
+
 def test_activation_range():
     assert kernels.activation_range("relu6", 0.02352848, 0, 0, 255) == (0, 255)
     assert kernels.activation_range("relu6", 0.05, 10, 0, 255) == (10, 130)
@@ -212,6 +241,96 @@ def test_average_pool_rounds_like_tflite():
 
 
 # ------------------------------------------------------------------------------------------
+# Fine logits.
+# ------------------------------------------------------------------------------------------
+
+
+def _classifier(per_channel: bool, activation: str, cin=64, classes=400, seed=7):
+    """A 1×1 classifier alone as an IntModel (uint8, TFLite's legacy parameters)."""
+    rng = np.random.default_rng(seed)
+    s_in, s_out, z_out = 6 / 255, 0.13, 96
+    w_zp = rng.integers(100, 156, classes).astype(np.int32)
+    w = (w_zp + rng.integers(-8, 9, (1, 1, cin, classes))).astype(np.uint8)
+    w_scale = (np.exp(rng.uniform(np.log(1e-3), np.log(5e-2), classes)) if per_channel
+               else np.full(classes, 1e-2)).astype(np.float32)  # fmt: skip
+    bias = rng.integers(-3000, 3000, classes).astype(np.int32)
+    m0, shift = kernels.quantize_multiplier(
+        kernels.conv_multiplier(s_in, w_scale, s_out, per_channel)
+    )
+    act_min, act_max = kernels.activation_range(activation, s_out, z_out, 0, 255)
+    layer = intpass.IntLayer(
+        w, w_zp, bias, m0, shift, name="Logits", kind="conv", input_zero_point=0,
+        output_zero_point=z_out, act_min=act_min, act_max=act_max, activation=activation,
+        input_scale=s_in, output_scale=s_out, weight_scale=tuple(map(float, w_scale)),
+    )  # fmt: skip
+    model = intpass.IntModel((layer,), s_in, 0)
+    q = rng.integers(0, 256, (48, 1, 1, cin)).astype(np.uint8)
+    return model, q
+
+
+@pytest.mark.parametrize("per_channel,activation", [(True, "none"), (False, "none"),
+                                                    (True, "relu6")])  # fmt: skip
+def test_fine_logits_match_accumulators(per_channel, activation):
+    model, q = _classifier(per_channel, activation)
+    layer = model.layers[0]
+    bits = intpass.FINE_LOGIT_BITS
+    fine, inter = intpass.run(model, q, True, fine_logits=True)
+    assert fine.dtype == jnp.int32 and fine.shape == (48, 400)
+    codes = np.asarray(intpass.run(model, q), np.int64)
+    # The 8-bit codes (TFLite's output) are untouched by the fine path.
+    np.testing.assert_array_equal(np.asarray(inter["Logits"]).reshape(48, 400), codes)
+    # Exactly the definition: round(acc * M0 * 2^(shift + bits) / 2^31) of the int32 accumulators.
+    acc = ref_conv(q, 0, layer.weight, layer.weight_zero_point, layer.bias, 1, "SAME")
+    acc = acc.reshape(48, 400)
+    m0 = np.broadcast_to(layer.multiplier, acc.shape)
+    shift = np.broadcast_to(layer.shift, acc.shape)
+    want = ref_fine(acc, m0, shift, bits)
+    if activation != "none":
+        want = np.clip(want, (layer.act_min - 96) << bits, (layer.act_max - 96) << bits)
+    fine = np.asarray(fine, np.int64)
+    np.testing.assert_array_equal(fine, want)
+    if per_channel:
+        assert len(set(np.asarray(layer.shift).tolist())) > 2  # classes on different scales
+    # Consistent with the codes: |fine - 2^bits (code - Z)| <= 2^(bits-1) + the code's first
+    # rounding (2^(bits-1+shift)) where the code is not clamped.
+    z = layer.output_zero_point
+    bound = 2 ** (bits - 1) + 2.0 ** (bits - 1 + shift) + 1
+    diff = fine - (codes - z) * 2**bits
+    inside = (codes > layer.act_min) & (codes < layer.act_max)
+    assert inside.mean() > 0.3 and np.all(np.abs(diff[inside]) <= bound[inside])
+    assert np.all(fine[codes == layer.act_max] >= ((layer.act_max - z) << bits) - bound[0, 0])
+    assert np.all(fine[codes == layer.act_min] <= ((layer.act_min - z) << bits) + bound[0, 0])
+    # Monotonic with the dequantized accumulators, on one scale for all classes: argmax agrees.
+    real = acc * np.float64(np.float32(layer.input_scale)) * np.asarray(layer.weight_scale)
+    real = real * 2**bits / np.float64(np.float32(layer.output_scale))
+    if activation != "none":
+        real = np.clip(real, (layer.act_min - z) << bits, (layer.act_max - z) << bits)
+    # (TFLite forms a per-tensor S_in * S_w in float32: 2^-24 relative.)
+    assert np.all(np.abs(fine - real) <= 0.5 + np.abs(real) * 2.0**-22)
+    top2 = np.sort(real, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2
+    assert clear.sum() > 40 or activation != "none"  # (ReLU6 saturates the top classes)
+    np.testing.assert_array_equal(np.argmax(fine, -1)[clear], np.argmax(real, -1)[clear])
+    # logits_fn (evaluation, Table 1's int_top1) scores the fine logits unless told otherwise.
+    images = (q.astype(np.float32) - model.input_zero_point) * np.float32(model.input_scale)
+    np.testing.assert_array_equal(intpass.logits_fn(model)(images), fine)
+    np.testing.assert_array_equal(intpass.logits_fn(model, fine=False)(images), codes)
+    deq = np.asarray(intpass.dequantize_fine_logits(model, fine))
+    np.testing.assert_allclose(deq, fine * intpass.fine_logit_scale(model), rtol=1e-6)
+    assert intpass.fine_logit_scale(model) == np.float32(0.13) / 2**bits
+
+
+def test_fine_logits_need_a_classifier_in_range():
+    model, q = _classifier(True, "none")
+    pool = intpass.IntLayer(None, None, None, None, None, name="AvgPool_1a", kind="avgpool")
+    with pytest.raises(ValueError, match="conv layer"):
+        intpass.run(dataclasses.replace(model, layers=model.layers + (pool,)), q, fine_logits=True)
+    big = dataclasses.replace(model.layers[0], shift=np.full(400, 15, np.int32))
+    with pytest.raises(ValueError, match="fine logits"):
+        intpass.run(dataclasses.replace(model, layers=(big,)), q, fine_logits=True)
+
+
+# ------------------------------------------------------------------------------------------
 # No float op in the integer body.
 # ------------------------------------------------------------------------------------------
 
@@ -263,6 +382,11 @@ def test_integer_body_has_no_float_op(official, rounding):
     jaxpr = jax.make_jaxpr(lambda m, x: intpass.forward(m, x, True))(model, x)
     assert float_ops(jaxpr) == []
     assert len(jaxpr.jaxpr.eqns) > 100  # the walk saw the whole network
+    # The fine-logit path (the classifier's accumulators, requantized in 64 bits) as well.
+    fine = jax.make_jaxpr(lambda m, x: intpass.forward(m, x, True, fine_logits=True))(model, x)
+    assert float_ops(fine) == []
+    assert fine.out_avals[0].dtype == jnp.int32 and fine.out_avals[0].shape == (2, 1001)
+    assert len(fine.jaxpr.eqns) > len(jaxpr.jaxpr.eqns) + 10  # ... and saw the extra ops
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,5 +461,12 @@ def test_quantize_and_dequantize_helpers(official):
     np.testing.assert_allclose(real, scale * (np.asarray(logits, np.float32) - zp))
     deq = intpass.dequantize_intermediates(official, inter)
     assert set(deq) == set(inter) and deq["Conv2d_0"].dtype == jnp.float32
+    # Fine logits: every layer's codes unchanged; within half an LSB (and the codes' first
+    # rounding) of the dequantized codes where they are not clamped.
+    fine, inter_fine = intpass.run(official, q, True, fine_logits=True)
+    assert all(np.array_equal(inter_fine[k], inter[k]) for k in inter)
+    unclamped = (np.asarray(logits) > 0) & (np.asarray(logits) < 255)
+    real_fine = np.asarray(intpass.dequantize_fine_logits(official, fine))
+    assert np.all(np.abs(real_fine - np.asarray(real))[unclamped] <= scale * (0.5 + 2**-8))
     with pytest.raises(ValueError, match="uint8 codes"):
         intpass.run(official, images)

@@ -66,6 +66,10 @@ def test_layerwise_comparison_detects_a_wrong_layer(setup, tf8):
     lw = compare.layerwise_agreement(qmodel.model, qmodel.variables, broken, setup[3])
     assert lw["Conv2d_5_pointwise"]["max_lsb"] > 1
     assert lw["Conv2d_5_depthwise"]["max_lsb"] <= 1 and lw["Conv2d_6_depthwise"]["max_lsb"] <= 1
+    # The top-1 disagreements it causes are attributed to that layer.
+    found = compare.locate_disagreements(qmodel.model, qmodel.variables, broken, setup[3])
+    culprits = [f["culprit"] for f in found if f["culprit"] is not None]
+    assert len(culprits) >= 8 and set(culprits) == {"Conv2d_5_pointwise"}, found
 
 
 def test_tf8_end_to_end_top1(setup, tf8):
@@ -79,6 +83,15 @@ def test_tf8_end_to_end_top1(setup, tf8):
     assert report["top1_agreement"] >= 14 / 16, report
     assert report["top1_agreement_tie_aware"] >= 15 / 16, report
     assert report["top1_agreement"] == e2e["top1_agreement"]
+    # Fine logits vs the simulation's pre-quant logits. Given the same pooled input, the
+    # classifiers compute the same logits up to the int32 bias and float32 sums (tiny), so the
+    # top-1 agrees on every image; end to end, the network's 1-LSB differences remain.
+    assert report["top1_agreement_fine_same_input"] == 1.0, report
+    assert report["fine_logit_error_same_input_lsb"] < 0.01, report
+    assert report["top1_agreement_fine"] >= 15 / 16, report
+    assert report["top1_agreement_fine"] == e2e["top1_agreement_fine"]
+    assert report["fine_logit_error_lsb"]["rms"] < 2, report
+    assert len(report["fine_disagreements"]) == round(16 * (1 - report["top1_agreement_fine"]))
 
 
 def test_int8_per_channel_scheme(setup):
@@ -89,8 +102,13 @@ def test_int8_per_channel_scheme(setup):
     assert first.weight.dtype == np.int8 and int(np.abs(first.weight).max()) <= 127
     assert np.all(np.asarray(first.weight_zero_point) == 0)
     assert len(set(np.asarray(first.multiplier).tolist())) > 1  # per-channel multipliers
-    lw = compare.layerwise_agreement(qmodel.model, qmodel.variables, int_model, setup[3])
-    assert max(v["max_lsb"] for v in lw.values()) == 1, lw
+    batch = {"image": setup[3], "mask": np.ones(16)}
+    report = compare.agreement_report(qmodel.model, qmodel.variables, int_model, [batch],
+                                      labels=False)  # fmt: skip
+    assert max(report["layerwise_max_lsb"].values()) == 1, report
+    # Per-class accumulator scales, one fine-logit grid: the classifier alone agrees exactly.
+    assert report["top1_agreement_fine_same_input"] == 1.0, report
+    assert report["fine_logit_error_same_input_lsb"] < 0.01, report
     x = jnp.zeros((1, SIZE, SIZE, 3), jnp.int8)
     assert float_ops(jax.make_jaxpr(lambda m, x: intpass.forward(m, x, True))(int_model, x)) == []
 

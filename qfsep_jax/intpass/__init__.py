@@ -8,9 +8,11 @@ Public API:
 * :func:`from_tflite`: import an official uint8 (or int8) MobileNetV1-family ``.tflite`` model,
   optionally with a separate head file;
 * :func:`run`: the jitted integer-only forward pass (input codes → logit codes, optionally every
-  layer's codes);
-* :func:`quantize_input`, :func:`dequantize_logits`, :func:`dequantize_intermediates`,
-  :func:`output_qparams`, :func:`logits_fn`: the float boundaries;
+  layer's codes; ``fine_logits=True``: int32 logits on the grid ``S_out / 2**FINE_LOGIT_BITS``,
+  whose argmax 8-bit ties do not decide);
+* :func:`quantize_input`, :func:`dequantize_logits`, :func:`dequantize_fine_logits`,
+  :func:`fine_logit_scale`, :func:`dequantize_intermediates`, :func:`output_qparams`,
+  :func:`logits_fn`: the float boundaries;
 * :data:`ROUNDING_PRESETS`, :class:`Rounding`: the requantization rounding rules;
 * :func:`snap_biases` (the simulation with int32-grid biases), :func:`float_variables` (the
   same network in float, for benchmarks); :mod:`.compare` (integer pass vs simulation),
@@ -19,14 +21,17 @@ Public API:
 
 from qfsep_jax.intpass.kernels import ROUNDINGS
 from qfsep_jax.intpass.model import (
+    FINE_LOGIT_BITS,
     POOL_NAME,
     ROUNDING_PRESETS,
     IntLayer,
     IntModel,
     Rounding,
     dequantize_codes,
+    dequantize_fine_logits,
     dequantize_intermediates,
     dequantize_logits,
+    fine_logit_scale,
     float_variables,
     forward,
     from_quantized,
@@ -41,6 +46,7 @@ from qfsep_jax.intpass.model import (
 from qfsep_jax.intpass.tflite_import import TFLiteImportError, from_tflite
 
 __all__ = [
+    "FINE_LOGIT_BITS",
     "POOL_NAME",
     "ROUNDINGS",
     "ROUNDING_PRESETS",
@@ -49,8 +55,10 @@ __all__ = [
     "Rounding",
     "TFLiteImportError",
     "dequantize_codes",
+    "dequantize_fine_logits",
     "dequantize_intermediates",
     "dequantize_logits",
+    "fine_logit_scale",
     "float_variables",
     "forward",
     "from_quantized",

@@ -11,6 +11,18 @@ Two views, both running the model's own ``fake`` forward pass (no re-implementat
   within that error of a rounding boundary (a .5 tie), by one code.
 * :func:`end_to_end_agreement`: both passes run freely; per-layer differences then accumulate
   through the network, and the top-1 agreement on the logits is what remains of them.
+
+Top-1 is compared two ways. On the 8-bit logit codes (TFLite's output): 1001 classes on 256 codes
+often tie, ``argmax`` takes the lowest tied index, and a 1-LSB difference flips it. On the fine
+logits: the integer pass's classifier accumulators on the grid ``S_out / 2**16``
+(:func:`~qfsep_jax.intpass.run` with ``fine_logits=True``, integer ops only) against the
+simulation's float logits before its output fake-quant (the same quantity in float32). The fine
+comparison is the meaningful one (8-bit ties are broken identically by both passes, which hides
+sub-LSB differences, or arbitrarily). What it leaves: the per-layer 1-LSB differences (TFLite's
+double rounding, the int32 bias, float32 sums) are amplified end to end, since a 1-LSB change of
+one input can move a depthwise output by several LSBs; the two passes' logits then differ by a
+fraction of an LSB (``fine_logit_error_lsb``), and images whose top-2 logits are that close
+flip. :func:`locate_disagreements` attributes each such image to a layer.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qfsep_jax.intpass import model as model_lib
-from qfsep_jax.models.layers import ConvLayer
+from qfsep_jax.models.layers import ActQuant, ConvLayer
+from qfsep_jax.quant.fake_quant import round_half_away_from_zero
 
 
 def _codes(values, scale: float, zero_point: int) -> np.ndarray:
@@ -54,13 +67,10 @@ def layerwise_agreement(model, variables, int_model: model_lib.IntModel, images)
     _, ints = model_lib.run(int_model, q, return_intermediates=True)
     params = model_lib.output_qparams(int_model)
     names = int_model.layer_names
-    prev_name = {n: (names[i - 1] if i else None) for i, n in enumerate(names)}
     deq = model_lib.dequantize_intermediates(int_model, ints)
     deq_input = model_lib.dequantize_codes(q, int_model.input_scale, int_model.input_zero_point)
 
-    fake_given_int_inputs = _cached(("layerwise", model, tuple(names)),
-                                    lambda: _make_layerwise_fn(model, prev_name))  # fmt: skip
-    fake = fake_given_int_inputs(variables, jnp.asarray(images, jnp.float32), deq, deq_input)
+    fake, _ = _layerwise_outputs(model, variables, int_model, images, deq, deq_input)
     out = {}
     for name in names:
         mine = np.asarray(ints[name], np.int32)
@@ -80,12 +90,35 @@ def _cached(key, make):
     return _CACHE[key]
 
 
-def _make_layerwise_fn(model, prev_name: dict):
+def _layerwise_outputs(model, variables, int_model, images, deq, deq_input):
+    """The simulation's layer outputs given the int pass's layer inputs, and its classifier's
+    pre-quant logits ``[N, classes]`` given the int pass's pooled codes."""
+    names = int_model.layer_names
+    prev_name = {n: (names[i - 1] if i else None) for i, n in enumerate(names)}
+    path = _pre_quant_path(int_model)
+    fn = _cached(("layerwise", model, tuple(names)),
+                 lambda: _make_layerwise_fn(model, prev_name, path))  # fmt: skip
+    return fn(variables, jnp.asarray(images, jnp.float32), deq, deq_input)
+
+
+def _pre_quant_path(int_model: model_lib.IntModel) -> tuple[str, ...]:
+    """Module path of the classifier's output quantizer (its input: the pre-quant logits)."""
+    return model_lib.layer_path(int_model.layer_names[-1]) + ("act_quant",)
+
+
+def _is_pre_quant(context, pre_quant_path) -> bool:
+    return isinstance(context.module, ActQuant) and tuple(context.module.path) == pre_quant_path
+
+
+def _make_layerwise_fn(model, prev_name: dict, pre_quant_path: tuple[str, ...]):
     @jax.jit
     def fake_given_int_inputs(variables, images, deq, deq_input):
         fake: dict[str, jax.Array] = {}
+        pre: list[jax.Array] = []
 
         def interceptor(next_fun, args, kwargs, context):
+            if _is_pre_quant(context, pre_quant_path):
+                pre.append(args[0])
             if not (isinstance(context.module, ConvLayer) and context.method_name == "__call__"):
                 return next_fun(*args, **kwargs)
             name = "_".join(context.module.path)
@@ -98,27 +131,46 @@ def _make_layerwise_fn(model, prev_name: dict):
 
         with nn.intercept_methods(interceptor):
             model.apply(variables, images, quant_mode="fake")
-        return fake
+        return fake, jnp.reshape(pre[-1], (images.shape[0], -1))
 
     return fake_given_int_inputs
+
+
+def _sim_logits(model, variables, int_model: model_lib.IntModel, images):
+    """The simulation's logits (on its 8-bit grid) and its pre-quant logits, ``[N, classes]``."""
+    pre_quant_path = _pre_quant_path(int_model)
+
+    def make():
+        @jax.jit
+        def apply(v, x):
+            pre: list[jax.Array] = []
+
+            def interceptor(next_fun, args, kwargs, context):
+                if _is_pre_quant(context, pre_quant_path):
+                    pre.append(args[0])
+                return next_fun(*args, **kwargs)
+
+            with nn.intercept_methods(interceptor):
+                out, state = model.apply(v, x, quant_mode="fake", mutable=["intermediates"])
+            return out, jnp.reshape(pre[-1], out.shape), state
+
+        return apply
+
+    apply = _cached(("e2e", model, pre_quant_path), make)
+    return apply(variables, jnp.asarray(images, jnp.float32))
 
 
 def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images) -> dict:
     """Both passes run on their own; per-layer code differences and top-1 agreement.
 
-    Returns ``{"top1_agreement": fraction, "n": N, "layers": {name: {"max_lsb",
-    "frac_differing"}}}``.
+    Returns ``{"top1_agreement": fraction (8-bit logit codes), "top1_agreement_fine": fraction
+    (integer fine logits vs the simulation's pre-quant logits), "n": N, "layers": {name:
+    {"max_lsb", "frac_differing"}}}``.
     """
     model, variables = _fake_model(model, variables)
     q = model_lib.quantize_input(int_model, images)
-    int_logits, ints = model_lib.run(int_model, q, return_intermediates=True)
-    apply = _cached(
-        ("e2e", model),
-        lambda: jax.jit(
-            lambda v, x: model.apply(v, x, quant_mode="fake", mutable=["intermediates"])
-        ),
-    )
-    fake_logits, state = apply(variables, jnp.asarray(images, jnp.float32))
+    int_fine, ints = model_lib.run(int_model, q, return_intermediates=True, fine_logits=True)
+    fake_logits, fake_pre, state = _sim_logits(model, variables, int_model, images)
     params = model_lib.output_qparams(int_model)
     layers = {}
     for name in int_model.layer_names:
@@ -130,42 +182,83 @@ def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images
         theirs = _codes(node["out"][0], *params[name])
         diff = np.abs(np.asarray(ints[name], np.int32) - theirs)
         layers[name] = {"max_lsb": int(diff.max()), "frac_differing": float(np.mean(diff > 0))}
-    agree = np.argmax(np.asarray(int_logits), -1) == np.argmax(np.asarray(fake_logits), -1)
-    return {"top1_agreement": float(agree.mean()), "n": int(agree.size), "layers": layers}
+    int_codes = np.asarray(ints[int_model.layer_names[-1]]).reshape(len(q), -1)
+    agree = np.argmax(int_codes, -1) == np.argmax(np.asarray(fake_logits), -1)
+    agree_fine = np.argmax(np.asarray(int_fine), -1) == np.argmax(np.asarray(fake_pre), -1)
+    return {"top1_agreement": float(agree.mean()), "top1_agreement_fine": float(agree_fine.mean()),
+            "n": int(agree.size), "layers": layers}  # fmt: skip
 
 
 def agreement_report(
-    model, variables, int_model: model_lib.IntModel, batches, labels: bool = True
-) -> dict:
+    model, variables, int_model: model_lib.IntModel, batches, labels: bool = True,
+    locate: bool = False,
+) -> dict:  # fmt: skip
     """Layer-wise and end-to-end agreement over padded eval batches (masked images dropped).
 
     Returns ``{"n", "top1_agreement", "top1_agreement_tie_aware", "disagreement_logit_gaps",
-    "layerwise_max_lsb": {name: int}, "layerwise_frac_differing": {name: float}, "top1_fake",
-    "top1_int"}`` (top-1 in % against the batch labels when ``labels``). Logits are 8-bit codes,
-    so two classes often tie; ``argmax`` then takes the lower index, and a 1-LSB difference in
-    either tied logit flips the top-1. The tie-aware agreement counts an image when each pass's
-    top-1 class is also a maximum of the other pass's logits; ``disagreement_logit_gaps`` lists,
-    per disagreeing image, the simulation's logit of its own top-1 minus that of the integer
-    pass's top-1, in codes (0 = a tie in the simulation).
+    "top1_agreement_fine", "top1_agreement_fine_same_input", "fine_disagreements",
+    "fine_logit_error_lsb", "fine_logit_error_same_input_lsb", "top2_gap_lsb_below",
+    "top2_pair_error_lsb", "layerwise_max_lsb": {name: int}, "layerwise_frac_differing": {name:
+    float}, "top1_fake", "top1_int", "top1_fake_pre_quant", "top1_int_fine"}`` (top-1 in %
+    against the batch labels when ``labels``).
+
+    8-bit codes: both passes' logits as 8-bit codes, so two classes often tie; ``argmax`` then
+    takes the lower index, and a 1-LSB difference in either tied logit flips the top-1. The
+    tie-aware agreement counts an image when each pass's top-1 class is also a maximum of the
+    other pass's logits; ``disagreement_logit_gaps`` lists, per disagreeing image, the
+    simulation's logit of its own top-1 minus that of the integer pass's top-1, in codes (0 = a
+    tie in the simulation).
+
+    Fine logits: the integer pass's fine logits (``run(..., fine_logits=True)``) against the
+    simulation's logits before the output fake-quant. ``top1_agreement_fine_same_input``: the
+    same, with the simulation's classifier fed the integer pass's pooled codes (the classifier's
+    own arithmetic: int32 bias, float32 sums; ``fine_logit_error_same_input_lsb`` is its largest
+    logit error, in output LSBs). ``fine_disagreements``: per disagreeing image, its
+    index in the stream (``image``), both top-1 classes, ``sim_gap_lsb`` (the simulation's
+    pre-quant logit of its top-1 minus that of the integer top-1, in output LSBs) and
+    ``int_gap_lsb`` (the same difference the other way round in the fine logits); with
+    ``locate``, also :func:`locate_disagreements`'s ``culprit`` and ``culprit_codes_differing``.
+    What moves a top-1: ``fine_logit_error_lsb`` (integer fine minus simulation pre-quant
+    logits, every class, output LSBs: rms and max), ``top2_gap_lsb_below`` (how many images have
+    the simulation's top-2 logits closer than each threshold, in LSBs) and
+    ``top2_pair_error_lsb`` (the error of that top-2 difference in the integer pass: rms, max);
+    an image flips when its pair error exceeds its gap.
     """
-    n = agree = agree_ties = hit_fake = hit_int = 0
+    n = agree = agree_ties = agree_fine = agree_same = hit_fake = hit_int = 0
+    hit_pre = hit_fine = err_count = 0
+    err_sq = err_max = err_same = 0.0
+    top2_gaps: list[float] = []
+    pair_errors: list[float] = []
     gaps: list[int] = []
+    fine_dis: list[dict] = []
     max_lsb: dict[str, int] = {}
     frac: dict[str, float] = {}
+    scale, zp = model_lib.output_qparams(int_model)[int_model.layer_names[-1]]
+    fine_unit = 2**model_lib.FINE_LOGIT_BITS
+    fake_model, fake_vars = _fake_model(model, variables)
     for batch in batches:
         valid = int(batch["mask"].sum())
         if valid == 0:
             continue
         images = batch["image"][:valid]
-        lw = layerwise_agreement(model, variables, int_model, images)
-        for name, v in lw.items():
-            max_lsb[name] = max(max_lsb.get(name, 0), v["max_lsb"])
-            frac[name] = frac.get(name, 0.0) + v["frac_differing"] * valid
         q = model_lib.quantize_input(int_model, images)
-        int_codes = np.asarray(model_lib.run(int_model, q), np.int32)
-        fake_model, fake_vars = _fake_model(model, variables)
-        scale, zp = model_lib.output_qparams(int_model)["Logits"]
-        fake_codes = _codes(_fake_logits(fake_model, fake_vars, images), scale, zp)
+        int_fine, ints = model_lib.run(int_model, q, return_intermediates=True, fine_logits=True)
+        int_fine = np.asarray(int_fine, np.int64)
+        int_codes = np.asarray(ints[int_model.layer_names[-1]], np.int32).reshape(valid, -1)
+        # Layer-wise (each simulated layer fed the integer pass's input).
+        deq = model_lib.dequantize_intermediates(int_model, ints)
+        deq_input = model_lib.dequantize_codes(q, int_model.input_scale,
+                                               int_model.input_zero_point)  # fmt: skip
+        fake_lw, pre_same = _layerwise_outputs(fake_model, fake_vars, int_model, images, deq,
+                                               deq_input)  # fmt: skip
+        params = model_lib.output_qparams(int_model)
+        for name in int_model.layer_names:
+            diff = np.abs(np.asarray(ints[name], np.int32) - _codes(fake_lw[name], *params[name]))
+            max_lsb[name] = max(max_lsb.get(name, 0), int(diff.max()))
+            frac[name] = frac.get(name, 0.0) + float(np.mean(diff > 0)) * valid
+        # End to end, 8-bit codes.
+        fake_logits, fake_pre, _ = _sim_logits(fake_model, fake_vars, int_model, images)
+        fake_codes = _codes(fake_logits, scale, zp)
         int_top, fake_top = np.argmax(int_codes, -1), np.argmax(fake_codes, -1)
         rows = np.arange(valid)
         agree += int(np.sum(int_top == fake_top))
@@ -175,9 +268,42 @@ def agreement_report(
         for i in np.flatnonzero(int_top != fake_top):
             # How far apart the two top-1 classes are in the simulation's logits (codes).
             gaps.append(int(fake_codes[i, fake_top[i]] - fake_codes[i, int_top[i]]))
+        # End to end, fine logits vs pre-quant logits.
+        fake_pre = np.asarray(fake_pre, np.float64)
+        int_top_f, fake_top_f = np.argmax(int_fine, -1), np.argmax(fake_pre, -1)
+        agree_fine += int(np.sum(int_top_f == fake_top_f))
+        pre_same = np.asarray(pre_same, np.float64)
+        agree_same += int(np.sum(int_top_f == np.argmax(pre_same, -1)))
+        err_same = max(err_same, float(np.abs(int_fine / fine_unit - pre_same / scale).max()))
+        # End-to-end logit error and how close each image's top-2 is (output LSBs).
+        err = int_fine / fine_unit - fake_pre / scale
+        err_sq += float(np.sum(err**2))
+        err_count += err.size
+        err_max = max(err_max, float(np.abs(err).max()))
+        top2 = np.argsort(-fake_pre, axis=-1, kind="stable")[:, :2]
+        sim_pair = (fake_pre[rows, top2[:, 0]] - fake_pre[rows, top2[:, 1]]) / scale
+        int_pair = (int_fine[rows, top2[:, 0]] - int_fine[rows, top2[:, 1]]) / fine_unit
+        top2_gaps.extend(sim_pair.tolist())
+        pair_errors.extend((int_pair - sim_pair).tolist())
+        bad = np.flatnonzero(int_top_f != fake_top_f)
+        for i in bad:
+            a, b = int(int_top_f[i]), int(fake_top_f[i])
+            fine_dis.append({
+                "image": n + int(i), "int_top1": a, "sim_top1": b,
+                "sim_gap_lsb": float((fake_pre[i, b] - fake_pre[i, a]) / scale),
+                "int_gap_lsb": float((int_fine[i, a] - int_fine[i, b]) / fine_unit),
+            })  # fmt: skip
+        if locate and bad.size:
+            found = locate_disagreements(fake_model, fake_vars, int_model, images[bad])
+            for entry, loc in zip(fine_dis[len(fine_dis) - bad.size :], found, strict=True):
+                entry.update(culprit=loc["culprit"],
+                             culprit_codes_differing=loc["culprit_codes_differing"])  # fmt: skip
         if labels:
-            hit_int += int(np.sum(int_top == batch["label"][:valid]))
-            hit_fake += int(np.sum(fake_top == batch["label"][:valid]))
+            label = batch["label"][:valid]
+            hit_int += int(np.sum(int_top == label))
+            hit_fake += int(np.sum(fake_top == label))
+            hit_fine += int(np.sum(int_top_f == label))
+            hit_pre += int(np.sum(fake_top_f == label))
         n += valid
     if n == 0:
         raise ValueError("agreement_report saw no images")
@@ -186,20 +312,106 @@ def agreement_report(
         "top1_agreement": agree / n,
         "top1_agreement_tie_aware": agree_ties / n,
         "disagreement_logit_gaps": sorted(gaps),
+        "top1_agreement_fine": agree_fine / n,
+        "top1_agreement_fine_same_input": agree_same / n,
+        "fine_disagreements": fine_dis,
+        "fine_logit_error_lsb": {"rms": float(np.sqrt(err_sq / err_count)), "max": err_max},
+        "fine_logit_error_same_input_lsb": err_same,
+        "top2_gap_lsb_below": {
+            str(t): int(np.sum(np.asarray(top2_gaps) < t)) for t in (0.25, 0.5, 1.0, 2.0, 4.0)
+        },
+        "top2_pair_error_lsb": {
+            "rms": float(np.sqrt(np.mean(np.square(pair_errors)))),
+            "max": float(np.max(np.abs(pair_errors))),
+        },
         "layerwise_max_lsb": max_lsb,
         "layerwise_frac_differing": {k: v / n for k, v in frac.items()},
     }
     if labels:
         out["top1_int"] = 100.0 * hit_int / n
         out["top1_fake"] = 100.0 * hit_fake / n
+        out["top1_int_fine"] = 100.0 * hit_fine / n
+        out["top1_fake_pre_quant"] = 100.0 * hit_pre / n
     return out
 
 
-def _fake_logits(model, variables, images):
-    apply = _cached(
-        ("logits", model), lambda: jax.jit(lambda v, x: model.apply(v, x, quant_mode="fake"))
-    )
-    return apply(variables, jnp.asarray(images, jnp.float32))
+def locate_disagreements(model, variables, int_model: model_lib.IntModel, images) -> list[dict]:
+    """Which layer's differences decide each image's fine top-1 disagreement.
+
+    Runs hybrids of the two passes: ``hybrid(L)`` is the simulation with the outputs of its
+    first ``L`` conv layers replaced by the integer pass's (dequantized) codes, computing layer
+    ``L`` onwards itself; ``hybrid(0)`` is the simulation, ``hybrid(last)`` its classifier alone
+    on the integer pass's features. An image's ``culprit`` is the last layer ``L`` whose
+    ``hybrid(L)`` still disagrees with the integer fine top-1: with the integer outputs taken
+    through that layer, the passes agree, so the differences that layer's own arithmetic makes
+    (given identical inputs) move the top-2 pair. ``culprit_codes_differing`` counts that
+    layer's output codes differing from the integer pass's in ``hybrid(L)``; ``hybrid_agrees``
+    lists the hybrid agreement for every ``L`` (1 = agree).
+
+    Args:
+      images: float images (typically only the disagreeing ones; one jitted pass per layer).
+
+    Returns:
+      One ``{"culprit": layer name or None (no disagreement), "culprit_codes_differing": int,
+      "hybrid_agrees": [0/1 per L]}`` per image.
+    """
+    model, variables = _fake_model(model, variables)
+    count = len(images)
+    pad = -count % 4  # a few batch shapes only: one compilation each
+    images = np.concatenate([np.asarray(images)] + [np.asarray(images[:1])] * pad)
+    q = model_lib.quantize_input(int_model, images)
+    int_fine, ints = model_lib.run(int_model, q, return_intermediates=True, fine_logits=True)
+    int_top = np.argmax(np.asarray(int_fine), -1)
+    deq = model_lib.dequantize_intermediates(int_model, ints)
+    convs = tuple(n for n in int_model.layer_names if n != model_lib.POOL_NAME)
+    params = model_lib.output_qparams(int_model)
+    path = _pre_quant_path(int_model)
+    fn = _cached(("hybrid", model, convs), lambda: _make_hybrid_fn(model, convs, params, path))
+    codes = {k: jnp.asarray(ints[k], jnp.int32) for k in convs}
+    hybrid_agrees, differing = [], []
+    for n_sub in range(len(convs)):
+        pre, counts = fn(variables, jnp.asarray(images, jnp.float32), deq, codes, jnp.int32(n_sub))
+        hybrid_agrees.append(np.argmax(np.asarray(pre), -1) == int_top)
+        differing.append(np.asarray(counts)[n_sub])
+    hybrid_agrees, differing = np.stack(hybrid_agrees), np.stack(differing)  # [L, N]
+    out = []
+    for i in range(count):
+        bad = np.flatnonzero(~hybrid_agrees[:, i])
+        last = int(bad[-1]) if bad.size else None
+        out.append({
+            "culprit": None if last is None else convs[last],
+            "culprit_codes_differing": 0 if last is None else int(differing[last, i]),
+            "hybrid_agrees": hybrid_agrees[:, i].astype(int).tolist(),
+        })  # fmt: skip
+    return out
+
+
+def _make_hybrid_fn(model, convs: tuple[str, ...], params: dict, pre_quant_path):
+    index = {name: k for k, name in enumerate(convs)}
+
+    @jax.jit
+    def hybrid(variables, images, deq, codes, n_sub):
+        pre: list[jax.Array] = []
+        counts: dict[str, jax.Array] = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            if _is_pre_quant(context, pre_quant_path):
+                pre.append(args[0])
+            if not (isinstance(context.module, ConvLayer) and context.method_name == "__call__"):
+                return next_fun(*args, **kwargs)
+            name = "_".join(context.module.path)
+            out = next_fun(*args, **kwargs)
+            scale, zp = params[name]
+            mine = round_half_away_from_zero(out / jnp.float32(scale)).astype(jnp.int32) + zp
+            counts[name] = jnp.sum(mine != codes[name], axis=(1, 2, 3))
+            return jnp.where(index[name] < n_sub, deq[name], out)
+
+        with nn.intercept_methods(interceptor):
+            model.apply(variables, images, quant_mode="fake")
+        return (jnp.reshape(pre[-1], (images.shape[0], -1)),
+                jnp.stack([counts[name] for name in convs]))  # fmt: skip
+
+    return hybrid
 
 
 def main(argv=None) -> None:
@@ -223,6 +435,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounding", default="reference", help="integer pass rounding preset/rule")
     p.add_argument("--snap_biases", action="store_true",
                    help="compare against the simulation with int32-snapped biases")  # fmt: skip
+    p.add_argument("--locate", action="store_true",
+                   help="attribute each fine top-1 disagreement to a layer")  # fmt: skip
     p.add_argument("--out", default="", help="write the report as JSON here")
     args = p.parse_args(argv)
     config = base.data_config()
@@ -240,7 +454,7 @@ def main(argv=None) -> None:
     if args.snap_biases:
         sim_model, sim_vars = model_lib.snap_biases(sim_model, sim_vars, int_model)
     data = eval_input(config, "folder:imagenet_val500", limit=args.limit)
-    report = agreement_report(sim_model, sim_vars, int_model, data.make())
+    report = agreement_report(sim_model, sim_vars, int_model, data.make(), locate=args.locate)
     report.update(recipe=args.recipe, image_size=args.image_size, snap_biases=args.snap_biases,
                   rounding=str(int_model.rounding),
                   calibration_images=calib.num_examples)  # fmt: skip
@@ -253,6 +467,27 @@ def main(argv=None) -> None:
         f"(tie-aware {100 * report['top1_agreement_tie_aware']:.2f}%; simulation logit gaps of "
         f"the disagreeing images, in codes: {report['disagreement_logit_gaps']})"
     )
+    print(
+        f"fine logit error (integer - simulation pre-quant): rms "
+        f"{report['fine_logit_error_lsb']['rms']:.4f} LSB, max "
+        f"{report['fine_logit_error_lsb']['max']:.4f} LSB; top-2 pair error rms "
+        f"{report['top2_pair_error_lsb']['rms']:.4f} LSB, max "
+        f"{report['top2_pair_error_lsb']['max']:.4f} LSB; images with a simulation top-2 gap "
+        f"below t LSB: {report['top2_gap_lsb_below']}"
+    )
+    print(
+        f"fine logits: top-1 integer {report['top1_int_fine']:.2f}%, simulation (pre-quant) "
+        f"{report['top1_fake_pre_quant']:.2f}%; top-1 agreement "
+        f"{100 * report['top1_agreement_fine']:.2f}% (classifier alone, same input: "
+        f"{100 * report['top1_agreement_fine_same_input']:.2f}%, max logit error "
+        f"{report['fine_logit_error_same_input_lsb']:.2e} LSB)"
+    )
+    for d in report["fine_disagreements"]:
+        where = f", culprit {d['culprit']} ({d['culprit_codes_differing']} codes differ)" if (
+            "culprit" in d) else ""  # fmt: skip
+        print(f"  image {d['image']}: integer top-1 {d['int_top1']}, simulation {d['sim_top1']}; "
+              f"gap {d['sim_gap_lsb']:.4f} LSB (simulation), {d['int_gap_lsb']:.4f} LSB "
+              f"(integer){where}")  # fmt: skip
     if args.out:
         io_utils.write_json(os.path.abspath(args.out), report)
 

@@ -48,7 +48,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Evaluates every row of ``config.rows``; writes ``workdir/results.json`` atomically."""
+    """Evaluates every row of ``config.rows``; writes ``workdir/results.json`` atomically.
+
+    With ``config.integer_pass``, each statically quantized row also gets ``int_top1``: the
+    top-1 of the integer-only pass (:func:`qfsep_jax.intpass.logits_fn`) on its *fine logits*,
+    the classifier's int32 accumulators requantized onto one grid 2^16 finer than the 8-bit
+    logit codes (integer ops only). The 8-bit codes tie often (1001 classes on 256 codes), and
+    top-1 among tied codes would be the lowest class index, i.e. arbitrary. The row's ``top1``
+    is the simulation's, on its own (8-bit fake-quantized) logits.
+    """
     _validate(config)
     imported = load_tfslim(resolve_path(config.data_dir, config.model_path))
     model = imported.model(depthwise_impl=config.depthwise_impl, dropout_rate=0.0)
@@ -85,7 +93,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             result = score(ptq.fake_quant_logits_fn(qmodel), name)
             row = {"name": name, **result, "recipe": dataclasses.asdict(recipe)}
             if config.get("integer_pass", False) and not recipe.dynamic_activation_ranges:
-                # The same preprocessed images, quantized with the model's input qparams.
+                # The same preprocessed images, quantized with the model's input qparams;
+                # top-1 on the fine logits (see the docstring), not on tied 8-bit codes.
                 int_model = intpass.from_quantized(qmodel)
                 row["int_top1"] = score(intpass.logits_fn(int_model), name + "/int")["top1"]
             if "zero_variance_channels" in qmodel.info:
