@@ -210,14 +210,17 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
     body = []
     for name, v in summary["variants"].items():
         paper = v.get("paper", {})
+        zero_var = v.get("zero_variance_channels") or [None]
+        zero_var = "–" if zero_var[0] is None else "/".join(str(z) for z in zero_var)
         body.append([
-            f"`{name}`", v["label"], v["num_seeds"], _mean_pm(v["float_top1"]),
+            f"`{name}`", v["label"], v["num_seeds"], zero_var, _mean_pm(v["float_top1"]),
             _mean_pm(v["fake_quant_top1"]), _mean_pm(v.get("integer_top1")),
             paper.get("float"), paper.get("8bit"),
         ])  # fmt: skip
     header = [
-        "variant", "core layer", "seeds", "float top-1 %", "8-bit fake-quant top-1 %",
-        "8-bit integer top-1 %", "paper float (ImageNet)", "paper 8-bit (ImageNet)",
+        "variant", "core layer", "seeds", "zero-variance DW-BN channels", "float top-1 %",
+        "8-bit fake-quant top-1 %", "8-bit integer top-1 %", "paper float (ImageNet)",
+        "paper 8-bit (ImageNet)",
     ]  # fmt: skip
     note = f"{summary['description']} Spread: ± population std over seeds." + _measured(summary)
     acc_md = "\n".join([_provenance(path), markdown_table(header, body), "", note])
@@ -269,7 +272,7 @@ def format_bench_intpass(results: Mapping[str, Any], path: str) -> dict[str, str
         f"{results['threads']}, LiteRT num_threads={results['litert_num_threads']}. Best of "
         f"repeated runs." + _measured(results)
     )
-    return {"bench_intpass": "\n".join([_provenance(path), markdown_table(header, body, 1), "",
+    return {"bench_intpass": "\n".join([_provenance(path), markdown_table(header, body), "",
                                         note])}  # fmt: skip
 
 

@@ -248,6 +248,7 @@ def summarize_variant(variant: str, runs: Mapping[int, Mapping[str, Any]]) -> di
     def top1(kind):
         return [r["results"][kind]["top1"] for r in runs.values() if r["results"].get(kind)]
 
+    zero_var = [r["zero_variance_channels"] for r in runs.values() if "zero_variance_channels" in r]
     fq = [sqnr_lib.sqnr_curve(r["sqnr"]["fake_quant"]) for r in runs.values() if r.get("sqnr")]
     it = [
         sqnr_lib.sqnr_curve(r["sqnr"]["integer"])
@@ -265,6 +266,8 @@ def summarize_variant(variant: str, runs: Mapping[int, Mapping[str, Any]]) -> di
         "float_top1": _stats(top1("float")),
         "fake_quant_top1": _stats(top1("fake_quant")),
         "integer_top1": _stats(top1("integer")),
+        # per seed; None where the block has no BN after its depthwise conv
+        "zero_variance_channels": zero_var,
         "sqnr_fake_quant": fq_mean,
         "sqnr_fake_quant_std": fq_std,
         "sqnr_integer": it_mean,
@@ -289,6 +292,22 @@ def describe(config, workdir: str) -> str:
     )
 
 
+def zero_variance_channels(train_dir: str) -> int | None:
+    """Channels with ~zero BN moving variance after depthwise convs (None: no such BN).
+
+    The count depends on the moving variances only, not on the epsilon passed for α.
+    """
+    from qfsep_jax import checkpointing
+    from qfsep_jax.analysis import alpha as alpha_lib
+
+    loaded = checkpointing.load_variables(train_dir)
+    variables = {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}
+    summary = alpha_lib.alpha_summary(alpha_lib.bn_alphas(variables, eps=1e-3))
+    if not summary:
+        return None
+    return int(sum(s["zero_variance_channels"] for s in summary.values()))
+
+
 def step_summary(config, workdir: str) -> dict[str, Any]:
     """Collects every finished run into ``summary.json`` and the plots."""
     variants: dict[str, Any] = {}
@@ -304,6 +323,10 @@ def step_summary(config, workdir: str) -> dict[str, Any]:
                 "results": io_utils.read_json(res),
                 "sqnr": io_utils.read_json(sq) if os.path.isfile(sq) else None,
             }
+            if os.path.isdir(os.path.join(d, "train")):
+                runs[seed]["zero_variance_channels"] = zero_variance_channels(
+                    os.path.join(d, "train")
+                )
         if not runs:
             logging.warning("summary: no finished run of %s yet", variant)
             continue

@@ -12,7 +12,7 @@ CPU device, SGD momentum) inside ``jax.profiler.trace`` and attributes every exe
 op name. Prints the op time per step by category, with its share, and the top single ops.
 ``--threads 1`` (default) pins the process to one CPU, so that op times add up to the step
 time; with more threads XLA runs ops partitioned or concurrently and the sum exceeds it.
-Process-wide malloc tuning is the benchmark's (:func:`bench_train.tune_malloc`).
+Process-wide malloc tuning as in the benchmark (:func:`qfsep_jax.runtime.tune_malloc`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import tempfile
 import time
 
 import bench_train  # same folder: the benchmark's rows, step and malloc tuning
+
+from qfsep_jax import runtime
 
 # Ops whose presence inside a fusion names its kind (the rest are plain elementwise work).
 MARKER_OPS = (
@@ -112,7 +114,7 @@ def profile_events(fn, steps: int) -> list[dict]:
 def main(argv=None) -> None:
     args = _parse(argv)
     cpus = bench_train.pin_threads(args.threads)
-    bench_train.tune_malloc()
+    runtime.tune_malloc()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
 

@@ -160,7 +160,7 @@ def test_benchmark_and_tflite_tables_compute_ratios():
                                   "litert_builtin": 400.0, "litert_xnnpack": 1000.0}},
     }  # fmt: skip
     md = collect_results.format_bench_intpass(intpass, "i.json")["bench_intpass"]
-    assert "| 50 | 100.0 | 50.0 | 400.0 | 1000.0 | 2.0 | 0.2 | 0.1 |" in md
+    assert "| 50 | 100.00 | 50.00 | 400.00 | 1000.00 | 2.00 | 0.25 | 0.10 |" in md
     check = {
         "model": "/d/m.tflite", "head": "", "eval_data": "folder:v", "image_size": 128,
         "litert_version": "2.1", "op_resolver": "builtin", "rounding_preset": "litert_x86",

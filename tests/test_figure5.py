@@ -76,6 +76,7 @@ def test_tiny_pipeline_writes_every_result(tiny_run):
     s = summary["variants"]["qf_relu_l2dw"]
     assert s["float_top1"]["values"] == [scores["float"]["top1"]] and s["num_seeds"] == 1
     assert s["paper"] == {"float": 70.77, "8bit": 68.03}
+    assert s["zero_variance_channels"] == [None]  # the QF block has no BN after its DW conv
     assert summary["sqnr"]["qf_relu_l2dw"]["Conv2d_0"] == pytest.approx(
         sqnr["fake_quant"]["Conv2d_0"]["sqnr_db"]
     )
@@ -129,7 +130,8 @@ def test_summary_over_seeds_and_variants(tmp_path, data_dir):
     assert v["original"]["sqnr_fake_quant_std"]["Conv2d_0"] == pytest.approx(5.0)
     assert _read(tmp_path / "original" / "results.json")["float_top1"]["n"] == 2
     table = collect_results.format_figure5(result["summary"], "summary.json")["figure5"]
-    assert "| `original` | DW→BN→ReLU6→PW→BN→ReLU6 | 2 | 15.00 ± 5.00 | 16.00 ± 5.00 | – |" in table
+    row = "| `original` | DW→BN→ReLU6→PW→BN→ReLU6 | 2 | – | 15.00 ± 5.00 | 16.00 ± 5.00 | – |"
+    assert row in table
 
 
 def test_bad_configs_fail_clearly(tmp_path, data_dir):
