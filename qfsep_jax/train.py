@@ -466,6 +466,23 @@ def evaluate(
     return out
 
 
+def evaluate_integer(quantized: QuantizedModel, config) -> dict[str, float]:
+    """Top-1/top-5 (%) of an exported QAT model in the integer-only pass on ``config.eval_data``.
+
+    Runs on this process alone, over the first ``eval_limit`` images (all when unset); top-1 is
+    taken on the integer pass's fine logits (:func:`qfsep_jax.intpass.logits_fn`).
+    """
+    from qfsep_jax import evaluation, intpass
+
+    inp = data_input.eval_input(config, config.eval_data, limit=config.get("eval_limit"))
+    int_model = intpass.from_quantized(quantized)
+    result = evaluation.evaluate(
+        intpass.logits_fn(int_model), inp.make(), inp.num_batches, desc="eval/integer"
+    )
+    logging.info("integer-only pass: top1 %.2f top5 %.2f", result["top1"], result["top5"])
+    return {"eval_int_top1": result["top1"], "eval_int_top5": result["top5"]}
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
@@ -659,6 +676,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if is_main:
             save_quantized(quantized, os.path.join(workdir, "quantized_model"))
         summary["quantized_model"] = os.path.join(workdir, "quantized_model")
+        if is_main and config.qat.get("integer_eval", True):
+            summary.update(evaluate_integer(quantized, config))
     if is_main:
         write_json(os.path.join(workdir, "results.json"), summary)
     return summary

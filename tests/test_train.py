@@ -5,6 +5,7 @@ images). Compiled executables go to a per-session persistent cache so that runs 
 function (the resume test's three runs) compile it once.
 """
 
+import json
 import os
 
 import jax
@@ -308,6 +309,11 @@ def test_qat_model_runs_integer_only_with_the_fake_quant_top1(qat_runs, data_dir
         for name, logits in (("fake", fake_logits), ("int", int_logits)):
             hits[name] += float(topk_correct(logits, batch["label"], batch["mask"])["top1"])
     assert len(same_top1) == 64
+    # The run itself scored the export in the integer pass on its 32 eval images (first batch).
+    run_summary = json.loads((qat_runs["full"] / "results.json").read_text())
+    first = next(iter(inp.make()))
+    first_hits = topk_correct(int_fn(first["image"]), first["label"], first["mask"])["top1"]
+    assert run_summary["eval_int_top1"] == pytest.approx(100.0 * float(first_hits) / 32)
     assert np.mean(same_as_qat) >= 0.95, np.mean(same_as_qat)
     # Integer-only pass vs fake-quant simulation: the same top-1 prediction per image, and the
     # same top-1 accuracy up to one image.
