@@ -225,15 +225,7 @@ def multiply_by_quantized_multiplier(
     shift = jnp.asarray(shift, jnp.int32)
     if rounding == "single":
         total = 31 - shift  # in [1, 62]
-        hi, lo = mul_i32_nonneg(x, multiplier)
-        round_hi = jnp.where(total > 32, jnp.int32(1) << jnp.clip(total - 33, 0, 31), 0)
-        round_lo = jnp.where(
-            total <= 32, _u32(jnp.int32(1) << jnp.clip(total - 1, 0, 31)), jnp.uint32(0)
-        )
-        hi, lo = _add64(hi, lo, round_hi, round_lo)
-        small = jnp.clip(total, 1, 31)
-        low_part = _i32((lo >> _u32(small)) | (_u32(hi) << _u32(32 - small)))
-        high_part = hi >> jnp.clip(total - 32, 0, 31)
+        _, low_part, high_part, _ = _mul_round_shift64(x, multiplier, total)
         return jnp.where(total < 32, low_part, high_part)
     left = jnp.maximum(shift, 0)
     right = jnp.maximum(-shift, 0)
@@ -241,6 +233,25 @@ def multiply_by_quantized_multiplier(
     if rounding == "double":
         return rounding_divide_by_pot(y, right)
     return rounding_shift_right_tie_up(y, right)
+
+
+def _mul_round_shift64(x: Array, multiplier: Array, total: Array):
+    """``(x * M0 + 2**(t-1)) >> t`` in 64-bit, for ``t = total`` in ``[1, 62]`` (ties up).
+
+    Returns ``(hi, low_part, high_part, small)``: the rounded product's high word, the result
+    when ``t < 32`` (``low_part``, int32 bits of the shifted value) and when ``t >= 32``
+    (``high_part``), and the clipped shift ``small`` used for ``low_part``.
+    """
+    hi, lo = mul_i32_nonneg(x, multiplier)
+    round_hi = jnp.where(total > 32, jnp.int32(1) << jnp.clip(total - 33, 0, 31), 0)
+    round_lo = jnp.where(
+        total <= 32, _u32(jnp.int32(1) << jnp.clip(total - 1, 0, 31)), jnp.uint32(0)
+    )
+    hi, lo = _add64(hi, lo, round_hi, round_lo)
+    small = jnp.clip(total, 1, 31)
+    low_part = _i32((lo >> _u32(small)) | (_u32(hi) << _u32(32 - small)))
+    high_part = hi >> jnp.clip(total - 32, 0, 31)
+    return hi, low_part, high_part, small
 
 
 def requantize_fine(
@@ -263,19 +274,11 @@ def requantize_fine(
     """
     multiplier = jnp.asarray(multiplier, jnp.int32)
     total = 31 - jnp.asarray(shift, jnp.int32) - jnp.int32(extra_bits)
-    hi, lo = mul_i32_nonneg(acc, multiplier)
-    round_hi = jnp.where(total > 32, jnp.int32(1) << jnp.clip(total - 33, 0, 31), 0)
-    round_lo = jnp.where(
-        total <= 32, _u32(jnp.int32(1) << jnp.clip(total - 1, 0, 31)), jnp.uint32(0)
-    )
-    hi, lo = _add64(hi, lo, round_hi, round_lo)
-    small = jnp.clip(total, 1, 31)
-    low_part = _i32((lo >> _u32(small)) | (_u32(hi) << _u32(32 - small)))
+    hi, low_part, high_part, small = _mul_round_shift64(acc, multiplier, total)
     # For t < 32 the shifted 64-bit value fits int32 iff its bits above 31 are low_part's sign.
     fits = (hi >> small) == (low_part >> 31)
     saturated = jnp.where(hi < 0, jnp.int32(_INT32_MIN), jnp.int32(_INT32_MAX))
-    low_part = jnp.where(fits, low_part, saturated)
-    high_part = hi >> jnp.clip(total - 32, 0, 31)  # t >= 32: always fits
+    low_part = jnp.where(fits, low_part, saturated)  # (t >= 32: high_part always fits)
     out = jnp.where(total < 32, low_part, high_part)
     if lower is not None or upper is not None:
         out = jnp.clip(out, lower, upper)
