@@ -13,8 +13,9 @@ in the README, and nothing else:
 Tables: ``table1`` (job table1), ``analyze_alpha`` and ``analyze_sqnr`` (job analyze),
 ``figure5`` and ``figure5_sqnr`` (launch/figure5.py), ``tflite_check`` (job tflite_check),
 ``bench_intpass`` and ``bench_train`` (the benchmark scripts' ``--out runs/bench/intpass.json``
-and ``--out runs/bench/train.json``). A source given on the command line must
-exist and its markers must be present; a default source that is absent is skipped with a note.
+and ``--out runs/bench/train.json``), ``qat`` (a QAT training run's ``results.json``). A source
+given on the command line must exist and its markers must be present; a default source that is
+absent is skipped with a note.
 ``--check`` writes nothing and exits 1 when the README is out of date. The write is atomic.
 """
 
@@ -297,6 +298,20 @@ def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
     return {"bench_train": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
 
 
+def format_qat(results: Mapping[str, Any], path: str) -> dict[str, str]:
+    """One line: a QAT run's final fake-quant (QAT inference) and integer-only top-1."""
+    if "eval_top1" not in results:
+        raise ValueError(f"{path}: the QAT run has no final evaluation (eval_every_steps < 0?)")
+    text = (
+        f"After {results['final_step']} QAT steps: top-1 {results['eval_top1']:.2f} % in the QAT "
+        f"model's fake-quant inference"
+    )
+    if "eval_int_top1" in results:
+        text += f", {results['eval_int_top1']:.2f} % in the integer-only pass"
+    text += f", on {results['eval_images']} images."
+    return {"qat": "\n".join([_provenance(path), text + _measured(results)])}
+
+
 Formatter = Callable[[Mapping[str, Any], str], dict[str, str]]
 
 # source name → (default path under --runs, formatter)
@@ -307,6 +322,7 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
     "tflite_check": ("tflite_check/results.json", format_tflite_check),
     "bench_intpass": ("bench/intpass.json", format_bench_intpass),
     "bench_train": ("bench/train.json", format_bench_train),
+    "qat": ("qat_imagenette_original_eval/results.json", format_qat),
 }
 
 

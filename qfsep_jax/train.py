@@ -51,7 +51,7 @@ from qfsep_jax.data import input as data_input
 from qfsep_jax.data import labels as labels_lib
 from qfsep_jax.data import sources, train_input
 from qfsep_jax.evaluation import topk_correct
-from qfsep_jax.io_utils import write_atomic, write_json
+from qfsep_jax.io_utils import run_info, write_atomic, write_json
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.ptq import PTQRecipe, QuantizedModel, check_all_ranges
 from qfsep_jax.quant.fold import fold_batch_norm
@@ -671,6 +671,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     ckpt.wait()
     ckpt.close()
     summary["final_step"] = int(state.step)
+    summary["run"] = run_info()
     if config.qat.enabled and int(state.step) == total_steps:
         quantized = export_quantized(model, jax.device_get(model_variables(state)))
         if is_main:

@@ -169,3 +169,11 @@ def test_benchmark_and_tflite_tables_compute_ratios():
     }  # fmt: skip
     md = collect_results.format_tflite_check(check, "c.json")["tflite_check"]
     assert "bit-exact on 499/500 images" in md and "`m.tflite`" in md
+
+
+def test_qat_line_needs_a_final_evaluation():
+    run = {"final_step": 735, "eval_top1": 70.0, "eval_int_top1": 69.5, "eval_images": 3925}
+    md = collect_results.format_qat(run, "r.json")["qat"]
+    assert "top-1 70.00 %" in md and "69.50 % in the integer-only pass" in md
+    with pytest.raises(ValueError, match="no final evaluation"):
+        collect_results.format_qat({"final_step": 735}, "r.json")
