@@ -15,9 +15,12 @@ Command (after the float run):
     python launch/main.py --config configs/qat_imagenette.py:qf_relu \
         --workdir /tmp/qat_imagenette_qf_relu
 
-Expected time on the 2-core CPU machine: QAT steps cost ~1.5-2x float steps (the float conv that
-gives the batch statistics is computed as well), so ~10-15 min for the 5 epochs.
-Expected accuracy: not measured here.
+Expected (measured 2026-11-27 on the 2-core CPU machine, variant ``original`` from the Figure 5
+checkpoint, ``--config.init_from=checkpoint:runs/figure5/original/seed0/train
+--config.eval_every_steps=0``): about 10 min (1.7 QAT steps/s, then the evaluations); top-1 on
+the 3,925 val images 70.57 % in the QAT model's fake-quant inference and 70.24 % in the
+integer-only pass, against 63.85 % for TF8 post-training quantization of the same float model
+(70.75 %). Other variants: not measured.
 """
 
 import ml_collections
