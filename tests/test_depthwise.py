@@ -211,6 +211,9 @@ def test_regular_conv_lowerings_match_lax(h, ks, stride):
         got = _value_and_grads(lambda x, k, fn=fn: fn(x, k), x, k, cot)
         for what, a, b in zip(("output", "d/dx", "d/dkernel"), ref, got, strict=True):
             np.testing.assert_allclose(b, a, **TOL, err_msg=f"{name} {what}")
+        # Under autodiff the forward rule runs (a custom VJP's own forward, with residuals).
+        fwd_out = jax.jit(lambda x, k, fn=fn: jax.vjp(fn, x, k)[0])(x, k)
+        np.testing.assert_allclose(fwd_out, ref[0], **TOL, err_msg=f"{name} forward rule")
 
 
 def test_pointwise_is_a_matmul_with_conv_gradients():
