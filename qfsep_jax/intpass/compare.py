@@ -41,23 +41,6 @@ def _codes(values, scale: float, zero_point: int) -> np.ndarray:
     return model_lib.round_codes(values, scale, zero_point)
 
 
-def _sim_dtype(variables) -> np.dtype:
-    """The simulation's float dtype: that of its parameters (float32, or float64 for
-    ``--sim_dtype float64``)."""
-    leaves = [
-        a for a in jax.tree.leaves(variables["params"]) if jnp.issubdtype(a.dtype, jnp.floating)
-    ]
-    return np.dtype(leaves[0].dtype) if leaves else np.dtype(np.float32)
-
-
-def _sim_call(fn, variables, images, *args):
-    """``fn(variables, images, *args)`` with images in the simulation's dtype; float64 runs with
-    x64 enabled for this call only (the integer pass keeps its int32 types outside it)."""
-    dtype = _sim_dtype(variables)
-    with jax.enable_x64(dtype == np.float64):
-        return fn(variables, jnp.asarray(images, dtype), *args)
-
-
 def _fake_model(model, variables):
     if not model.bn_folded:
         from qfsep_jax.quant.fold import fold_batch_norm
@@ -115,7 +98,7 @@ def _layerwise_outputs(model, variables, int_model, images, deq, deq_input):
     path = _pre_quant_path(int_model)
     fn = _cached(("layerwise", model, tuple(names)),
                  lambda: _make_layerwise_fn(model, prev_name, path))  # fmt: skip
-    return _sim_call(fn, variables, images, deq, deq_input)
+    return fn(variables, jnp.asarray(images, jnp.float32), deq, deq_input)
 
 
 def _pre_quant_path(int_model: model_lib.IntModel) -> tuple[str, ...]:
@@ -174,7 +157,7 @@ def _sim_logits(model, variables, int_model: model_lib.IntModel, images):
         return apply
 
     apply = _cached(("e2e", model, pre_quant_path), make)
-    return _sim_call(apply, variables, images)
+    return apply(variables, jnp.asarray(images, jnp.float32))
 
 
 def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images) -> dict:
@@ -387,7 +370,7 @@ def locate_disagreements(model, variables, int_model: model_lib.IntModel, images
     codes = {k: jnp.asarray(ints[k], jnp.int32) for k in convs}
     hybrid_agrees, differing = [], []
     for n_sub in range(len(convs)):
-        pre, counts = _sim_call(fn, variables, images, deq, codes, jnp.int32(n_sub))
+        pre, counts = fn(variables, jnp.asarray(images, jnp.float32), deq, codes, jnp.int32(n_sub))
         hybrid_agrees.append(np.argmax(np.asarray(pre), -1) == int_top)
         differing.append(np.asarray(counts)[n_sub])
     hybrid_agrees, differing = np.stack(hybrid_agrees), np.stack(differing)  # [L, N]
@@ -419,7 +402,7 @@ def _make_hybrid_fn(model, convs: tuple[str, ...], params: dict, pre_quant_path)
             name = "_".join(context.module.path)
             out = next_fun(*args, **kwargs)
             scale, zp = params[name]
-            mine = round_half_away_from_zero(out / scale).astype(jnp.int32) + zp
+            mine = round_half_away_from_zero(out / jnp.float32(scale)).astype(jnp.int32) + zp
             counts[name] = jnp.sum(mine != codes[name], axis=(1, 2, 3))
             return jnp.where(index[name] < n_sub, deq[name], out)
 
@@ -454,9 +437,6 @@ def main(argv=None) -> None:
                    help="compare against the simulation with int32-snapped biases")  # fmt: skip
     p.add_argument("--locate", action="store_true",
                    help="attribute each fine top-1 disagreement to a layer")  # fmt: skip
-    p.add_argument("--sim_dtype", default="float32", choices=["float32", "float64"],
-                   help="the simulation's float arithmetic (float64: x64 for the simulation "
-                   "only; isolates float32 rounding from the integer arithmetic)")  # fmt: skip
     p.add_argument("--out", default="", help="write the report as JSON here")
     args = p.parse_args(argv)
     config = base.data_config()
@@ -473,17 +453,9 @@ def main(argv=None) -> None:
     sim_model, sim_vars = qmodel.model, qmodel.variables
     if args.snap_biases:
         sim_model, sim_vars = model_lib.snap_biases(sim_model, sim_vars, int_model)
-    if args.sim_dtype == "float64":
-        # Folded in float32 first (as the integer model was), then widened exactly.
-        sim_model, sim_vars = _fake_model(sim_model, sim_vars)
-        sim_vars = jax.tree.map(
-            lambda a: np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
-            else np.asarray(a), sim_vars,
-        )  # fmt: skip
     data = eval_input(config, "folder:imagenet_val500", limit=args.limit)
     report = agreement_report(sim_model, sim_vars, int_model, data.make(), locate=args.locate)
     report.update(recipe=args.recipe, image_size=args.image_size, snap_biases=args.snap_biases,
-                  sim_dtype=args.sim_dtype,
                   rounding=str(int_model.rounding),
                   calibration_images=calib.num_examples)  # fmt: skip
     for name, lsb in report["layerwise_max_lsb"].items():
