@@ -292,7 +292,8 @@ def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
     note = (
         f"{'; '.join(results['versions'])}; {results['threads']} threads (CPUs "
         f"{results['cpus']}), depthwise `{results['depthwise_impl']}`, malloc_tune="
-        f"{results['malloc_tune']}, OMP_WAIT_POLICY={results['omp_wait_policy']}. Best of "
+        f"{results['malloc_tune']}, OMP_WAIT_POLICY={results['omp_wait_policy']}, "
+        f"XLA_FLAGS=`{results.get('xla_flags', '')}`. Best of "
         f"{results['reps']} interleaved reps of {results['steps']} steps." + _measured(results)
     )
     return {"bench_train": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
