@@ -287,14 +287,17 @@ def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
             f"{r['width']}, {r['image_size']} px (stem stride {r['stem_stride']}), {r['batch']}",
             r["mode"], jax_rate, torch_rate,
             jax_rate / torch_rate if jax_rate and torch_rate else None,
+            r.get("paired_median_ratio"),
         ])  # fmt: skip
-    header = ["width, input, batch", "mode", "JAX img/s", "PyTorch img/s", "ratio JAX/PyTorch"]
+    header = ["width, input, batch", "mode", "JAX img/s", "PyTorch img/s", "ratio JAX/PyTorch",
+              "median per-rep ratio"]  # fmt: skip
     note = (
         f"{'; '.join(results['versions'])}; {results['threads']} threads (CPUs "
         f"{results['cpus']}), depthwise `{results['depthwise_impl']}`, malloc_tune="
         f"{results['malloc_tune']}, OMP_WAIT_POLICY={results['omp_wait_policy']}, "
-        f"XLA_FLAGS=`{results.get('xla_flags', '')}`. Best of "
-        f"{results['reps']} interleaved reps of {results['steps']} steps." + _measured(results)
+        f"XLA_FLAGS=`{results.get('xla_flags', '')}`. Images/s and ratio: best of "
+        f"{results['reps']} interleaved reps of {results['steps']} steps; median per-rep ratio: "
+        "the median over reps of JAX/PyTorch timed back to back." + _measured(results)
     )
     return {"bench_train": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
 
