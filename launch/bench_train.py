@@ -20,9 +20,7 @@ machine load, for each row (width multiplier, input size, stem stride, batch) an
   min/max, int8 weights with min/max), one activation fake-quant per layer after ReLU6 (the
   redundant one that ``prepare_qat`` puts between ConvBn2d and ReLU6 is removed). Padding is
   torch's symmetric padding; TF "SAME" differs only in where a stride-2 layer's pad goes.
-* JAX runs with the XLA:CPU settings that ``launch/main.py`` gives training jobs
-  (:func:`qfsep_jax.runtime.tune_xla_cpu`: 512-bit vectors where the CPU has AVX-512);
-  ``--no-xla_cpu_tuning`` runs XLA's defaults. The flags are printed and recorded.
+* ``XLA_FLAGS`` as set in the environment (printed and recorded; none by default).
 * Both run with ``--threads`` threads: the process is pinned to that many CPUs before either
   framework starts (XLA sizes its thread pool from the affinity mask) and torch gets
   ``set_num_threads``. ``--malloc_tune`` (default on) keeps freed memory in glibc's heap
@@ -73,10 +71,6 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--malloc_tune", action=argparse.BooleanOptionalAction, default=True,
         help="keep freed memory in glibc's heap (both frameworks)",
-    )  # fmt: skip
-    p.add_argument(
-        "--xla_cpu_tuning", action=argparse.BooleanOptionalAction, default=True,
-        help="XLA:CPU settings of the training entry point (qfsep_jax.runtime.tune_xla_cpu)",
     )  # fmt: skip
     p.add_argument("--out", default="", help="also write the results as JSON here (atomically)")
     p.add_argument(
@@ -270,8 +264,6 @@ def main(argv=None) -> None:
     if args.omp_passive:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch's OpenMP runtime starts
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.xla_cpu_tuning:
-        runtime.tune_xla_cpu()  # as launch/main.py does for training, before JAX starts
     import jax
 
     frameworks = args.frameworks.split(",")

@@ -35,8 +35,6 @@ def main(argv):
     module, fn = JOBS[job].split(":")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     runtime.tune_malloc()  # reuse XLA's per-step scratch memory instead of page-faulting it
-    if job == "train":
-        runtime.tune_xla_cpu()  # before JAX starts its CPU backend (no-op off x86 AVX-512)
     logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
     getattr(importlib.import_module(module), fn)(config, _WORKDIR.value)
 

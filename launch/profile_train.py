@@ -12,8 +12,7 @@ CPU device, SGD momentum) inside ``jax.profiler.trace`` and attributes every exe
 op name. Prints the op time per step by category, with its share, and the top single ops.
 ``--threads 1`` (default) pins the process to one CPU, so that op times add up to the step
 time; with more threads XLA runs ops partitioned or concurrently and the sum exceeds it.
-Process-wide malloc and XLA:CPU tuning as in the benchmark (:func:`qfsep_jax.runtime.tune_malloc`,
-:func:`qfsep_jax.runtime.tune_xla_cpu`).
+Process-wide malloc tuning as in the benchmark (:func:`qfsep_jax.runtime.tune_malloc`).
 """
 
 from __future__ import annotations
@@ -116,7 +115,6 @@ def main(argv=None) -> None:
     args = _parse(argv)
     cpus = bench_train.pin_threads(args.threads)
     runtime.tune_malloc()
-    runtime.tune_xla_cpu()  # as training jobs run (before JAX starts its backend)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
 

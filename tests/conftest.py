@@ -2,13 +2,9 @@
 
 import os
 
-# Eight fake CPU devices for the pmap tests, and the XLA:CPU tuning that training runs get
-# (qfsep_jax.runtime.tune_xla_cpu); set before anything starts JAX's backend.
+# Eight fake CPU devices for the pmap tests; set before anything imports jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from qfsep_jax import runtime  # noqa: E402
-
-runtime.tune_xla_cpu()
 
 import pytest  # noqa: E402
 
