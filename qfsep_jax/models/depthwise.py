@@ -101,9 +101,10 @@ def direct_conv2d(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return _direct_conv(x, _materialize(kernel), stride, (x.shape[1], x.shape[2]))
 
 
-def _lax_conv(x, kernel, stride):
+def _valid_conv(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """XLA's conv of an already SAME-padded ``xp`` (no further padding)."""
     return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        xp, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
 
@@ -146,13 +147,7 @@ def _direct_bwd(stride, in_hw, residuals, g):
     (pt, _), (pl, _) = same_padding(h, kh, stride), same_padding(w, kw, stride)
     # The same conv as a VALID one over the padded input; the input gradient (which the stem
     # does not need, so XLA drops it) is cropped back to the unpadded input.
-    _, vjp = jax.vjp(
-        lambda xp, k: jax.lax.conv_general_dilated(
-            xp, k, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        ),
-        xp,
-        kernel,
-    )
+    _, vjp = jax.vjp(lambda xp, k: _valid_conv(xp, k, stride), xp, kernel)
     dxp, dk = vjp(g)
     return dxp[:, pt : pt + h, pl : pl + w, :], dk
 
