@@ -22,7 +22,10 @@ sub-LSB differences, or arbitrarily). What it leaves: the per-layer 1-LSB differ
 double rounding, the int32 bias, float32 sums) are amplified end to end, since a 1-LSB change of
 one input can move a depthwise output by several LSBs; the two passes' logits then differ by a
 fraction of an LSB (``fine_logit_error_lsb``), and images whose top-2 logits are that close
-flip. :func:`locate_disagreements` attributes each such image to a layer.
+flip. :func:`locate_disagreements` attributes each such image to a layer. The same amplification
+acts on float32 summation order alone: ``agreement_report(..., reorder_check=True)`` measures how
+well the simulation agrees with itself run through the other depthwise implementation, the floor
+for any other arithmetic's agreement with it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qfsep_jax.intpass import model as model_lib
+from qfsep_jax.models.depthwise import resolve_impl
 from qfsep_jax.models.layers import ActQuant, ConvLayer
 from qfsep_jax.quant.fake_quant import round_half_away_from_zero
 
@@ -191,7 +195,7 @@ def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images
 
 def agreement_report(
     model, variables, int_model: model_lib.IntModel, batches, labels: bool = True,
-    locate: bool = False,
+    locate: bool = False, reorder_check: bool = False,
 ) -> dict:  # fmt: skip
     """Layer-wise and end-to-end agreement over padded eval batches (masked images dropped).
 
@@ -223,6 +227,14 @@ def agreement_report(
     the simulation's top-2 logits closer than each threshold, in LSBs) and
     ``top2_pair_error_lsb`` (the error of that top-2 difference in the integer pass: rms, max);
     an image flips when its pair error exceeds its gap.
+
+    ``reorder_check`` adds ``"sim_reordered"``: the same simulation run with the other
+    depthwise implementation (``lax`` grouped conv vs ``shift``, :mod:`qfsep_jax.models.depthwise`),
+    the same arithmetic in another float32 summation order. ``top1_agreement_fine_with_sim`` is
+    its fine top-1 agreement with the simulation, ``top1_agreement_fine_with_int`` with the
+    integer pass, ``logit_difference_lsb_rms`` the rms of its pre-quant logits minus the
+    simulation's (output LSBs): how reproducible the simulation itself is, the floor for how
+    well any other arithmetic can agree with it.
     """
     n = agree = agree_ties = agree_fine = agree_same = hit_fake = hit_int = 0
     hit_pre = hit_fine = err_count = 0
@@ -236,6 +248,9 @@ def agreement_report(
     scale, zp = model_lib.output_qparams(int_model)[int_model.layer_names[-1]]
     fine_unit = 2**model_lib.FINE_LOGIT_BITS
     fake_model, fake_vars = _fake_model(model, variables)
+    reordered = fake_model.clone(depthwise_impl=_other_depthwise_impl(fake_model.depthwise_impl))
+    re_sim = re_int = 0
+    re_sq = 0.0
     for batch in batches:
         valid = int(batch["mask"].sum())
         if valid == 0:
@@ -293,6 +308,12 @@ def agreement_report(
                 "sim_gap_lsb": float((fake_pre[i, b] - fake_pre[i, a]) / scale),
                 "int_gap_lsb": float((int_fine[i, a] - int_fine[i, b]) / fine_unit),
             })  # fmt: skip
+        if reorder_check:
+            _, re_pre, _ = _sim_logits(reordered, fake_vars, int_model, images)
+            re_top = np.argmax(np.asarray(re_pre), -1)
+            re_sim += int(np.sum(re_top == fake_top_f))
+            re_int += int(np.sum(re_top == int_top_f))
+            re_sq += float(np.sum(np.square((np.asarray(re_pre, np.float64) - fake_pre) / scale)))
         if locate and bad.size:
             found = locate_disagreements(fake_model, fake_vars, int_model, images[bad])
             for entry, loc in zip(fine_dis[len(fine_dis) - bad.size :], found, strict=True):
@@ -327,12 +348,24 @@ def agreement_report(
         "layerwise_max_lsb": max_lsb,
         "layerwise_frac_differing": {k: v / n for k, v in frac.items()},
     }
+    if reorder_check:
+        out["sim_reordered"] = {
+            "depthwise_impl": reordered.depthwise_impl,
+            "top1_agreement_fine_with_sim": re_sim / n,
+            "top1_agreement_fine_with_int": re_int / n,
+            "logit_difference_lsb_rms": float(np.sqrt(re_sq / err_count)),
+        }
     if labels:
         out["top1_int"] = 100.0 * hit_int / n
         out["top1_fake"] = 100.0 * hit_fake / n
         out["top1_int_fine"] = 100.0 * hit_fine / n
         out["top1_fake_pre_quant"] = 100.0 * hit_pre / n
     return out
+
+
+def _other_depthwise_impl(impl: str) -> str:
+    """The depthwise implementation other than the one ``impl`` resolves to here."""
+    return "lax" if resolve_impl(impl) == "shift" else "shift"
 
 
 def locate_disagreements(model, variables, int_model: model_lib.IntModel, images) -> list[dict]:
@@ -437,6 +470,11 @@ def main(argv=None) -> None:
                    help="compare against the simulation with int32-snapped biases")  # fmt: skip
     p.add_argument("--locate", action="store_true",
                    help="attribute each fine top-1 disagreement to a layer")  # fmt: skip
+    p.add_argument(
+        "--reorder_check", action="store_true",
+        help="also run the simulation with the other depthwise implementation (another float32 "
+        "summation order) and report how well it agrees with itself",
+    )  # fmt: skip
     p.add_argument("--out", default="", help="write the report as JSON here")
     args = p.parse_args(argv)
     config = base.data_config()
@@ -454,7 +492,8 @@ def main(argv=None) -> None:
     if args.snap_biases:
         sim_model, sim_vars = model_lib.snap_biases(sim_model, sim_vars, int_model)
     data = eval_input(config, "folder:imagenet_val500", limit=args.limit)
-    report = agreement_report(sim_model, sim_vars, int_model, data.make(), locate=args.locate)
+    report = agreement_report(sim_model, sim_vars, int_model, data.make(), locate=args.locate,
+                              reorder_check=args.reorder_check)  # fmt: skip
     report.update(recipe=args.recipe, image_size=args.image_size, snap_biases=args.snap_biases,
                   rounding=str(int_model.rounding),
                   calibration_images=calib.num_examples)  # fmt: skip
@@ -482,6 +521,14 @@ def main(argv=None) -> None:
         f"{100 * report['top1_agreement_fine_same_input']:.2f}%, max logit error "
         f"{report['fine_logit_error_same_input_lsb']:.2e} LSB)"
     )
+    if "sim_reordered" in report:
+        r = report["sim_reordered"]
+        print(
+            f"simulation reordered (depthwise_impl={r['depthwise_impl']}): fine top-1 agreement "
+            f"{100 * r['top1_agreement_fine_with_sim']:.2f}% with the simulation, "
+            f"{100 * r['top1_agreement_fine_with_int']:.2f}% with the integer pass; logit "
+            f"difference to the simulation rms {r['logit_difference_lsb_rms']:.4f} LSB"
+        )
     for d in report["fine_disagreements"]:
         where = f", culprit {d['culprit']} ({d['culprit_codes_differing']} codes differ)" if (
             "culprit" in d) else ""  # fmt: skip
