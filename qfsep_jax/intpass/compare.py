@@ -248,7 +248,10 @@ def agreement_report(
     scale, zp = model_lib.output_qparams(int_model)[int_model.layer_names[-1]]
     fine_unit = 2**model_lib.FINE_LOGIT_BITS
     fake_model, fake_vars = _fake_model(model, variables)
-    reordered = fake_model.clone(depthwise_impl=_other_depthwise_impl(fake_model.depthwise_impl))
+    reordered = None
+    if reorder_check:
+        other = _other_depthwise_impl(fake_model.depthwise_impl)
+        reordered = fake_model.clone(depthwise_impl=other)
     re_sim = re_int = 0
     re_sq = 0.0
     for batch in batches:
