@@ -24,8 +24,8 @@ one input can move a depthwise output by several LSBs; the two passes' logits th
 fraction of an LSB (``fine_logit_error_lsb``), and images whose top-2 logits are that close
 flip. :func:`locate_disagreements` attributes each such image to a layer. The same amplification
 acts on float32 summation order alone: ``agreement_report(..., reorder_check=True)`` measures how
-well the simulation agrees with itself run through the other depthwise implementation, the floor
-for any other arithmetic's agreement with it.
+well the simulation agrees with itself run through the other depthwise implementation: a
+reference for how well any other arithmetic can be expected to agree with it.
 """
 
 from __future__ import annotations
@@ -233,8 +233,8 @@ def agreement_report(
     the same arithmetic in another float32 summation order. ``top1_agreement_fine_with_sim`` is
     its fine top-1 agreement with the simulation, ``top1_agreement_fine_with_int`` with the
     integer pass, ``logit_difference_lsb_rms`` the rms of its pre-quant logits minus the
-    simulation's (output LSBs): how reproducible the simulation itself is, the floor for how
-    well any other arithmetic can agree with it.
+    simulation's (output LSBs): how reproducible the simulation itself is, a reference for how
+    well any other arithmetic can be expected to agree with it.
     """
     n = agree = agree_ties = agree_fine = agree_same = hit_fake = hit_int = 0
     hit_pre = hit_fine = err_count = 0
