@@ -79,7 +79,8 @@ def test_tf8_end_to_end_top1(setup, tf8):
     assert e2e["layers"]["Conv2d_0"]["max_lsb"] <= 1  # first layer: same input, same codes
     batch = {"image": setup[3], "label": np.zeros(16, np.int32), "mask": np.ones(16)}
     report = compare.agreement_report(qmodel.model, qmodel.variables, int_model, [batch],
-                                      reorder_check=True)  # fmt: skip
+                                      reorder_check=True, float64_check=True)  # fmt: skip
+    assert jnp.zeros(1).dtype == jnp.float32  # float64_check leaves x64 off again
     # Full imagenet_val500 numbers: README / report. Disagreements are 8-bit logit ties.
     assert report["top1_agreement"] >= 14 / 16, report
     assert report["top1_agreement_tie_aware"] >= 15 / 16, report
@@ -99,6 +100,11 @@ def test_tf8_end_to_end_top1(setup, tf8):
     assert reordered["depthwise_impl"] == "lax", reordered  # the simulation runs "shift" on CPU
     assert 0 < reordered["logit_difference_lsb_rms"] < 1, reordered
     assert reordered["top1_agreement_fine_with_sim"] >= 14 / 16, reordered
+    # The simulation in float64 (its float32 rounding gone): again within a fraction of an LSB.
+    f64 = report["sim_float64"]
+    assert 0 < f64["logit_difference_lsb_rms"] < 1, f64
+    assert f64["top1_agreement_fine_with_sim"] >= 14 / 16, f64
+    assert f64["int_logit_error_lsb_rms"] < 2, f64
 
 
 def test_int8_per_channel_scheme(setup):

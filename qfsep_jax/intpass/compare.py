@@ -26,6 +26,8 @@ flip. :func:`locate_disagreements` attributes each such image to a layer. The sa
 acts on float32 summation order alone: ``agreement_report(..., reorder_check=True)`` measures how
 well the simulation agrees with itself run through the other depthwise implementation: a
 reference for how well any other arithmetic can be expected to agree with it.
+``float64_check=True`` runs the simulation in float64 as well, which separates the float32
+simulation's own rounding from the integer arithmetic's.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def _make_layerwise_fn(model, prev_name: dict, pre_quant_path: tuple[str, ...]):
     return fake_given_int_inputs
 
 
-def _sim_logits(model, variables, int_model: model_lib.IntModel, images):
+def _sim_logits(model, variables, int_model: model_lib.IntModel, images, dtype=jnp.float32):
     """The simulation's logits (on its 8-bit grid) and its pre-quant logits, ``[N, classes]``."""
     pre_quant_path = _pre_quant_path(int_model)
 
@@ -161,7 +163,29 @@ def _sim_logits(model, variables, int_model: model_lib.IntModel, images):
         return apply
 
     apply = _cached(("e2e", model, pre_quant_path), make)
-    return apply(variables, jnp.asarray(images, jnp.float32))
+    return apply(variables, jnp.asarray(images, dtype))
+
+
+def _sim_pre_quant_float64(model, variables, int_model: model_lib.IntModel, images) -> np.ndarray:
+    """The simulation's pre-quant logits computed in float64 (``jax.enable_x64``), ``[N, classes]``.
+
+    Its input is the integer pass's input codes, dequantized exactly, so both passes start from
+    the same codes; float64 sums of 8-bit grid values are exact to far below an LSB, so this is
+    the simulation without float32 rounding.
+    """
+    q = np.asarray(model_lib.quantize_input(int_model, images), np.float64)
+    with jax.enable_x64(True):
+        x = np.float64(int_model.input_scale) * (q - int_model.input_zero_point)
+        v64 = jax.tree_util.tree_map(_to_float64, variables)
+        _, pre, _ = _sim_logits(model, v64, int_model, x, dtype=jnp.float64)
+        if pre.dtype != jnp.float64:
+            raise RuntimeError(f"the float64 simulation computed in {pre.dtype}")
+        return np.asarray(pre)
+
+
+def _to_float64(leaf):
+    leaf = jnp.asarray(leaf)
+    return leaf.astype(jnp.float64) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
 
 
 def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images) -> dict:
@@ -195,7 +219,7 @@ def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images
 
 def agreement_report(
     model, variables, int_model: model_lib.IntModel, batches, labels: bool = True,
-    locate: bool = False, reorder_check: bool = False,
+    locate: bool = False, reorder_check: bool = False, float64_check: bool = False,
 ) -> dict:  # fmt: skip
     """Layer-wise and end-to-end agreement over padded eval batches (masked images dropped).
 
@@ -235,6 +259,11 @@ def agreement_report(
     integer pass, ``logit_difference_lsb_rms`` the rms of its pre-quant logits minus the
     simulation's (output LSBs): how reproducible the simulation itself is, a reference for how
     well any other arithmetic can be expected to agree with it.
+
+    ``float64_check`` adds ``"sim_float64"``: the same simulation computed in float64 from the
+    integer pass's input codes (:func:`_sim_pre_quant_float64`), with the same three keys plus
+    ``int_logit_error_lsb_rms`` (integer fine minus float64 pre-quant logits, rms, output LSBs):
+    whether the residual is the float32 simulation's rounding or the integer arithmetic's own.
     """
     n = agree = agree_ties = agree_fine = agree_same = hit_fake = hit_int = 0
     hit_pre = hit_fine = err_count = 0
@@ -254,6 +283,8 @@ def agreement_report(
         reordered = fake_model.clone(depthwise_impl=other)
     re_sim = re_int = 0
     re_sq = 0.0
+    f64_sim = f64_int = 0
+    f64_sq = f64_int_sq = 0.0
     for batch in batches:
         valid = int(batch["mask"].sum())
         if valid == 0:
@@ -317,6 +348,13 @@ def agreement_report(
             re_sim += int(np.sum(re_top == fake_top_f))
             re_int += int(np.sum(re_top == int_top_f))
             re_sq += float(np.sum(np.square((np.asarray(re_pre, np.float64) - fake_pre) / scale)))
+        if float64_check:
+            pre64 = _sim_pre_quant_float64(fake_model, fake_vars, int_model, images)
+            top64 = np.argmax(pre64, -1)
+            f64_sim += int(np.sum(top64 == fake_top_f))
+            f64_int += int(np.sum(top64 == int_top_f))
+            f64_sq += float(np.sum(np.square((fake_pre - pre64) / scale)))
+            f64_int_sq += float(np.sum(np.square(int_fine / fine_unit - pre64 / scale)))
         if locate and bad.size:
             found = locate_disagreements(fake_model, fake_vars, int_model, images[bad])
             for entry, loc in zip(fine_dis[len(fine_dis) - bad.size :], found, strict=True):
@@ -357,6 +395,13 @@ def agreement_report(
             "top1_agreement_fine_with_sim": re_sim / n,
             "top1_agreement_fine_with_int": re_int / n,
             "logit_difference_lsb_rms": float(np.sqrt(re_sq / err_count)),
+        }
+    if float64_check:
+        out["sim_float64"] = {
+            "top1_agreement_fine_with_sim": f64_sim / n,
+            "top1_agreement_fine_with_int": f64_int / n,
+            "logit_difference_lsb_rms": float(np.sqrt(f64_sq / err_count)),
+            "int_logit_error_lsb_rms": float(np.sqrt(f64_int_sq / err_count)),
         }
     if labels:
         out["top1_int"] = 100.0 * hit_int / n
@@ -478,6 +523,11 @@ def main(argv=None) -> None:
         help="also run the simulation with the other depthwise implementation (another float32 "
         "summation order) and report how well it agrees with itself",
     )  # fmt: skip
+    p.add_argument(
+        "--float64_check", action="store_true",
+        help="also run the simulation in float64 and report how the integer pass and the float32 "
+        "simulation agree with it",
+    )  # fmt: skip
     p.add_argument("--out", default="", help="write the report as JSON here")
     args = p.parse_args(argv)
     config = base.data_config()
@@ -496,7 +546,8 @@ def main(argv=None) -> None:
         sim_model, sim_vars = model_lib.snap_biases(sim_model, sim_vars, int_model)
     data = eval_input(config, "folder:imagenet_val500", limit=args.limit)
     report = agreement_report(sim_model, sim_vars, int_model, data.make(), locate=args.locate,
-                              reorder_check=args.reorder_check)  # fmt: skip
+                              reorder_check=args.reorder_check,
+                              float64_check=args.float64_check)  # fmt: skip
     report.update(recipe=args.recipe, image_size=args.image_size, snap_biases=args.snap_biases,
                   rounding=str(int_model.rounding),
                   calibration_images=calib.num_examples)  # fmt: skip
@@ -531,6 +582,15 @@ def main(argv=None) -> None:
             f"{100 * r['top1_agreement_fine_with_sim']:.2f}% with the simulation, "
             f"{100 * r['top1_agreement_fine_with_int']:.2f}% with the integer pass; logit "
             f"difference to the simulation rms {r['logit_difference_lsb_rms']:.4f} LSB"
+        )
+    if "sim_float64" in report:
+        r = report["sim_float64"]
+        print(
+            f"simulation in float64: fine top-1 agreement "
+            f"{100 * r['top1_agreement_fine_with_sim']:.2f}% with the float32 simulation, "
+            f"{100 * r['top1_agreement_fine_with_int']:.2f}% with the integer pass; logit "
+            f"difference rms {r['logit_difference_lsb_rms']:.4f} LSB to the float32 simulation, "
+            f"{r['int_logit_error_lsb_rms']:.4f} LSB to the integer pass"
         )
     for d in report["fine_disagreements"]:
         where = f", culprit {d['culprit']} ({d['culprit_codes_differing']} codes differ)" if (
