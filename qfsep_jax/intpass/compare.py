@@ -170,8 +170,8 @@ def _sim_pre_quant_float64(model, variables, int_model: model_lib.IntModel, imag
     """The simulation's pre-quant logits computed in float64 (``jax.enable_x64``), ``[N, classes]``.
 
     Its input is the integer pass's input codes, dequantized exactly, so both passes start from
-    the same codes; float64 sums of 8-bit grid values are exact to far below an LSB, so this is
-    the simulation without float32 rounding.
+    the same codes. float64 rounds 2**29 times more finely than float32, so this is the
+    simulation with its float32 rounding errors removed.
     """
     q = np.asarray(model_lib.quantize_input(int_model, images), np.float64)
     with jax.enable_x64(True):
