@@ -107,6 +107,22 @@ def test_tf8_end_to_end_top1(setup, tf8):
     assert f64["int_logit_error_lsb_rms"] < 2, f64
 
 
+def test_float64_simulation_is_free_of_summation_order(setup, tf8):
+    # In float32 the two depthwise implementations differ by a fraction of an LSB end to end
+    # (see above); in float64 their logits must agree to far below an LSB, which fails if any
+    # op of the float64 simulation silently ran in float32.
+    qmodel, int_model = tf8
+    model, variables = compare._fake_model(qmodel.model, qmodel.variables)
+    scale = intpass.output_qparams(int_model)[int_model.layer_names[-1]][0]
+    shift, lax_ = (
+        compare._sim_pre_quant_float64(model.clone(depthwise_impl=impl), variables, int_model,
+                                       setup[3])
+        for impl in ("shift", "lax")
+    )  # fmt: skip
+    assert shift.dtype == np.float64
+    assert np.max(np.abs(shift - lax_)) / scale < 1e-6
+
+
 def test_int8_per_channel_scheme(setup):
     qmodel = _ptq(setup, "int8_per_channel")
     int_model = intpass.from_quantized(qmodel)
