@@ -114,9 +114,11 @@ def test_float64_simulation_is_free_of_summation_order(setup, tf8):
     qmodel, int_model = tf8
     model, variables = compare._fake_model(qmodel.model, qmodel.variables)
     scale = intpass.output_qparams(int_model)[int_model.layer_names[-1]][0]
+    variables64 = compare._float64_variables(variables)
+    codes = intpass.quantize_input(int_model, setup[3])
     shift, lax_ = (
-        compare._sim_pre_quant_float64(model.clone(depthwise_impl=impl), variables, int_model,
-                                       setup[3])
+        compare._sim_pre_quant_float64(model.clone(depthwise_impl=impl), variables64, int_model,
+                                       codes)
         for impl in ("shift", "lax")
     )  # fmt: skip
     assert shift.dtype == np.float64

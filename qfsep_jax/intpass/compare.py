@@ -166,26 +166,33 @@ def _sim_logits(model, variables, int_model: model_lib.IntModel, images, dtype=j
     return apply(variables, jnp.asarray(images, dtype))
 
 
-def _sim_pre_quant_float64(model, variables, int_model: model_lib.IntModel, images) -> np.ndarray:
-    """The simulation's pre-quant logits computed in float64 (``jax.enable_x64``), ``[N, classes]``.
-
-    Its input is the integer pass's input codes, dequantized exactly, so both passes start from
-    the same codes. float64 rounds 2**29 times more finely than float32, so this is the
-    simulation with its float32 rounding errors removed.
-    """
-    q = np.asarray(model_lib.quantize_input(int_model, images), np.float64)
+def _float64_variables(variables) -> dict:
+    """The simulation's variables with every float leaf as a float64 array (cast once)."""
     with jax.enable_x64(True):
-        x = np.float64(int_model.input_scale) * (q - int_model.input_zero_point)
-        v64 = jax.tree_util.tree_map(_to_float64, variables)
-        _, pre, _ = _sim_logits(model, v64, int_model, x, dtype=jnp.float64)
-        if pre.dtype != jnp.float64:
-            raise RuntimeError(f"the float64 simulation computed in {pre.dtype}")
-        return np.asarray(pre)
+        return jax.tree_util.tree_map(_to_float64, variables)
 
 
 def _to_float64(leaf):
     leaf = jnp.asarray(leaf)
     return leaf.astype(jnp.float64) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+
+def _sim_pre_quant_float64(model, variables64, int_model: model_lib.IntModel, codes) -> np.ndarray:
+    """The simulation's pre-quant logits computed in float64 (``jax.enable_x64``), ``[N, classes]``.
+
+    ``variables64``: from :func:`_float64_variables`. ``codes``: the integer pass's input codes
+    (:func:`~qfsep_jax.intpass.quantize_input`), dequantized here exactly, so both passes start
+    from the same codes. float64 rounds 2**29 times more finely than float32, so this is the
+    simulation with its float32 rounding errors removed.
+    """
+    x = np.float64(int_model.input_scale) * (
+        np.asarray(codes, np.float64) - int_model.input_zero_point
+    )
+    with jax.enable_x64(True):
+        _, pre, _ = _sim_logits(model, variables64, int_model, x, dtype=jnp.float64)
+        if pre.dtype != jnp.float64:
+            raise RuntimeError(f"the float64 simulation computed in {pre.dtype}")
+        return np.asarray(pre)
 
 
 def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images) -> dict:
@@ -283,6 +290,7 @@ def agreement_report(
         reordered = fake_model.clone(depthwise_impl=other)
     re_sim = re_int = 0
     re_sq = 0.0
+    fake_vars64 = _float64_variables(fake_vars) if float64_check else None
     f64_sim = f64_int = 0
     f64_sq = f64_int_sq = 0.0
     for batch in batches:
@@ -349,7 +357,7 @@ def agreement_report(
             re_int += int(np.sum(re_top == int_top_f))
             re_sq += float(np.sum(np.square((np.asarray(re_pre, np.float64) - fake_pre) / scale)))
         if float64_check:
-            pre64 = _sim_pre_quant_float64(fake_model, fake_vars, int_model, images)
+            pre64 = _sim_pre_quant_float64(fake_model, fake_vars64, int_model, q)
             top64 = np.argmax(pre64, -1)
             f64_sim += int(np.sum(top64 == fake_top_f))
             f64_int += int(np.sum(top64 == int_top_f))
