@@ -67,7 +67,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPUs for both frameworks")
     p.add_argument("--steps", type=int, default=3, help="timed steps per rep")
     p.add_argument("--reps", type=int, default=7, help="reps per framework")
-    p.add_argument("--depthwise_impl", default="auto", help="auto | lax | shift")
+    p.add_argument("--depthwise_impl", default="auto", help="auto | lax | shift | native")
     p.add_argument(
         "--malloc_tune", action=argparse.BooleanOptionalAction, default=True,
         help="keep freed memory in glibc's heap (both frameworks)",

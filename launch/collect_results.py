@@ -12,10 +12,10 @@ in the README, and nothing else:
 
 Tables: ``table1`` (job table1), ``analyze_alpha`` and ``analyze_sqnr`` (job analyze),
 ``figure5`` and ``figure5_sqnr`` (launch/figure5.py), ``tflite_check`` (job tflite_check),
-``bench_intpass`` and ``bench_train`` (the benchmark scripts' ``--out runs/bench/intpass.json``
-and ``--out runs/bench/train.json``), ``qat`` (a QAT training run's ``results.json``). A source
-given on the command line must exist and its markers must be present; a default source that is
-absent is skipped with a note.
+``bench_intpass``, ``bench_train`` and ``bench_depthwise`` (the benchmark scripts'
+``--out runs/bench/{intpass,train,depthwise}.json``), ``qat`` (a QAT training run's
+``results.json``). A source given on the command line must exist and its markers must be
+present; a default source that is absent is skipped with a note.
 ``--check`` writes nothing and exits 1 when the README is out of date. The write is atomic.
 """
 
@@ -302,6 +302,40 @@ def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
     return {"bench_train": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
 
 
+def format_bench_depthwise(results: Mapping[str, Any], path: str) -> dict[str, str]:
+    """Depthwise implementations against the first one: per layer shape, and per training step."""
+    impls = results["impls"]
+    ref, others = impls[0], impls[1:]
+    kinds = ("fwd", "fwd+bwd")
+    header = ["input, stride"] + [f"{i} {k} ms" for k in kinds for i in impls]
+    header += [f"{ref}/{i} {k}" for k in kinds for i in others]
+    body = []
+    for name, ms in [(f"{r['input']}, {r['stride']}", r["ms"]) for r in results["layers"]] + [
+        ("sum", results["layer_totals_ms"])
+    ]:
+        body.append(
+            [name] + [ms[f"{i} {k}"] for k in kinds for i in impls]
+            + [ms[f"{ref} {k}"] / ms[f"{i} {k}"] for k in kinds for i in others]
+        )  # fmt: skip
+    step_header = ["row", "mode"] + [f"{i} ms/step" for i in impls]
+    step_header += [f"speedup of {i} over {ref}" for i in others]
+    step_body = [
+        [s["row"], s["mode"]] + [s["ms_best"][i] for i in impls]
+        + [s["speedup_vs_first_median"][i] for i in others]
+        for s in results["steps"]
+    ]  # fmt: skip
+    note = (
+        f"jax {results['jax']}, CPUs {results['cpus']}; layers: MobileNetV1 1.0/224 at batch 32, "
+        f"best of {results['reps']} interleaved reps; steps: `launch/bench_train.py`'s rows "
+        f"(`large` 1.0/224 batch 32, `small` 0.5/32 batch 128), best rep's ms/step, speedup = "
+        "median over reps of the per-rep time ratio." + _measured(results)
+    )
+    parts = [_provenance(path), markdown_table(header, body), ""]
+    if step_body:
+        parts += [markdown_table(step_header, step_body), ""]
+    return {"bench_depthwise": "\n".join(parts + [note])}
+
+
 def format_qat(results: Mapping[str, Any], path: str) -> dict[str, str]:
     """One line: a QAT run's final fake-quant (QAT inference) and integer-only top-1."""
     if "eval_top1" not in results:
@@ -326,6 +360,7 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
     "tflite_check": ("tflite_check/results.json", format_tflite_check),
     "bench_intpass": ("bench/intpass.json", format_bench_intpass),
     "bench_train": ("bench/train.json", format_bench_train),
+    "bench_depthwise": ("bench/depthwise.json", format_bench_depthwise),
     "qat": ("qat_imagenette_original_eval/results.json", format_qat),
 }
 

@@ -47,7 +47,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up)")
     p.add_argument("--top", type=int, default=25, help="how many single ops to list")
-    p.add_argument("--depthwise_impl", default="auto", help="auto | lax | shift")
+    p.add_argument("--depthwise_impl", default="auto", help="auto | lax | shift | native")
     p.add_argument("--out", default="", help="also write the summary as JSON here")
     args = p.parse_args(argv)
     if args.threads < 1 or args.steps < 1:
@@ -71,7 +71,8 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict]:
     out = {}
     for body in computations.values():
         for line in body:
-            m = re.match(r"\s*(ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(", line)
+            # Shapes are one array or a tuple "(f32[..], f32[..])" (multi-output ops).
+            m = re.match(r"\s*(ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\(", line)
             if not m:
                 continue
             calls = re.search(r"calls=%([\w.\-]+)", line)

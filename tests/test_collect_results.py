@@ -169,6 +169,20 @@ def test_benchmark_and_tflite_tables_compute_ratios():
     }  # fmt: skip
     md = collect_results.format_tflite_check(check, "c.json")["tflite_check"]
     assert "bit-exact on 499/500 images" in md and "`m.tflite`" in md
+    dw = {
+        "jax": "0.10.2", "cpus": [0, 1], "reps": 3, "impls": ["shift", "native"], "run": RUN,
+        "layers": [{"input": [32, 14, 14, 512], "stride": 1,
+                    "ms": {"shift fwd": 2.0, "native fwd": 1.0, "shift fwd+bwd": 9.0,
+                           "native fwd+bwd": 3.0}}],
+        "layer_totals_ms": {"shift fwd": 2.0, "native fwd": 1.0, "shift fwd+bwd": 9.0,
+                            "native fwd+bwd": 3.0},
+        "steps": [{"row": "large", "mode": "float", "ms_best": {"shift": 600.0, "native": 500.0},
+                   "speedup_vs_first_median": {"shift": 1.0, "native": 1.2}}],
+    }  # fmt: skip
+    md = collect_results.format_bench_depthwise(dw, "d.json")["bench_depthwise"]
+    assert "| [32, 14, 14, 512], 1 | 2.00 | 1.00 | 9.00 | 3.00 | 2.00 | 3.00 |" in md
+    assert "| sum | 2.00 | 1.00 | 9.00 | 3.00 | 2.00 | 3.00 |" in md
+    assert "| large | float | 600.00 | 500.00 | 1.20 |" in md
 
 
 def test_qat_line_needs_a_final_evaluation():

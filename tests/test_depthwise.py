@@ -1,6 +1,7 @@
-"""The depthwise implementations ('lax' grouped conv, 'shift' multiply-adds with a custom VJP)
-and the CPU lowering of the other convs (1×1 as matmul, the RGB stem as multiply-adds) agree in
-outputs and gradients; with the fake-quant primitive; under pmap; TF "SAME" geometry."""
+"""The depthwise implementations ('lax' grouped conv, 'shift' multiply-adds with a custom VJP,
+'native' C++ custom calls on CPU) and the CPU lowering of the other convs (1×1 as matmul, the
+RGB stem as multiply-adds) agree in outputs and gradients; with the fake-quant primitive; under
+pmap; TF "SAME" geometry."""
 
 import functools
 
@@ -9,13 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qfsep_jax.models import depthwise
+from qfsep_jax.models import depthwise, native
 from qfsep_jax.models.depthwise import depthwise_conv2d, direct_conv2d, resolve_impl
 from qfsep_jax.models.layers import ConvLayer, batch_norm_train, conv2d
 from qfsep_jax.quant import QuantConfig
 from qfsep_jax.quant.fake_quant import UINT8, fake_quant
 
 TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _impls(ks: int = 3) -> tuple[str, ...]:
+    """The implementations to compare: 'native' covers 3x3 kernels, and must build here."""
+    if ks != 3:
+        return ("lax", "shift")
+    assert native.available(), (
+        f"native depthwise kernels did not build: {native.unavailable_reason()}"
+    )
+    return ("lax", "shift", "native")
 
 
 def _np_depthwise_same(x, k, stride):
@@ -64,19 +75,31 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("n,h,w,c,ks,stride", CASES)
-def test_shift_equals_lax_outputs_and_gradients(n, h, w, c, ks, stride):
+# 3x3 cases for the native kernels' register blocking: channel counts around its 16-wide
+# blocks (full blocks plus a remainder), 1-3 px inputs (taps in the padding on both sides).
+NATIVE_CASES = [
+    (2, 6, 5, 16, 3, 1),
+    (2, 6, 5, 35, 3, 2),
+    (3, 2, 3, 17, 3, 1),
+    (2, 3, 2, 33, 3, 2),
+    (1, 1, 1, 16, 3, 1),
+]
+
+
+@pytest.mark.parametrize("n,h,w,c,ks,stride", CASES + NATIVE_CASES)
+def test_implementations_agree_on_outputs_and_gradients(n, h, w, c, ks, stride):
     x, k, cot = _inputs((n, h, w, c), (ks, ks, 1, c), stride)
+    impls = _impls(ks)
     got = {
         impl: _value_and_grads(functools.partial(_dw, stride=stride, impl=impl), x, k, cot)
-        for impl in ("lax", "shift")
+        for impl in impls
     }
     ref = _np_depthwise_same(x, k, stride)
-    for impl in ("lax", "shift"):
+    for impl in impls:
         np.testing.assert_allclose(got[impl][0], ref, **TOL, err_msg=f"{impl} vs TF SAME")
-    for name, a, b in zip(("output", "d/dx", "d/dkernel"), got["lax"], got["shift"], strict=True):
-        assert a.shape == b.shape, name
-        np.testing.assert_allclose(b, a, **TOL, err_msg=name)
+        for name, a, b in zip(("output", "d/dx", "d/dkernel"), got["lax"], got[impl], strict=True):
+            assert a.shape == b.shape, name
+            np.testing.assert_allclose(b, a, **TOL, err_msg=f"{impl} {name}")
 
 
 def _dw(x, k, stride, impl):
@@ -92,8 +115,9 @@ def test_tf_same_puts_the_odd_pad_after():
     x[0, 0, 0, 0] = 1.0  # only the first pixel is on; tap (0, 0) sees it at output (0, 0)
     k = np.zeros((3, 3, 1, 1), np.float32)
     k[0, 0, 0, 0] = 1.0
-    out = np.asarray(depthwise_conv2d(x, k, 2, impl="shift"))
-    assert out[0, 0, 0, 0] == 1.0 and out.sum() == 1.0
+    for impl in _impls():
+        out = np.asarray(depthwise_conv2d(x, k, 2, impl=impl))
+        assert out[0, 0, 0, 0] == 1.0 and out.sum() == 1.0, impl
 
 
 def test_kernel_gradient_in_batch_chunks(monkeypatch):
@@ -126,14 +150,16 @@ def test_under_the_fake_quant_primitive(stride):
         impl: jax.jit(jax.value_and_grad(functools.partial(qat_layer, impl), argnums=(0, 1, 2)))(
             x, k, 2.5
         )
-        for impl in ("lax", "shift")
+        for impl in _impls()
     }
-    (la, lg), (sa, sg) = got["lax"], got["shift"]
-    np.testing.assert_allclose(sa, la, rtol=1e-5)
-    for name, a, b in zip(("d/dx", "d/dkernel", "d/dx_max"), lg, sg, strict=True):
-        np.testing.assert_allclose(b, a, **TOL, err_msg=name)
-    assert np.any(np.asarray(sg[0]) == 0) and np.any(np.asarray(sg[0]) != 0)  # STE clipped
-    assert float(sg[2]) != 0.0  # the range gets a gradient
+    la, lg = got["lax"]
+    for impl in _impls()[1:]:
+        sa, sg = got[impl]
+        np.testing.assert_allclose(sa, la, rtol=1e-5, err_msg=impl)
+        for name, a, b in zip(("d/dx", "d/dkernel", "d/dx_max"), lg, sg, strict=True):
+            np.testing.assert_allclose(b, a, **TOL, err_msg=f"{impl} {name}")
+        assert np.any(np.asarray(sg[0]) == 0) and np.any(np.asarray(sg[0]) != 0)  # STE clipped
+        assert float(sg[2]) != 0.0  # the range gets a gradient
 
 
 def test_qat_depthwise_layer_same_for_both_impls():
@@ -143,7 +169,7 @@ def test_qat_depthwise_layer_same_for_both_impls():
     x = jnp.asarray(rs.randn(4, 9, 9, 6).astype(np.float32))
     cot = jnp.asarray(rs.randn(4, 5, 5, 6).astype(np.float32))
     outs = {}
-    for impl in ("lax", "shift"):
+    for impl in _impls():
         layer = ConvLayer(
             features=6, stride=2, depthwise=True, quant=QuantConfig(observer="ema"),
             depthwise_impl=impl,
@@ -158,11 +184,14 @@ def test_qat_depthwise_layer_same_for_both_impls():
             return jnp.sum(y * cot), (y, new["quant_ranges"])
 
         outs[impl] = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
-    (g_lax, (y_lax, r_lax)), (g_sh, (y_sh, r_sh)) = outs["lax"], outs["shift"]
-    np.testing.assert_allclose(y_sh, y_lax, **TOL)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4), g_lax, g_sh)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, **TOL), r_lax, r_sh)
-    assert float(jnp.max(jnp.abs(g_sh["kernel"]))) > 0
+    g_lax, (y_lax, r_lax) = outs["lax"]
+    for impl in _impls()[1:]:
+        g_sh, (y_sh, r_sh) = outs[impl]
+        np.testing.assert_allclose(y_sh, y_lax, **TOL, err_msg=impl)
+        close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4, err_msg=impl)
+        jax.tree.map(lambda a, b, close=close: close(b, a), g_lax, g_sh)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, **TOL), r_lax, r_sh)
+        assert float(jnp.max(jnp.abs(g_sh["kernel"]))) > 0
 
 
 def test_under_pmap():
@@ -184,7 +213,7 @@ def test_under_pmap():
         impl: jax.pmap(functools.partial(per_device, impl), axis_name="d", in_axes=(0, None, 0))(
             xs, k, cs
         )
-        for impl in ("lax", "shift")
+        for impl in _impls()
     }
     ref = _value_and_grads(functools.partial(_dw, stride=2, impl="lax"), x, k, cot)
     for impl, (y, dx, dk) in results.items():
@@ -233,12 +262,12 @@ def test_pointwise_is_a_matmul_with_conv_gradients():
     assert "dot_general" in lowered and "convolution" not in lowered
 
 
-def test_auto_picks_per_backend_and_bad_input_is_rejected():
-    assert resolve_impl("auto", "cpu") == "shift"
+def test_auto_picks_per_backend_and_bad_input_is_rejected(monkeypatch):
+    assert resolve_impl("auto", "cpu") == "native" and native.available()
     assert resolve_impl("auto", "gpu") == "lax"
     assert resolve_impl("auto", "tpu") == "lax"
     assert resolve_impl("lax", "cpu") == "lax" and resolve_impl("shift", "gpu") == "shift"
-    assert resolve_impl("auto") == ("shift" if jax.default_backend() == "cpu" else "lax")
+    assert resolve_impl("auto") == ("native" if jax.default_backend() == "cpu" else "lax")
     with pytest.raises(ValueError, match="unknown depthwise impl"):
         resolve_impl("fft")
     x = jnp.zeros((1, 4, 4, 3))
@@ -250,6 +279,33 @@ def test_auto_picks_per_backend_and_bad_input_is_rejected():
         depthwise_conv2d(x, jnp.zeros((3, 3, 1, 3)), 0)
     with pytest.raises(ValueError, match="expects NHWC input with 2 channels"):
         direct_conv2d(x, jnp.zeros((3, 3, 2, 5)), 1)
+    # 'native' covers float32 3x3 only; asked for by name it says so, 'auto' takes 'shift'.
+    k5 = jnp.ones((5, 5, 1, 3))
+    with pytest.raises(ValueError, match="float32 3x3 kernels only"):
+        depthwise_conv2d(x, k5, 1, impl="native")
+    xb, kb = x.astype(jnp.bfloat16), jnp.ones((3, 3, 1, 3), jnp.bfloat16)
+    with pytest.raises(ValueError, match="float32 3x3 kernels only"):
+        depthwise_conv2d(xb, kb, 1, impl="native")
+    for xi, ki in ((x, k5), (xb, kb)):
+        jaxpr = str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b, 1))(xi, ki))
+        assert "ffi_call" not in jaxpr and "custom_vjp" in jaxpr  # the shift path
+    k3 = jnp.ones((3, 3, 1, 3))
+    assert "ffi_call" in str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b, 1))(x, k3))
+    # Where the kernels cannot be built, 'auto' falls back to 'shift' on CPU.
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert resolve_impl("auto", "cpu") == "shift"
+
+
+def test_native_build_errors_are_specific_and_leave_no_partial_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("QFSEP_JAX_CACHE", str(tmp_path))
+    with pytest.raises(native.NativeBuildError, match="no C\\+\\+ compiler 'no-such-cxx'"):
+        native.build(compiler="no-such-cxx")
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", str(broken))
+    with pytest.raises(native.NativeBuildError, match="compiling .*broken.cc failed"):
+        native.build()
+    assert not list((tmp_path / "native").iterdir())  # no half-written library left behind
 
 
 def _bn_reference(y, gamma, beta, eps, axis_name):

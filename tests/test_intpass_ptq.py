@@ -97,7 +97,7 @@ def test_tf8_end_to_end_top1(setup, tf8):
     # The simulation in another float32 summation order (the other depthwise implementation):
     # the same model, so its logits stay within a fraction of an LSB of the simulation's.
     reordered = report["sim_reordered"]
-    assert reordered["depthwise_impl"] == "lax", reordered  # the simulation runs "shift" on CPU
+    assert reordered["depthwise_impl"] == "lax", reordered  # the simulation runs "native" on CPU
     assert 0 < reordered["logit_difference_lsb_rms"] < 1, reordered
     assert reordered["top1_agreement_fine_with_sim"] >= 14 / 16, reordered
     # The simulation in float64 (its float32 rounding gone): again within a fraction of an LSB.

@@ -86,7 +86,7 @@ def test_dropout_only_in_training():
 
 
 @pytest.mark.parametrize("size", [8, 9])
-@pytest.mark.parametrize("impl", ["lax", "shift"])
+@pytest.mark.parametrize("impl", ["lax", "shift", "native"])
 def test_tf_same_padding_geometry(size, impl):
     # Stride 2 on an even size pads 0 before and 1 after (TF), not 1/0.
     x = jax.random.normal(jax.random.key(5), (1, size, size, 4))

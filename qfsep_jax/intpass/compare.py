@@ -259,9 +259,10 @@ def agreement_report(
     ``top2_pair_error_lsb`` (the error of that top-2 difference in the integer pass: rms, max);
     an image flips when its pair error exceeds its gap.
 
-    ``reorder_check`` adds ``"sim_reordered"``: the same simulation run with the other
-    depthwise implementation (``lax`` grouped conv vs ``shift``, :mod:`qfsep_jax.models.depthwise`),
-    the same arithmetic in another float32 summation order. ``top1_agreement_fine_with_sim`` is
+    ``reorder_check`` adds ``"sim_reordered"``: the same simulation run with another depthwise
+    implementation (``lax`` grouped conv against the CPU ones, ``native`` or ``shift``,
+    :mod:`qfsep_jax.models.depthwise`), the same arithmetic in another float32 summation
+    order. ``top1_agreement_fine_with_sim`` is
     its fine top-1 agreement with the simulation, ``top1_agreement_fine_with_int`` with the
     integer pass, ``logit_difference_lsb_rms`` the rms of its pre-quant logits minus the
     simulation's (output LSBs): how reproducible the simulation itself is, a reference for how
@@ -421,7 +422,7 @@ def agreement_report(
 
 def _other_depthwise_impl(impl: str) -> str:
     """The depthwise implementation other than the one ``impl`` resolves to here."""
-    return "lax" if resolve_impl(impl) == "shift" else "shift"
+    return "lax" if resolve_impl(impl) != "lax" else "shift"
 
 
 def locate_disagreements(model, variables, int_model: model_lib.IntModel, images) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Depthwise convolution: XLA's grouped conv, or shifted multiply-adds with a hand-written VJP.
+"""Depthwise convolution: XLA's grouped conv, shifted multiply-adds, or native CPU kernels.
 
 XLA:CPU runs grouped convolutions (``feature_group_count == channels``), and above all their
 backward pass, one to two orders of magnitude slower than the arithmetic needs; TPU and GPU run
@@ -27,8 +27,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-IMPLS = ("auto", "lax", "shift")
+from qfsep_jax.models import native
+
+IMPLS = ("auto", "lax", "shift", "native")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -41,15 +44,23 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 def resolve_impl(impl: str, backend: str | None = None) -> str:
     """The concrete implementation for ``impl`` on ``backend`` (default: JAX's default backend).
 
-    ``auto`` is ``shift`` on CPU, where XLA's grouped convolution is slow, and ``lax`` on GPU
-    and TPU, where XLA's (cuDNN's) grouped convolution is fast.
+    ``auto`` is ``native`` on CPU, where XLA's grouped convolution is slow (``shift`` where the
+    native kernels cannot be built), and ``lax`` on GPU and TPU, where XLA's (cuDNN's) grouped
+    convolution is fast.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown depthwise impl {impl!r}; choose from {IMPLS}")
     if impl == "auto":
         backend = backend or jax.default_backend()
-        return "shift" if backend == "cpu" else "lax"
+        if backend != "cpu":
+            return "lax"
+        return "native" if native.available() else "shift"
     return impl
+
+
+def native_supports(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether ``impl="native"`` covers this layer: float32 input and kernel, 3x3 kernel."""
+    return x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and kernel.shape[:2] == (3, 3)
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "auto") -> jax.Array:
@@ -59,12 +70,13 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "
       x: input ``[N, H, W, C]``.
       kernel: ``[kh, kw, 1, C]`` (HWIO with depth multiplier 1).
       stride: the same stride along both spatial axes.
-      impl: ``auto``, ``lax`` (XLA grouped conv) or ``shift`` (shifted multiply-adds).
+      impl: ``auto``, ``lax`` (XLA grouped conv), ``shift`` (shifted multiply-adds) or
+        ``native`` (C++ custom calls on CPU; float32, 3x3).
 
     Returns:
       ``[N, ceil(H / stride), ceil(W / stride), C]``.
     """
-    impl = resolve_impl(impl)
+    requested, impl = impl, resolve_impl(impl)
     if x.ndim != 4:
         raise ValueError(f"depthwise conv needs NHWC input, got shape {x.shape}")
     channels = x.shape[-1]
@@ -83,6 +95,22 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=channels,
         )
+    if impl == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(
+                f"depthwise impl 'native' runs on CPU only (backend: {jax.default_backend()})"
+            )
+        if native_supports(x, kernel):
+            if not native.available():
+                raise RuntimeError(
+                    f"depthwise impl 'native' unavailable: {native.unavailable_reason()}"
+                )
+            return _depthwise_native(x, kernel, stride)
+        if requested == "native":
+            raise ValueError(
+                "depthwise impl 'native' covers float32 3x3 kernels only, got "
+                f"{x.dtype}/{kernel.dtype} input/kernel with kernel shape {kernel.shape}"
+            )
     return _depthwise_shift(x, _materialize(kernel), stride, (x.shape[1], x.shape[2]))
 
 
@@ -317,3 +345,35 @@ _CHUNK_BYTES = 4 << 20
 
 
 _depthwise_shift.defvjp(_shift_fwd, _shift_bwd)
+
+
+def _native_attrs(in_hw: tuple, stride: int) -> dict:
+    (pt, _), (pl, _) = same_padding(in_hw[0], 3, stride), same_padding(in_hw[1], 3, stride)
+    return {"stride": np.int64(stride), "pad_top": np.int64(pt), "pad_left": np.int64(pl)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_native(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return _native_fwd(x, kernel, stride)[0]
+
+
+def _native_fwd(x, kernel, stride):
+    n, h, w, c = x.shape
+    out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-w // stride), c), x.dtype)
+    y = jax.ffi.ffi_call(native.FORWARD_TARGET, out, vmap_method="sequential")(
+        x, kernel.reshape(3, 3, c), **_native_attrs((h, w), stride)
+    )
+    return y, (x, kernel)
+
+
+def _native_bwd(stride, residuals, g):
+    x, kernel = residuals
+    c = x.shape[-1]
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((3, 3, c), x.dtype))
+    dx, dk = jax.ffi.ffi_call(native.BACKWARD_TARGET, shapes, vmap_method="sequential")(
+        x, kernel.reshape(3, 3, c), g.astype(x.dtype), **_native_attrs(x.shape[1:3], stride)
+    )
+    return dx, dk.reshape(kernel.shape)
+
+
+_depthwise_native.defvjp(_native_fwd, _native_bwd)

@@ -113,8 +113,9 @@ class MobileNetV1(nn.Module):
       bn_folded: the variables hold folded kernels and biases (after PTQ folding).
       quant: the quantization scheme; needed by every ``quant_mode`` but ``float``.
       axis_name: pmap axis for cross-replica BN statistics and range observers.
-      depthwise_impl: ``auto``, ``lax`` or ``shift`` (see :mod:`qfsep_jax.models.depthwise`);
-        ``auto`` is ``shift`` on CPU, ``lax`` on GPU/TPU. It also picks the stem conv's
+      depthwise_impl: ``auto``, ``lax``, ``shift`` or ``native`` (see
+        :mod:`qfsep_jax.models.depthwise`); ``auto`` is ``native`` on CPU (``shift`` where it
+        cannot be built), ``lax`` on GPU/TPU. It also picks the stem conv's
         lowering (:func:`~qfsep_jax.models.layers.conv2d`).
     """
 
