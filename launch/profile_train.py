@@ -165,12 +165,14 @@ def main(argv=None) -> None:
               f"{info['op_name'][-70:]}")  # fmt: skip
     if args.out:
         from qfsep_jax.io_utils import write_json
+        from qfsep_jax.models.depthwise import resolve_impl
 
         write_json(
             args.out,
             {
                 "row": args.row, "mode": args.mode, "cpus": cpus, "wall_ms": wall_ms,
-                "cpu_ms": cpu_ms, "op_ms": total,
+                "cpu_ms": cpu_ms, "op_ms": total, "depthwise_impl": args.depthwise_impl,
+                "depthwise_impl_resolved": resolve_impl(args.depthwise_impl),
                 "by_category": [
                     {"kind": k, "direction": d, "layer": lt, "ms": ms}
                     for (k, d, lt), ms in per_cat.most_common()

@@ -75,10 +75,13 @@ CASES = [
 ]
 
 
-# 3x3 cases for the native kernels' register blocking: channel counts around its 16-wide
+# 3x3 cases for the native kernels' register blocking: channel counts around its 16- and 8-wide
 # blocks (full blocks plus a remainder), 1-3 px inputs (taps in the padding on both sides).
 NATIVE_CASES = [
     (2, 6, 5, 16, 3, 1),
+    (2, 5, 6, 27, 3, 2),
+    (1, 4, 4, 8, 3, 1),
+    (2, 7, 5, 13, 3, 1),
     (2, 6, 5, 35, 3, 2),
     (3, 2, 3, 17, 3, 1),
     (2, 3, 2, 33, 3, 2),

@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -71,11 +72,24 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, const std::function<void(
 }
 
 // 3x3 kernels only (MobileNets'); depthwise.py uses its shifted multiply-adds for other sizes.
-// Channels go in blocks of B (kBlock, or 1 for a trailing partial block), with the block's nine
+// Channels go in blocks of B (ForChannelBlocks: 16, 8, then single channels), with the block's nine
 // kernel vectors (forward, input gradient) or nine sums (kernel gradient) held in registers
 // while the loop runs along a row. Border columns take the same path with bounds checks.
 constexpr int64_t kBlock = 16;
 constexpr int64_t kTaps = 3;
+
+// Calls f(block width, first channel) over [0, c): 16-wide blocks, then one 8-wide block where
+// 8 or more channels remain (narrow models: 8-channel layers), then single channels.
+template <class F>
+inline void ForChannelBlocks(int64_t c, F&& f) {
+  int64_t ch = 0;
+  for (; ch + kBlock <= c; ch += kBlock) f(std::integral_constant<int64_t, kBlock>{}, ch);
+  if (ch + 8 <= c) {
+    f(std::integral_constant<int64_t, 8>{}, ch);
+    ch += 8;
+  }
+  for (; ch < c; ++ch) f(std::integral_constant<int64_t, 1>{}, ch);
+}
 
 // Output columns [lo, hi) whose three taps all lie inside the input row.
 inline void InteriorColumns(const Geometry& g, int64_t* lo, int64_t* hi) {
@@ -126,12 +140,12 @@ inline void TapRows(const Geometry& g, const float* x, int64_t oy, const float**
 // Output row oy of the depthwise conv of x (geometry g, kernel k laid out [3, 3, C]).
 void ForwardRow(const Geometry& g, const float* __restrict x, const float* __restrict k,
                 float* __restrict y, int64_t oy, int64_t lo, int64_t hi) {
-  const int64_t full = g.c - g.c % kBlock;
   const float* rows[kTaps];
   TapRows(g, x, oy, rows);
   float* yr = y + oy * g.ow * g.c;
-  for (int64_t ch = 0; ch < full; ch += kBlock) ForwardRowBlock<kBlock>(g, rows, k, yr, ch, lo, hi);
-  for (int64_t ch = full; ch < g.c; ++ch) ForwardRowBlock<1>(g, rows, k, yr, ch, lo, hi);
+  ForChannelBlocks(g.c, [&](auto b, int64_t ch) {
+    ForwardRowBlock<decltype(b)::value>(g, rows, k, yr, ch, lo, hi);
+  });
 }
 
 // One image of the forward pass.
@@ -228,7 +242,6 @@ inline void StridedInputGradRowBlock(const Geometry& g, const float* const* grow
 void BackwardImage(const Geometry& g, const float* __restrict x, const float* __restrict k,
                    const float* __restrict flipped, const float* __restrict gy,
                    float* __restrict dx, float* __restrict dk) {
-  const int64_t full = g.c - g.c % kBlock;
   if (g.stride == 1) {
     // dx[iy, ix] = sum_ij g[iy + pt - i, ix + pl - j] k[i, j]: a stride-1 conv of g with the
     // flipped kernel and padding (2 - pt, 2 - pl).
@@ -242,9 +255,9 @@ void BackwardImage(const Geometry& g, const float* __restrict x, const float* __
       const float* grows[kTaps];
       for (int64_t a = 0; a < ni; ++a) grows[a] = gy + oi[a] * g.ow * g.c;
       float* dxr = dx + iy * g.w * g.c;
-      for (int64_t ch = 0; ch < full; ch += kBlock)
-        StridedInputGradRowBlock<kBlock>(g, grows, ti, ni, k, dxr, ch);
-      for (int64_t ch = full; ch < g.c; ++ch) StridedInputGradRowBlock<1>(g, grows, ti, ni, k, dxr, ch);
+      ForChannelBlocks(g.c, [&](auto b, int64_t ch) {
+        StridedInputGradRowBlock<decltype(b)::value>(g, grows, ti, ni, k, dxr, ch);
+      });
     }
   }
   std::fill(dk, dk + kTaps * kTaps * g.c, 0.0f);
@@ -254,8 +267,9 @@ void BackwardImage(const Geometry& g, const float* __restrict x, const float* __
     const float* rows[kTaps];
     TapRows(g, x, oy, rows);
     const float* gr = gy + oy * g.ow * g.c;
-    for (int64_t ch = 0; ch < full; ch += kBlock) KernelGradRowBlock<kBlock>(g, rows, gr, dk, ch, lo, hi);
-    for (int64_t ch = full; ch < g.c; ++ch) KernelGradRowBlock<1>(g, rows, gr, dk, ch, lo, hi);
+    ForChannelBlocks(g.c, [&](auto b, int64_t ch) {
+      KernelGradRowBlock<decltype(b)::value>(g, rows, gr, dk, ch, lo, hi);
+    });
   }
 }
 
