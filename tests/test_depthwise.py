@@ -63,7 +63,9 @@ def _inputs(shape, kshape, stride, seed=0):
 
 
 # (batch, height, width, channels, kernel, stride): odd/even sizes, non-square, both strides,
-# output sizes that are and are not multiples of the kernel-gradient block, a 5×5 kernel.
+# output sizes that are and are not multiples of the kernel-gradient block, a 5×5 kernel; for the
+# native kernels' register blocking, channel counts around its 16- and 8-wide blocks (full
+# blocks plus a remainder) and 1-3 px inputs (taps in the padding on both sides).
 CASES = [
     (2, 8, 8, 3, 3, 1),
     (2, 7, 7, 3, 3, 1),
@@ -72,12 +74,6 @@ CASES = [
     (1, 13, 11, 5, 3, 1),
     (1, 9, 9, 2, 5, 2),
     (3, 1, 1, 2, 3, 2),
-]
-
-
-# 3x3 cases for the native kernels' register blocking: channel counts around its 16- and 8-wide
-# blocks (full blocks plus a remainder), 1-3 px inputs (taps in the padding on both sides).
-NATIVE_CASES = [
     (2, 6, 5, 16, 3, 1),
     (2, 5, 6, 27, 3, 2),
     (1, 4, 4, 8, 3, 1),
@@ -89,7 +85,7 @@ NATIVE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("n,h,w,c,ks,stride", CASES + NATIVE_CASES)
+@pytest.mark.parametrize("n,h,w,c,ks,stride", CASES)
 def test_implementations_agree_on_outputs_and_gradients(n, h, w, c, ks, stride):
     x, k, cot = _inputs((n, h, w, c), (ks, ks, 1, c), stride)
     impls = _impls(ks)
@@ -250,7 +246,10 @@ def test_regular_conv_lowerings_match_lax(h, ks, stride):
         ),
         x, k, cot,
     )  # fmt: skip
-    impls = {"conv2d shift": functools.partial(conv2d, stride=stride, impl="shift")}
+    impls = {
+        f"conv2d {impl}": functools.partial(conv2d, stride=stride, impl=impl)
+        for impl in ("shift", "native")
+    }
     if ks > 1:
         impls["direct"] = functools.partial(direct_conv2d, stride=stride)
     for name, fn in impls.items():
@@ -311,6 +310,24 @@ def test_auto_picks_per_backend_and_bad_input_is_rejected(monkeypatch):
     # Where the kernels cannot be built, 'auto' falls back to 'shift' on CPU.
     monkeypatch.setattr(native, "available", lambda: False)
     assert resolve_impl("auto", "cpu") == "shift"
+
+
+def test_native_kernels_reject_inconsistent_shapes():
+    # depthwise.py never passes these; the custom call checks its operands itself and says what
+    # is wrong instead of reading out of bounds.
+    _impls()
+    call = lambda k, out: jax.ffi.ffi_call(native.FORWARD_TARGET, out)(  # noqa: E731
+        jnp.zeros((1, 4, 4, 3)), k, stride=np.int64(1), pad_top=np.int64(1), pad_left=np.int64(1)
+    )
+    out = jax.ShapeDtypeStruct((1, 4, 4, 3), jnp.float32)
+    with pytest.raises(Exception, match="only 3x3 kernels"):
+        jax.block_until_ready(call(jnp.zeros((5, 5, 3)), out))
+    with pytest.raises(Exception, match="channel or batch sizes disagree"):
+        jax.block_until_ready(call(jnp.zeros((3, 3, 4)), out))
+    with pytest.raises(Exception, match="larger than the padded input"):
+        jax.block_until_ready(
+            call(jnp.zeros((3, 3, 3)), jax.ShapeDtypeStruct((1, 6, 4, 3), jnp.float32))
+        )
 
 
 def test_native_build_errors_are_specific_and_leave_no_partial_library(tmp_path, monkeypatch):

@@ -261,12 +261,11 @@ def agreement_report(
 
     ``reorder_check`` adds ``"sim_reordered"``: the same simulation run with another depthwise
     implementation (``lax`` grouped conv against the CPU ones, ``native`` or ``shift``,
-    :mod:`qfsep_jax.models.depthwise`), the same arithmetic in another float32 summation
-    order. ``top1_agreement_fine_with_sim`` is
-    its fine top-1 agreement with the simulation, ``top1_agreement_fine_with_int`` with the
-    integer pass, ``logit_difference_lsb_rms`` the rms of its pre-quant logits minus the
-    simulation's (output LSBs): how reproducible the simulation itself is, a reference for how
-    well any other arithmetic can be expected to agree with it.
+    :mod:`qfsep_jax.models.depthwise`), the same arithmetic in another float32 summation order.
+    ``top1_agreement_fine_with_sim`` is its fine top-1 agreement with the simulation,
+    ``top1_agreement_fine_with_int`` with the integer pass, ``logit_difference_lsb_rms`` the rms of
+    its pre-quant logits minus the simulation's (output LSBs): how reproducible the simulation
+    itself is, a reference for how well any other arithmetic can be expected to agree with it.
 
     ``float64_check`` adds ``"sim_float64"``: the same simulation computed in float64 from the
     integer pass's input codes (:func:`_sim_pre_quant_float64`), with the same three keys plus
