@@ -9,7 +9,9 @@ interleaved reps, so that they see the same machine load (this machine's timings
 10-25 % between processes, more than the differences measured here):
 
 * per layer: every depthwise layer shape of MobileNetV1 1.0/224 at batch 32 (forward, and
-  forward plus the input and kernel gradients through ``jax.vjp``), best of ``--reps``;
+  forward plus the input and kernel gradients through ``jax.vjp``), best of ``--reps``; and
+  its RGB stem conv (``layers.conv2d`` with the same ``impl``: forward, and forward plus the
+  kernel gradient, which is all the stem's backward pass computes in training);
 * per step: the project's training step (``launch/bench_train.py``'s rows and modes) with each
   implementation, median over reps of the per-rep time ratio to the first implementation.
 
@@ -21,6 +23,7 @@ magnitude slower and makes the run long. Prints a table and ends with one line p
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -86,6 +89,32 @@ def _layer_fns(impl: str, x, k, g, stride: int) -> dict:
     }
 
 
+def stem_row(impls: list[str], reps: int) -> dict:
+    """Forward and forward + kernel-gradient milliseconds of the 1.0/224 stem per impl."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qfsep_jax.models.layers import conv2d
+
+    rs = np.random.RandomState(1)
+    size, cin, cout, stride = 224, 3, 32, 2
+    x = jnp.asarray(rs.randn(BATCH, size, size, cin).astype(np.float32))
+    k = jnp.asarray(rs.randn(3, 3, cin, cout).astype(np.float32))
+    g = jnp.asarray(rs.randn(BATCH, size // stride, size // stride, cout).astype(np.float32))
+    fns = {}
+    for impl in impls:
+        conv = functools.partial(conv2d, stride=stride, impl=impl)
+        fwd = jax.jit(conv)
+        bwd = jax.jit(lambda x, k, g, conv=conv: jax.vjp(lambda k: conv(x, k), k)[1](g))
+        fns[f"{impl} fwd"] = lambda f=fwd: jax.block_until_ready(f(x, k))
+        fns[f"{impl} fwd+bwd"] = lambda f=bwd: jax.block_until_ready(f(x, k, g))
+    for fn in fns.values():
+        fn()  # compile
+    best = {name: min(t) * 1e3 for name, t in _interleaved(fns, reps).items()}
+    return {"input": [BATCH, size, size, cin], "out_channels": cout, "stride": stride, "ms": best}
+
+
 def layer_table(impls: list[str], reps: int) -> list[dict]:
     """Forward and forward+backward milliseconds of each layer shape and implementation."""
     import jax.numpy as jnp
@@ -147,6 +176,9 @@ def main(argv=None) -> None:
         print(f"{r['input']}, {r['stride']} | " + " | ".join(f"{r['ms'][n]:.2f}" for n in names))
     totals = {n: sum(r["ms"][n] for r in layers) for n in names}
     print("sum | " + " | ".join(f"{totals[n]:.1f}" for n in names), flush=True)
+    stem = stem_row(impls, args.reps)
+    label = f"stem {stem['input']} -> {stem['out_channels']}, {stem['stride']}"
+    print(f"{label} (bwd: kernel gradient) | " + " | ".join(f"{stem['ms'][n]:.2f}" for n in names))
     rows = [r for r in args.steps_rows.split(",") if r]
     steps = step_table(impls, rows, args.modes.split(","), args.reps)
     for s in steps:
@@ -162,7 +194,8 @@ def main(argv=None) -> None:
             os.path.abspath(args.out),
             {
                 "jax": jax.__version__, "cpus": sorted(cpus), "reps": args.reps,
-                "impls": impls, "layers": layers, "layer_totals_ms": totals, "steps": steps,
+                "impls": impls, "layers": layers, "layer_totals_ms": totals, "stem": stem,
+                "steps": steps,
                 "run": io_utils.run_info(),
             },
         )  # fmt: skip

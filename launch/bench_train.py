@@ -3,7 +3,7 @@
     python launch/bench_train.py [--rows small,large] [--modes float,qat] [--threads 2]
                                  [--steps 3] [--reps 5] [--depthwise_impl auto]
                                  [--frameworks jax,torch] [--no-malloc_tune] [--omp_passive]
-                                 [--out results.json]
+                                 [--processes 1] [--out results.json]
 
 Not a test. One process times both frameworks, interleaved rep by rep so that both see the same
 machine load, for each row (width multiplier, input size, stem stride, batch) and mode:
@@ -35,12 +35,19 @@ per step, which other processes on the machine disturb less, and page faults per
 median over reps of each rep's JAX/PyTorch ratio, the two timed back to back, is printed beside
 ``ratio``: it is less sensitive to load that changes between reps. The last lines read
 ``train img/s: jax=… torch=… ratio=… (median of per-rep ratios …)  [row]``, one per row and mode.
+
+``--processes K`` runs the whole benchmark in K fresh processes one after another and reports
+the median over them: of each framework's images/s, of the ratio and of the median per-rep
+ratio (each process's figures are printed and kept in the JSON). On this machine a process of
+either framework sometimes runs all its steps 15-25 % slower than another (its CPU time per step
+rises with it), which no number of reps inside one process averages out.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import resource
 import statistics
@@ -74,6 +81,10 @@ def _parse(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--out", default="", help="also write the results as JSON here (atomically)")
     p.add_argument(
+        "--processes", type=int, default=1,
+        help="run the benchmark in this many fresh processes and report medians over them",
+    )  # fmt: skip
+    p.add_argument(
         "--omp_passive", action="store_true",
         help="OMP_WAIT_POLICY=PASSIVE for torch: idle OpenMP threads sleep instead of spinning "
         "(off by default; on a busy machine torch's spinning threads collapse its throughput)",
@@ -88,8 +99,8 @@ def _parse(argv=None) -> argparse.Namespace:
     for fw in args.frameworks.split(","):
         if fw not in ("jax", "torch"):
             p.error(f"unknown framework {fw!r}; choose from jax, torch")
-    if args.threads < 1 or args.steps < 1 or args.reps < 1:
-        p.error("--threads, --steps and --reps must be positive")
+    if args.threads < 1 or args.steps < 1 or args.reps < 1 or args.processes < 1:
+        p.error("--threads, --steps, --reps and --processes must be positive")
     return args
 
 
@@ -250,14 +261,100 @@ def torch_runner(row: str, mode: str, threads: int):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"torch {row}/{mode}: non-finite loss {loss.item()}")
 
+    run.model = model  # for profile_train.py's module hooks
     return run
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+def _summary_line(jax_rate, torch_rate, ratio, paired, label: str, extra: str = "") -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    paired_text = "n/a" if paired is None else f"{paired:.2f}"
+    return (
+        f"train img/s: jax={fmt(jax_rate)} torch={fmt(torch_rate)} ratio={ratio:.2f} "
+        f"(median of per-rep ratios {paired_text}{extra})  [{label}]"
+    )
+
+
+def combine_processes(rows_per_process: list[list[dict]]) -> list[dict]:
+    """Per row and mode, medians over processes of their ``rows`` records (same order in each).
+
+    Each framework's best images/s, the JAX/PyTorch ratio of the best reps, and the median
+    per-rep ratio, with the per-process ratios kept.
+    """
+    records = []
+    for per in zip(*rows_per_process, strict=True):
+        first = per[0]
+        best = {
+            fw: statistics.median(r["best_images_per_sec"][fw] for r in per)
+            for fw in first["best_images_per_sec"]
+        }
+        ratios = [
+            r["best_images_per_sec"]["jax"] / r["best_images_per_sec"]["torch"]
+            for r in per if {"jax", "torch"} <= set(r["best_images_per_sec"])
+        ]  # fmt: skip
+        paired = [r["paired_median_ratio"] for r in per if r["paired_median_ratio"] is not None]
+        keys = ("row", "mode", "width", "image_size", "stem_stride", "batch")
+        records.append({
+            **{key: first[key] for key in keys},
+            "best_images_per_sec": best,
+            "ratio_per_process": ratios,
+            "ratio_median_over_processes": statistics.median(ratios) if ratios else None,
+            "paired_median_ratio": statistics.median(paired) if paired else None,
+            "paired_median_ratio_per_process": paired,
+        })  # fmt: skip
+    return records
+
+
+def run_processes(args: argparse.Namespace, argv: list[str]) -> None:
+    """``--processes K``: K fresh runs of this script, then medians over them (module doc)."""
+    import subprocess
+    import tempfile
+
+    child_argv, skip = [], False
+    for a in argv:  # the same options, less --processes and --out
+        if skip:
+            skip = False
+        elif a in ("--processes", "--out"):
+            skip = True
+        elif not a.startswith(("--processes=", "--out=")):
+            child_argv.append(a)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = os.path.join(tmp, f"process{i}.json")
+            print(f"# process {i + 1} of {args.processes}", flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), *child_argv, "--out", out]
+            if subprocess.run(cmd, check=False).returncode != 0:
+                raise SystemExit(f"bench_train: process {i + 1} failed ({' '.join(cmd)})")
+            with open(out, encoding="utf-8") as f:
+                runs.append(json.load(f))
+    records = combine_processes([run["rows"] for run in runs])
+    print(f"# summary over {args.processes} processes (medians; best rep within each)")
+    for record in records:
+        ratio = record["ratio_median_over_processes"]
+        label = (f"w={record['width']} px={record['image_size']} stem={record['stem_stride']} "
+                 f"batch={record['batch']} {record['mode']}")  # fmt: skip
+        print(_summary_line(
+            record["best_images_per_sec"].get("jax"), record["best_images_per_sec"].get("torch"),
+            float("nan") if ratio is None else ratio, record["paired_median_ratio"], label,
+            f"; ratio per process {', '.join(f'{r:.2f}' for r in record['ratio_per_process'])}",
+        ))  # fmt: skip
+    if args.out:
+        from qfsep_jax import io_utils
+
+        combined = {key: runs[0][key] for key in runs[0] if key not in ("rows", "run")}
+        combined.update(processes=args.processes, rows=records, run=io_utils.run_info(),
+                        per_process=[run["rows"] for run in runs])  # fmt: skip
+        io_utils.write_json(os.path.abspath(args.out), combined)
+    sys.stdout.flush()
+
+
 def main(argv=None) -> None:
     args = _parse(argv)
+    if args.processes > 1:
+        return run_processes(args, list(sys.argv[1:] if argv is None else argv))
     cpus = pin_threads(args.threads)
     if args.malloc_tune and not runtime.tune_malloc():
         raise SystemExit("mallopt failed: run with --no-malloc_tune on this libc")
@@ -338,12 +435,7 @@ def main(argv=None) -> None:
     for label, best, paired in results:
         jax_rate, torch_rate = best.get("jax"), best.get("torch")
         ratio = jax_rate / torch_rate if jax_rate and torch_rate else float("nan")
-        fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
-        paired_text = "n/a" if paired is None else f"{paired:.2f}"
-        print(
-            f"train img/s: jax={fmt(jax_rate)} torch={fmt(torch_rate)} ratio={ratio:.2f} "
-            f"(median of per-rep ratios {paired_text})  [{label}]"
-        )
+        print(_summary_line(jax_rate, torch_rate, ratio, paired, label))
     if args.out:
         from qfsep_jax import io_utils
 

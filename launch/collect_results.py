@@ -279,25 +279,44 @@ def format_bench_intpass(results: Mapping[str, Any], path: str) -> dict[str, str
 
 def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
     """Training images/s, JAX vs PyTorch, per row and mode, with the ratio."""
+    processes = results.get("processes", 1)
     body = []
     for r in results["rows"]:
         best = r["best_images_per_sec"]
         jax_rate, torch_rate = best.get("jax"), best.get("torch")
-        body.append([
+        row = [
             f"{r['width']}, {r['image_size']} px (stem stride {r['stem_stride']}), {r['batch']}",
             r["mode"], jax_rate, torch_rate,
-            jax_rate / torch_rate if jax_rate and torch_rate else None,
-            r.get("paired_median_ratio"),
-        ])  # fmt: skip
-    header = ["width, input, batch", "mode", "JAX img/s", "PyTorch img/s", "ratio JAX/PyTorch",
-              "median per-rep ratio"]  # fmt: skip
+        ]  # fmt: skip
+        if processes > 1:
+            row += [
+                r["ratio_median_over_processes"],
+                ", ".join(f"{v:.2f}" for v in r["ratio_per_process"]),
+                r.get("paired_median_ratio"),
+            ]
+        else:
+            row += [jax_rate / torch_rate if jax_rate and torch_rate else None,
+                    r.get("paired_median_ratio")]  # fmt: skip
+        body.append(row)
+    header = ["width, input, batch", "mode", "JAX img/s", "PyTorch img/s", "ratio JAX/PyTorch"]
+    header += ["ratio per process"] if processes > 1 else []
+    header += ["median per-rep ratio"]
+    how = (
+        f"best of {results['reps']} interleaved reps of {results['steps']} steps; median per-rep "
+        "ratio: the median over reps of JAX/PyTorch timed back to back"
+    )
+    if processes > 1:
+        how = (
+            f"each of {processes} fresh processes, one after another, takes the {how}; the table "
+            "gives the medians over the processes (of images/s, of the ratio, of the median "
+            "per-rep ratio)"
+        )
     note = (
         f"{'; '.join(results['versions'])}; {results['threads']} threads (CPUs "
         f"{results['cpus']}), depthwise `{results['depthwise_impl']}`, malloc_tune="
         f"{results['malloc_tune']}, OMP_WAIT_POLICY={results['omp_wait_policy']}, "
-        f"XLA_FLAGS=`{results.get('xla_flags', '')}`. Images/s and ratio: best of "
-        f"{results['reps']} interleaved reps of {results['steps']} steps; median per-rep ratio: "
-        "the median over reps of JAX/PyTorch timed back to back." + _measured(results)
+        f"XLA_FLAGS=`{results.get('xla_flags', '')}`. Images/s and ratio: {how}."
+        + _measured(results)
     )
     return {"bench_train": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
 
@@ -310,9 +329,15 @@ def format_bench_depthwise(results: Mapping[str, Any], path: str) -> dict[str, s
     header = ["input, stride"] + [f"{i} {k} ms" for k in kinds for i in impls]
     header += [f"{ref}/{i} {k}" for k in kinds for i in others]
     body = []
-    for name, ms in [(f"{r['input']}, {r['stride']}", r["ms"]) for r in results["layers"]] + [
-        ("sum", results["layer_totals_ms"])
-    ]:
+    named = [(f"{r['input']}, {r['stride']}", r["ms"]) for r in results["layers"]]
+    named.append(("sum", results["layer_totals_ms"]))
+    if "stem" in results:  # the RGB stem conv (regular conv; backward = kernel gradient)
+        st = results["stem"]
+        named.append((
+            f"stem conv {st['input']} -> {st['out_channels']} channels, {st['stride']} "
+            "(bwd: kernel gradient only)", st["ms"],
+        ))  # fmt: skip
+    for name, ms in named:
         body.append(
             [name] + [ms[f"{i} {k}"] for k in kinds for i in impls]
             + [ms[f"{ref} {k}"] / ms[f"{i} {k}"] for k in kinds for i in others]

@@ -153,6 +153,15 @@ def test_benchmark_and_tflite_tables_compute_ratios():
     md = collect_results.format_bench_train(train, "t.json")["bench_train"]
     assert "| 0.5, 32 px (stem stride 1), 128 | qat | 300.00 | 200.00 | 1.50 |" in md
     assert "Measured 2026-11-27 on Test CPU" in md
+    # --processes 3: medians over processes, with each process's ratio listed.
+    train_p = dict(train, processes=3, rows=[dict(
+        train["rows"][0], ratio_per_process=[1.4, 1.5, 1.7], ratio_median_over_processes=1.5,
+        paired_median_ratio=1.45,
+    )])  # fmt: skip
+    md = collect_results.format_bench_train(train_p, "t.json")["bench_train"]
+    assert "| ratio JAX/PyTorch | ratio per process | median per-rep ratio |" in md
+    assert "| qat | 300.00 | 200.00 | 1.50 | 1.40, 1.50, 1.70 | 1.45 |" in md
+    assert "each of 3 fresh processes" in md
     intpass = {
         "model": "/x/m.tflite", "input_shape": [128, 128, 3], "threads": 1,
         "litert_num_threads": 1, "run": RUN,
@@ -183,6 +192,15 @@ def test_benchmark_and_tflite_tables_compute_ratios():
     assert "| [32, 14, 14, 512], 1 | 2.00 | 1.00 | 9.00 | 3.00 | 2.00 | 3.00 |" in md
     assert "| sum | 2.00 | 1.00 | 9.00 | 3.00 | 2.00 | 3.00 |" in md
     assert "| large | float | 600.00 | 500.00 | 1.20 |" in md
+    assert "stem conv" not in md  # results from before the stem row
+    dw["stem"] = {"input": [32, 224, 224, 3], "out_channels": 32, "stride": 2,
+                  "ms": {"shift fwd": 5.0, "native fwd": 5.0, "shift fwd+bwd": 30.0,
+                         "native fwd+bwd": 10.0}}  # fmt: skip
+    md = collect_results.format_bench_depthwise(dw, "d.json")["bench_depthwise"]
+    assert (
+        "| stem conv [32, 224, 224, 3] -> 32 channels, 2 (bwd: kernel gradient only) "
+        "| 5.00 | 5.00 | 30.00 | 10.00 | 1.00 | 3.00 |"
+    ) in md
 
 
 def test_qat_line_needs_a_final_evaluation():

@@ -278,6 +278,37 @@ def test_pointwise_is_a_matmul_with_conv_gradients():
     assert "dot_general" in lowered and "convolution" not in lowered
 
 
+@pytest.mark.parametrize(
+    "shape,cout,stride",
+    [
+        ((2, 9, 9, 3), 32, 2),  # the MobileNet stem at odd size
+        ((2, 8, 8, 3), 16, 1),  # 0.5-width stem, stride 1
+        ((1, 10, 7, 3), 24, 2),  # one 16-wide and one 8-wide block, even/odd sizes
+        ((2, 6, 6, 1), 5, 1),  # single-channel blocks, grayscale input
+        ((1, 7, 8, 2), 13, 2),
+        ((1, 5, 5, 4), 8, 2),
+        ((1, 1, 1, 3), 9, 2),  # a 1x1 input
+    ],
+)
+def test_native_stem_kernel_gradient_matches_lax(shape, cout, stride):
+    _impls()
+    x, _, cot = _inputs(shape, (3, 3, 1, cout), stride, seed=11)
+    k = np.random.RandomState(12).randn(3, 3, shape[-1], cout).astype(np.float32)
+    ref = _value_and_grads(
+        lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        x, k, cot,
+    )  # fmt: skip
+    fn = functools.partial(direct_conv2d, stride=stride, impl="native")
+    assert "ffi_call" in str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(fn(x, k))))(k))
+    got = _value_and_grads(fn, x, k, cot)
+    for what, a, b in zip(("output", "d/dx", "d/dkernel"), ref, got, strict=True):
+        np.testing.assert_allclose(b, a, **TOL, err_msg=what)
+    again = _value_and_grads(fn, x, k, cot)[2]  # fixed summation order: the same bits
+    np.testing.assert_array_equal(again, got[2])
+
+
 def test_auto_picks_per_backend_and_bad_input_is_rejected(monkeypatch):
     assert resolve_impl("auto", "cpu") == "native" and native.available()
     assert resolve_impl("auto", "gpu") == "lax"
@@ -305,6 +336,13 @@ def test_auto_picks_per_backend_and_bad_input_is_rejected(monkeypatch):
     for xi, ki in ((x, k5), (xb, kb)):
         jaxpr = str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b, 1))(xi, ki))
         assert "ffi_call" not in jaxpr and "custom_vjp" in jaxpr  # the shift path
+    # The stem's native kernel gradient covers float32 3x3 with 1-4 input channels; other stems
+    # take XLA's convolution, 'native' asked for by name included (it names the depthwise impl).
+    x5 = jnp.zeros((1, 4, 4, 5))
+    for xi, ki in ((x5, jnp.ones((3, 3, 5, 8))), (xb, jnp.ones((3, 3, 3, 8), jnp.bfloat16))):
+        for impl in ("auto", "native"):
+            grad = jax.grad(lambda b, a=xi, i=impl: jnp.sum(direct_conv2d(a, b, 2, impl=i)))
+            assert "ffi_call" not in str(jax.make_jaxpr(grad)(ki))
     k3 = jnp.ones((3, 3, 1, 3))
     assert "ffi_call" in str(jax.make_jaxpr(lambda a, b: depthwise_conv2d(a, b, 1))(x, k3))
     # Where the kernels cannot be built, 'auto' falls back to 'shift' on CPU.
@@ -328,6 +366,19 @@ def test_native_kernels_reject_inconsistent_shapes():
         jax.block_until_ready(
             call(jnp.zeros((3, 3, 3)), jax.ShapeDtypeStruct((1, 6, 4, 3), jnp.float32))
         )
+    # The stem's kernel gradient: padded input [N, HP, WP, C], output gradient [N, OH, OW, CO].
+    stem = lambda xp, g, dk, stride=2: jax.ffi.ffi_call(  # noqa: E731
+        native.STEM_KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct(dk, jnp.float32)
+    )(jnp.zeros(xp), jnp.zeros(g), stride=np.int64(stride))
+    jax.block_until_ready(stem((1, 9, 9, 3), (1, 4, 4, 8), (3, 3, 3, 8)))  # consistent: runs
+    with pytest.raises(Exception, match="shapes disagree"):
+        jax.block_until_ready(stem((1, 9, 9, 3), (1, 4, 4, 8), (3, 3, 3, 7)))
+    with pytest.raises(Exception, match="1 to 4 input channels"):
+        jax.block_until_ready(stem((1, 9, 9, 5), (1, 4, 4, 8), (3, 3, 5, 8)))
+    with pytest.raises(Exception, match="does not match the output size and stride"):
+        jax.block_until_ready(stem((1, 9, 9, 3), (1, 5, 4, 8), (3, 3, 3, 8)))
+    with pytest.raises(Exception, match="does not match the output size and stride"):
+        jax.block_until_ready(stem((1, 11, 9, 3), (1, 4, 4, 8), (3, 3, 3, 8)))
 
 
 def test_native_build_errors_are_specific_and_leave_no_partial_library(tmp_path, monkeypatch):

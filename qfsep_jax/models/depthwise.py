@@ -16,13 +16,14 @@ custom VJP made of the same kind of loops:
 The padded input is the saved residual (the activation is written once), and the kernel is
 materialized before the loops (:func:`_materialize`) so that a fake-quantized kernel is not
 recomputed per output element. :func:`direct_conv2d` applies the same shifted slices to the
-3-channel stem conv.
+3-channel stem conv (its forward pass; with ``native``, its kernel gradient is a C++ custom call
+too).
 
 ``impl="native"`` runs 3x3 float32 depthwise layers on XLA:CPU as two C++ custom calls
 (:mod:`qfsep_jax.models.native`, ``csrc/depthwise_cpu.cc``): the forward pass reads the input
 once (padding is a bounds check); the backward pass writes the input gradient as a gather and
 sums the kernel gradient along each output row in registers. Per layer of MobileNetV1 1.0/224
-it is 1.3-2.5x faster than ``shift`` forward and 1.5-3.9x forward plus backward
+it was 1.05-2.5x faster than ``shift`` forward and 1.5-4.1x forward plus backward in two runs
 (``launch/bench_depthwise.py``). First-order gradients only (its backward pass is itself a
 custom call); for higher-order derivatives use ``shift`` or ``lax``.
 
@@ -74,6 +75,25 @@ def native_supports(x: jax.Array, kernel: jax.Array) -> bool:
     return x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and kernel.shape[:2] == (3, 3)
 
 
+def _native_applies(resolved: str, supported: bool, unsupported: str | None = None) -> bool:
+    """Whether a layer runs a native kernel, given the resolved impl and whether it covers it.
+
+    Raises where ``native`` cannot run: off CPU, or not built (with the reason); for a layer it
+    does not cover, with the message ``unsupported`` if given (else the caller falls back).
+    """
+    if resolved != "native":
+        return False
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"impl 'native' runs on CPU only (backend: {jax.default_backend()})")
+    if supported:
+        if not native.available():
+            raise RuntimeError(f"impl 'native' unavailable: {native.unavailable_reason()}")
+        return True
+    if unsupported is not None:
+        raise ValueError(f"impl 'native' {unsupported}")
+    return False
+
+
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "auto") -> jax.Array:
     """Depthwise conv of NHWC ``x`` with a ``(k, k, 1, C)`` kernel, TF "SAME" padding.
 
@@ -106,38 +126,41 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=channels,
         )
-    if impl == "native":
-        if jax.default_backend() != "cpu":
-            raise ValueError(
-                f"depthwise impl 'native' runs on CPU only (backend: {jax.default_backend()})"
-            )
-        if native_supports(x, kernel):
-            if not native.available():
-                raise RuntimeError(
-                    f"depthwise impl 'native' unavailable: {native.unavailable_reason()}"
-                )
-            return _depthwise_native(x, kernel, stride)
-        if requested == "native":
-            raise ValueError(
-                "depthwise impl 'native' covers float32 3x3 kernels only, got "
-                f"{x.dtype}/{kernel.dtype} input/kernel with kernel shape {kernel.shape}"
-            )
+    # 'auto' takes 'shift' where 'native' does not cover the layer; asked for by name, it says so.
+    unsupported = None
+    if requested == "native":
+        unsupported = (
+            "covers float32 3x3 kernels only, got "
+            f"{x.dtype}/{kernel.dtype} input/kernel with kernel shape {kernel.shape}"
+        )
+    if _native_applies(impl, native_supports(x, kernel), unsupported):
+        return _depthwise_native(x, kernel, stride)
     return _depthwise_shift(x, _materialize(kernel), stride, (x.shape[1], x.shape[2]))
 
 
-def direct_conv2d(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def native_stem_supports(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether the native stem kernel gradient covers this conv: float32, 3x3, 1-4 channels in."""
+    return native_supports(x, kernel) and 1 <= kernel.shape[2] <= 4
+
+
+def direct_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "shift") -> jax.Array:
     """A regular NHWC conv with few input channels (the RGB stem), TF "SAME" padding.
 
     Forward: ``kh*kw*Cin`` shifted slices of the padded input, each broadcast over the output
     channels and multiplied by a kernel row, in one elementwise loop (3-5x faster on XLA:CPU than
-    its convolution for 3 input channels). Backward: XLA's convolution gradients of the same conv
-    as a VALID one over the padded input, which is the saved residual (the kernel gradient is a
-    small matmul-like conv; the input gradient is not needed for the stem and XLA drops it).
+    its convolution for 3 input channels). Backward, over the padded input (the saved residual)
+    as a VALID conv: the kernel gradient in a C++ custom call where ``impl`` resolves to
+    ``native`` and it covers the conv (:func:`native_stem_supports`; XLA:CPU's convolution runs
+    it on one thread), else XLA's convolution; the input gradient through XLA's convolution
+    (the stem does not need it, and XLA drops it).
     """
     kh, kw, cin, _ = kernel.shape
     if x.ndim != 4 or x.shape[-1] != cin:
         raise ValueError(f"conv kernel {kernel.shape} expects NHWC input with {cin} channels")
-    return _direct_conv(x, _materialize(kernel), stride, (x.shape[1], x.shape[2]))
+    # Other kernel sizes, channel counts and dtypes take XLA's convolution, even where
+    # ``native`` is asked for by name (it names the depthwise layers' implementation).
+    use_native = _native_applies(resolve_impl(impl), native_stem_supports(x, kernel))
+    return _direct_conv(x, _materialize(kernel), stride, (x.shape[1], x.shape[2]), use_native)
 
 
 def _valid_conv(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -147,16 +170,18 @@ def _valid_conv(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _direct_conv(x: jax.Array, kernel: jax.Array, stride: int, in_hw: tuple) -> jax.Array:
-    del in_hw  # for the backward pass
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _direct_conv(
+    x: jax.Array, kernel: jax.Array, stride: int, in_hw: tuple, use_native: bool
+) -> jax.Array:
+    del in_hw, use_native  # for the backward pass
     # Materialized: each input value feeds kh*kw*Cout products, so an elementwise producer (the
     # input fake-quant in QAT) fused into this loop would be recomputed that many times.
     return _direct_taps(_materialize(_pad_same(x, *kernel.shape[:2], stride)), kernel, stride)
 
 
-def _direct_fwd(x, kernel, stride, in_hw):
-    del in_hw
+def _direct_fwd(x, kernel, stride, in_hw, use_native):
+    del in_hw, use_native
     # Under autodiff the padded input is the residual, which XLA writes once anyway; the
     # reduction in _materialize is not needed then, and on two threads XLA:CPU runs it slowly
     # (a 3-wide minor dimension: 31 ms of a 1.0/224 batch-32 step).
@@ -179,15 +204,24 @@ def _direct_taps(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return acc
 
 
-def _direct_bwd(stride, in_hw, residuals, g):
+def _direct_bwd(stride, in_hw, use_native, residuals, g):
     xp, kernel = residuals
     kh, kw, _, _ = kernel.shape
     h, w = in_hw
     (pt, _), (pl, _) = same_padding(h, kh, stride), same_padding(w, kw, stride)
     # The same conv as a VALID one over the padded input; the input gradient (which the stem
     # does not need, so XLA drops it) is cropped back to the unpadded input.
-    _, vjp = jax.vjp(lambda xp, k: _valid_conv(xp, k, stride), xp, kernel)
-    dxp, dk = vjp(g)
+    if use_native:
+        _, vjp = jax.vjp(lambda xp: _valid_conv(xp, kernel, stride), xp)
+        (dxp,) = vjp(g)
+        dk = jax.ffi.ffi_call(
+            native.STEM_KERNEL_GRAD_TARGET,
+            jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+            vmap_method="sequential",
+        )(xp, g.astype(jnp.float32), stride=np.int64(stride))
+    else:
+        _, vjp = jax.vjp(lambda xp, k: _valid_conv(xp, k, stride), xp, kernel)
+        dxp, dk = vjp(g)
     return dxp[:, pt : pt + h, pl : pl + w, :], dk
 
 

@@ -50,14 +50,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "lax") -> j
     transposes activations for the kernel gradient (issue 6); same result up to summation order.
     Larger kernels use XLA's convolution; with ``impl`` resolving to ``shift`` or ``native``
     (the CPU choices of ``auto``, as for depthwise layers) a conv with at most 8 input channels
-    (the RGB stem) runs its forward pass as shifted multiply-adds
-    (:func:`~qfsep_jax.models.depthwise.direct_conv2d`).
+    (the RGB stem) runs its forward pass as shifted multiply-adds, and with ``native`` its
+    kernel gradient in a C++ custom call (:func:`~qfsep_jax.models.depthwise.direct_conv2d`).
     """
     if kernel.shape[:2] == (1, 1) and stride == 1:
         n, h, w, c = x.shape
         return jnp.reshape(jnp.reshape(x, (n * h * w, c)) @ kernel[0, 0], (n, h, w, -1))
     if kernel.shape[2] <= 8 and depthwise.resolve_impl(impl) != "lax":
-        return depthwise.direct_conv2d(x, kernel, stride)
+        return depthwise.direct_conv2d(x, kernel, stride, impl=impl)
     return jax.lax.conv_general_dilated(
         x,
         kernel,

@@ -1,4 +1,6 @@
-"""The native XLA:CPU depthwise kernels of ``csrc/depthwise_cpu.cc``: build, load, register.
+"""The native XLA:CPU kernels of ``csrc/depthwise_cpu.cc``: build, load, register.
+
+The 3x3 depthwise conv (forward, backward) and the RGB stem conv's kernel gradient.
 
 The C++ source is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``)
 against the XLA FFI headers that ship with jaxlib, into a per-user cache
@@ -27,6 +29,7 @@ import jaxlib
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "depthwise_cpu.cc")
 FORWARD_TARGET = "qfsep_depthwise3x3_forward"
 BACKWARD_TARGET = "qfsep_depthwise3x3_backward"
+STEM_KERNEL_GRAD_TARGET = "qfsep_stem3x3_kernel_grad"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -99,6 +102,7 @@ def _load() -> str | None:
         for target, symbol in (
             (FORWARD_TARGET, lib.QfsepDepthwiseForward),
             (BACKWARD_TARGET, lib.QfsepDepthwiseBackward),
+            (STEM_KERNEL_GRAD_TARGET, lib.QfsepStemKernelGrad),
         ):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (NativeBuildError, OSError, AttributeError) as e:

@@ -7,9 +7,12 @@
 // the backward pass makes two: the input gradient (a gather from the output gradient), then the
 // kernel gradient (input and output gradient, sums kept in registers along each row).
 //
-// Work is split over images; each image is one task on XLA's intra-op thread pool. The kernel
-// gradient is summed per image, then over images in a fixed order, so results do not depend on
-// the schedule.
+// Also the kernel gradient of the RGB stem (a regular 3x3 conv with few input channels), which
+// XLA:CPU's convolution computes on one thread.
+//
+// Work is split over images; each image is one task on XLA's intra-op thread pool. Kernel
+// gradients are summed per image, then over images in a fixed order, so results do not depend
+// on the schedule.
 
 #include <algorithm>
 #include <atomic>
@@ -342,7 +345,101 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// The stem conv's kernel gradient for one image and one block of B output channels:
+// dk[i, j, c, co] += sum over (oy, ox) of xp[oy * s + i, ox * s + j, c] * gy[oy, ox, co], over
+// the already padded input xp [HP, WP, C] (a VALID conv; C input channels, CO output channels).
+// One kernel row i at a time: its 3 * C taps are contiguous in xp, and their B-wide sums stay
+// in registers along the whole image.
+template <int64_t C, int64_t B>
+void StemKernelGradBlock(const float* __restrict xp, const float* __restrict gy, int64_t wp,
+                         int64_t oh, int64_t ow, int64_t co, int64_t stride, int64_t ch,
+                         float* __restrict dk) {
+  constexpr int64_t kRowTaps = kTaps * C;
+  for (int64_t i = 0; i < kTaps; ++i) {
+    float acc[kRowTaps][B] = {};
+    for (int64_t oy = 0; oy < oh; ++oy) {
+      const float* row = xp + (oy * stride + i) * wp * C;
+      const float* grow = gy + oy * ow * co + ch;
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        const float* px = row + ox * stride * C;
+        const float* gp = grow + ox * co;
+        float gv[B];
+        for (int64_t l = 0; l < B; ++l) gv[l] = gp[l];
+        // Fully unrolled, so that acc lives in registers (5x faster than GCC's default here).
+#pragma GCC unroll 12
+        for (int64_t t = 0; t < kRowTaps; ++t)
+#pragma GCC unroll 16
+          for (int64_t l = 0; l < B; ++l) acc[t][l] += px[t] * gv[l];
+      }
+    }
+    for (int64_t t = 0; t < kRowTaps; ++t)
+      for (int64_t l = 0; l < B; ++l) dk[(i * kRowTaps + t) * co + ch + l] = acc[t][l];
+  }
+}
+
+template <int64_t C>
+void StemKernelGradImage(const float* xp, const float* gy, int64_t wp, int64_t oh, int64_t ow,
+                         int64_t co, int64_t stride, float* dk) {
+  ForChannelBlocks(co, [&](auto b, int64_t ch) {
+    StemKernelGradBlock<C, decltype(b)::value>(xp, gy, wp, oh, ow, co, stride, ch, dk);
+  });
+}
+
+constexpr int64_t kMaxStemChannels = 4;
+
+ffi::Error StemKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
+                          ffi::Buffer<ffi::F32> gy, ffi::ResultBuffer<ffi::F32> dk,
+                          int64_t stride) {
+  const auto xd = xp.dimensions(), gd = gy.dimensions(), kd = dk->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || kd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "stem kernel gradient: expected xp [N,HP,WP,C], gy [N,OH,OW,CO], dk [3,3,C,CO]");
+  const int64_t n = xd[0], hp = xd[1], wp = xd[2], c = xd[3], oh = gd[1], ow = gd[2], co = gd[3];
+  if (kd[0] != kTaps || kd[1] != kTaps || kd[2] != c || kd[3] != co || gd[0] != n)
+    return ffi::Error::InvalidArgument("stem kernel gradient: shapes disagree");
+  if (c < 1 || c > kMaxStemChannels)
+    return ffi::Error::InvalidArgument("stem kernel gradient: 1 to 4 input channels only");
+  // VALID over xp: the output covers all of it but at most stride - 1 trailing rows/columns.
+  auto fits = [&](int64_t out, int64_t in) {
+    const int64_t need = (out - 1) * stride + kTaps;
+    return out >= 1 && need <= in && in < need + stride;
+  };
+  if (stride < 1 || !fits(oh, hp) || !fits(ow, wp))
+    return ffi::Error::InvalidArgument(
+        "stem kernel gradient: the padded input does not match the output size and stride");
+  const int64_t taps = kTaps * kTaps * c * co;
+  std::vector<float> per_image(n * taps);
+  const float* xs = xp.typed_data();
+  const float* gs = gy.typed_data();
+  ParallelFor(pool, n, [&](int64_t b) {
+    const float* x = xs + b * hp * wp * c;
+    const float* g = gs + b * oh * ow * co;
+    float* d = per_image.data() + b * taps;
+    switch (c) {
+      case 1: StemKernelGradImage<1>(x, g, wp, oh, ow, co, stride, d); break;
+      case 2: StemKernelGradImage<2>(x, g, wp, oh, ow, co, stride, d); break;
+      case 3: StemKernelGradImage<3>(x, g, wp, oh, ow, co, stride, d); break;
+      default: StemKernelGradImage<4>(x, g, wp, oh, ow, co, stride, d); break;
+    }
+  });
+  float* dks = dk->typed_data();
+  std::fill(dks, dks + taps, 0.0f);
+  for (int64_t b = 0; b < n; ++b) {
+    const float* p = per_image.data() + b * taps;
+    for (int64_t t = 0; t < taps; ++t) dks[t] += p[t];
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QfsepStemKernelGrad, StemKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QfsepDepthwiseForward, DepthwiseForward,
                               ffi::Ffi::Bind()

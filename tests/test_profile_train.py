@@ -1,0 +1,61 @@
+"""launch/profile_train.py: the split of wall time among overlapping trace events."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "launch"))  # profile_train imports bench_train
+_spec = importlib.util.spec_from_file_location(
+    "profile_train", os.path.join(REPO, "launch", "profile_train.py")
+)
+profile_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profile_train)
+
+
+def _event(name, ts, dur):
+    return {"name": name, "ts": ts, "dur": dur, "ph": "X"}
+
+
+def test_wall_shares_split_overlaps_and_count_gaps():
+    events = [
+        _event("a", 0, 10),  # alone 0-4, with b 4-10
+        _event("b", 4, 8),  # with a 4-10, alone 10-12
+        _event("c", 15, 5),  # gap 12-15, alone 15-20
+        _event("c", 16, 2),  # the same op on a second thread: two shares of c there
+        _event("d", 20, 0),  # empty: ignored
+    ]
+    shares, idle, span = profile_train.wall_shares(events)
+    assert span == 20 and idle == 3
+    assert shares["a"] == pytest.approx(4 + 3) and shares["b"] == pytest.approx(3 + 2)
+    assert shares["c"] == pytest.approx(5) and "d" not in shares
+    assert sum(shares.values()) + idle == pytest.approx(span)
+
+
+def test_wall_shares_of_nothing():
+    assert profile_train.wall_shares([]) == ({}, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kind, layer, expected",
+    [
+        ("dot", "pointwise", "pointwise conv"),  # XLA
+        ("Conv2d", "pointwise", "pointwise conv"),  # PyTorch module
+        ("custom-call", "depthwise", "depthwise conv"),
+        ("Conv2d", "depthwise", "depthwise conv"),
+        ("convolution", "other", "stem conv"),  # XLA's kernel-gradient conv has no op_name
+        ("slice", "Conv2d_0", "stem conv"),
+        ("custom-call", "Conv2d_0", "stem conv"),  # the native kernel gradient
+        ("pad", "Conv2d_0", "stem conv"),  # its SAME padding
+        ("pad", "depthwise", "BN, activations, elementwise"),
+        ("reduce", "Conv2d_0", "BN, activations, elementwise"),
+        ("divide+select", "depthwise", "BN, activations, elementwise"),
+        ("BatchNorm2d", "-", "BN, activations, elementwise"),
+        ("idle (no XLA op running)", "-", "idle / outside ops"),
+        ("dot", "Logits", "other (classifier, loss, optimizer)"),
+    ],
+)
+def test_components_group_both_frameworks_alike(kind, layer, expected):
+    assert profile_train.component(kind, layer) == expected
