@@ -309,6 +309,16 @@ def test_native_stem_kernel_gradient_matches_lax(shape, cout, stride):
     np.testing.assert_array_equal(again, got[2])
 
 
+def test_native_kernel_gradients_of_an_empty_batch_are_zero():
+    _impls()
+    x = jnp.zeros((0, 8, 8, 3))
+    k, kd = jnp.ones((3, 3, 3, 16)), jnp.ones((3, 3, 1, 3))
+    stem = jax.grad(lambda k: jnp.sum(direct_conv2d(x, k, 2, impl="native")))(k)
+    dw = jax.grad(lambda k: jnp.sum(depthwise_conv2d(x, k, 1, impl="native")))(kd)
+    np.testing.assert_array_equal(stem, np.zeros(k.shape))
+    np.testing.assert_array_equal(dw, np.zeros(kd.shape))
+
+
 def test_auto_picks_per_backend_and_bad_input_is_rejected(monkeypatch):
     assert resolve_impl("auto", "cpu") == "native" and native.available()
     assert resolve_impl("auto", "gpu") == "lax"

@@ -276,6 +276,16 @@ void BackwardImage(const Geometry& g, const float* __restrict x, const float* __
   }
 }
 
+// out = the sum of the n per-image kernel gradients (taps values each) in per_image, in image
+// order (the same bits whatever the thread schedule that computed them).
+void SumOverImages(const std::vector<float>& per_image, int64_t n, int64_t taps, float* out) {
+  std::fill(out, out + taps, 0.0f);
+  for (int64_t b = 0; b < n; ++b) {
+    const float* p = per_image.data() + b * taps;
+    for (int64_t t = 0; t < taps; ++t) out[t] += p[t];
+  }
+}
+
 // Decodes and checks x [N, H, W, C], k [3, 3, C] and the output-side array o [N, OH, OW, C]
 // (y in the forward pass, the output gradient in the backward pass) into *g.
 ffi::Error DecodeGeometry(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd,
@@ -336,12 +346,7 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     BackwardImage(g, xs + b * g.h * g.w * g.c, ks, flipped.data(), gs + b * g.oh * g.ow * g.c,
                   dxs + b * g.h * g.w * g.c, per_image.data() + b * taps);
   });
-  float* dks = dk->typed_data();
-  std::fill(dks, dks + taps, 0.0f);
-  for (int64_t b = 0; b < g.n; ++b) {
-    const float* p = per_image.data() + b * taps;
-    for (int64_t t = 0; t < taps; ++t) dks[t] += p[t];
-  }
+  SumOverImages(per_image, g.n, taps, dk->typed_data());
   return ffi::Error::Success();
 }
 
@@ -422,12 +427,7 @@ ffi::Error StemKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
       default: StemKernelGradImage<4>(x, g, wp, oh, ow, co, stride, d); break;
     }
   });
-  float* dks = dk->typed_data();
-  std::fill(dks, dks + taps, 0.0f);
-  for (int64_t b = 0; b < n; ++b) {
-    const float* p = per_image.data() + b * taps;
-    for (int64_t t = 0; t < taps; ++t) dks[t] += p[t];
-  }
+  SumOverImages(per_image, n, taps, dk->typed_data());
   return ffi::Error::Success();
 }
 
