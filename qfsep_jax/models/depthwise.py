@@ -150,9 +150,9 @@ def direct_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "shi
     channels and multiplied by a kernel row, in one elementwise loop (3-5x faster on XLA:CPU than
     its convolution for 3 input channels). Backward, over the padded input (the saved residual)
     as a VALID conv: the kernel gradient in a C++ custom call where ``impl`` resolves to
-    ``native`` and it covers the conv (:func:`native_stem_supports`; XLA:CPU's convolution runs
-    it on one thread), else XLA's convolution; the input gradient through XLA's convolution
-    (the stem does not need it, and XLA drops it).
+    ``native`` and it covers the conv (:func:`native_stem_supports`; XLA:CPU's convolution gains
+    little from a second thread there), else XLA's convolution; the input gradient through XLA's
+    convolution (the stem does not need it, and XLA drops it).
     """
     kh, kw, cin, _ = kernel.shape
     if x.ndim != 4 or x.shape[-1] != cin:

@@ -7,8 +7,8 @@
 // the backward pass makes two: the input gradient (a gather from the output gradient), then the
 // kernel gradient (input and output gradient, sums kept in registers along each row).
 //
-// Also the kernel gradient of the RGB stem (a regular 3x3 conv with few input channels), which
-// XLA:CPU's convolution computes on one thread.
+// Also the kernel gradient of the RGB stem (a regular 3x3 conv with few input channels), where
+// XLA:CPU's convolution gains little from a second thread.
 //
 // Work is split over images; each image is one task on XLA's intra-op thread pool. Kernel
 // gradients are summed per image, then over images in a fixed order, so results do not depend
