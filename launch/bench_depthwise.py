@@ -63,6 +63,13 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def _best_ms(fns: dict, reps: int) -> dict[str, float]:
+    """Each zero-argument ``fn`` called once (compilation), then its best of interleaved reps."""
+    for fn in fns.values():
+        fn()
+    return {name: min(t) * 1e3 for name, t in _interleaved(fns, reps).items()}
+
+
 def _interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
     """Seconds per call of each zero-argument ``fn``, rep by rep in turn."""
     times = {name: [] for name in fns}
@@ -109,10 +116,8 @@ def stem_row(impls: list[str], reps: int) -> dict:
         bwd = jax.jit(lambda x, k, g, conv=conv: jax.vjp(lambda k: conv(x, k), k)[1](g))
         fns[f"{impl} fwd"] = lambda f=fwd: jax.block_until_ready(f(x, k))
         fns[f"{impl} fwd+bwd"] = lambda f=bwd: jax.block_until_ready(f(x, k, g))
-    for fn in fns.values():
-        fn()  # compile
-    best = {name: min(t) * 1e3 for name, t in _interleaved(fns, reps).items()}
-    return {"input": [BATCH, size, size, cin], "out_channels": cout, "stride": stride, "ms": best}
+    ms = _best_ms(fns, reps)
+    return {"input": [BATCH, size, size, cin], "out_channels": cout, "stride": stride, "ms": ms}
 
 
 def layer_table(impls: list[str], reps: int) -> list[dict]:
@@ -130,10 +135,8 @@ def layer_table(impls: list[str], reps: int) -> list[dict]:
         fns = {}
         for impl in impls:
             fns.update(_layer_fns(impl, x, k, g, stride))
-        for fn in fns.values():
-            fn()  # compile
-        best = {name: min(t) * 1e3 for name, t in _interleaved(fns, reps).items()}
-        rows.append({"input": [BATCH, size, size, channels], "stride": stride, "ms": best})
+        ms = _best_ms(fns, reps)
+        rows.append({"input": [BATCH, size, size, channels], "stride": stride, "ms": ms})
     return rows
 
 

@@ -268,6 +268,12 @@ def torch_runner(row: str, mode: str, threads: int):
 # ---------------------------------------------------------------------------------------------
 
 
+def row_label(record: dict) -> str:
+    """``w=… px=… stem=… batch=… mode`` of a row record."""
+    return (f"w={record['width']} px={record['image_size']} stem={record['stem_stride']} "
+            f"batch={record['batch']} {record['mode']}")  # fmt: skip
+
+
 def _summary_line(jax_rate, torch_rate, ratio, paired, label: str, extra: str = "") -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     paired_text = "n/a" if paired is None else f"{paired:.2f}"
@@ -334,11 +340,10 @@ def run_processes(args: argparse.Namespace, argv: list[str]) -> None:
     print(f"# summary over {args.processes} processes (medians; best rep within each)")
     for record in records:
         ratio = record["ratio_median_over_processes"]
-        label = (f"w={record['width']} px={record['image_size']} stem={record['stem_stride']} "
-                 f"batch={record['batch']} {record['mode']}")  # fmt: skip
         print(_summary_line(
             record["best_images_per_sec"].get("jax"), record["best_images_per_sec"].get("torch"),
-            float("nan") if ratio is None else ratio, record["paired_median_ratio"], label,
+            float("nan") if ratio is None else ratio, record["paired_median_ratio"],
+            row_label(record),
             f"; ratio per process {', '.join(f'{r:.2f}' for r in record['ratio_per_process'])}",
         ))  # fmt: skip
     if args.out:
@@ -381,7 +386,10 @@ def main(argv=None) -> None:
     for row in args.rows.split(","):
         width, size, stem, batch = ROWS[row]
         for mode in args.modes.split(","):
-            label = f"w={width} px={size} stem={stem} batch={batch} {mode}"
+            label = row_label(
+                {"width": width, "image_size": size, "stem_stride": stem, "batch": batch,
+                 "mode": mode}
+            )  # fmt: skip
             runners = {}
             for fw in frameworks:
                 start = time.perf_counter()

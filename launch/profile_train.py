@@ -61,7 +61,8 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed and profiled steps each")
     p.add_argument(
         "--warmup", type=int, default=4,
-        help="untimed steps first (compilation; the heap can still grow in the third or fourth)",
+        help="untimed steps first (compilation; the heap can still grow in a later step, "
+        "seen as late as the ninth: one step with ~330k page faults)",
     )  # fmt: skip
     p.add_argument("--top", type=int, default=25, help="how many single ops to list")
     p.add_argument("--depthwise_impl", default="auto", help="auto | lax | shift | native")
@@ -123,8 +124,6 @@ STEM_CONV_KINDS = (
     "slice",
     "pad+slice",
     "transpose",
-    "concatenate",
-    "dot",
 )
 
 
@@ -215,8 +214,9 @@ def time_steps(run, steps: int) -> tuple[list[float], list[float]]:
 def profile_torch(args: argparse.Namespace) -> dict:
     """Wall time per module kind and direction of the benchmark's PyTorch step.
 
-    torch.profiler slowed this step 1.6-2x on two pinned CPUs (its own thread competes with the
-    two OpenMP threads), most of all in batch norm and ReLU6; module hooks cost two clock reads
+    torch.profiler slowed this step by up to 2x on two pinned CPUs (1.05-2.0x in four quick
+    checks; its own thread competes with the two OpenMP threads), most of all in batch norm and
+    ReLU6; module hooks cost two clock reads
     per module and direction. Forward: from a module's forward pre-hook to its forward hook.
     Backward: from its full-backward pre-hook to its full-backward hook (autograd runs this
     chain of modules one after another on the calling thread). The stem's input needs no
@@ -263,10 +263,7 @@ def profile_torch(args: argparse.Namespace) -> dict:
         ]
     run()  # the hooks' first call
     per_cat.clear()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        run()
-    timed_ms = (time.perf_counter() - start) / args.steps * 1e3
+    timed_ms = statistics.mean(time_steps(run, args.steps)[0])
     for handle in handles:
         handle.remove()
     per_cat[("outside modules (loss, optimizer, autograd)", "-", "-")] = max(
