@@ -44,6 +44,7 @@ import time
 import bench_train  # same folder: the benchmark's rows, step and malloc tuning
 
 from qfsep_jax import runtime
+from qfsep_jax.models import native
 
 # Ops whose presence inside a fusion names its kind (the rest are plain elementwise work).
 MARKER_OPS = (
@@ -95,15 +96,19 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict]:
             if not m:
                 continue
             calls = re.search(r"calls=%([\w.\-]+)", line)
+            target = re.search(r'custom_call_target="([^"]+)"', line)
             op_name = re.search(r'op_name="([^"]+)"', line)
             callee = calls.group(1) if calls else None
             inner = computations.get(callee, []) if callee else []
             ops = {o for o in re.findall(r"= \S+ ([\w\-]+)\(", "\n".join(inner))}
             names = re.findall(r'op_name="([^"]+)"', "\n".join(inner))
+            kind = "+".join(sorted(ops & set(MARKER_OPS))) or m.group(4)
+            if kind == "custom-call" and target and target.group(1) in BN_KERNEL_TARGETS:
+                kind = "custom-call (BN sums)"
             out[m.group(2)] = {
                 "shape": m.group(3),
                 "opcode": m.group(4),
-                "kind": "+".join(sorted(ops & set(MARKER_OPS))) or m.group(4),
+                "kind": kind,
                 "op_name": op_name.group(1) if op_name else (names[-1] if names else ""),
             }
     return out
@@ -116,6 +121,9 @@ def category(info: dict) -> tuple[str, str, str]:
     layer = next((t for t in LAYER_TYPES if t in name), "other")
     return info["kind"], direction, layer
 
+
+# The native BN moments and gradient sums (BN's share, not their layer's conv).
+BN_KERNEL_TARGETS = (native.CHANNEL_MOMENTS_TARGET, native.BN_GRAD_SUMS_TARGET)
 
 STEM_CONV_KINDS = (
     "convolution",
@@ -145,6 +153,7 @@ def component(kind: str, layer: str) -> str:
     if (layer == "Conv2d_0" and kind in (*STEM_CONV_KINDS, "Conv2d")) or kind == "convolution":
         return "stem conv"
     if layer in ("pointwise", "depthwise", "Conv2d_0") or kind in ("BatchNorm2d", "ReLU6"):
+        # Also "custom-call (BN sums)", the native BN kernels.
         return "BN, activations, elementwise"
     return "other (classifier, loss, optimizer)"
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qfsep_jax.models import depthwise, native
+from qfsep_jax.models import depthwise, layers, native
 from qfsep_jax.models.depthwise import depthwise_conv2d, direct_conv2d, resolve_impl
-from qfsep_jax.models.layers import ConvLayer, batch_norm_train, conv2d
+from qfsep_jax.models.layers import ConvLayer, activation_fn, batch_norm_train, conv2d
 from qfsep_jax.quant import QuantConfig
 from qfsep_jax.quant.fake_quant import UINT8, fake_quant
 
@@ -175,9 +175,11 @@ def test_under_the_fake_quant_primitive(stride):
         assert float(sg[2]) != 0.0  # the range gets a gradient
 
 
-def test_qat_depthwise_layer_same_for_both_impls():
+@pytest.mark.parametrize("quant_mode", ["qat", "float"])
+def test_training_depthwise_layer_same_for_all_impls(quant_mode):
     # The model's QAT path (BN folded into a fake-quantized kernel, correction-and-freeze, EMA
-    # activation range): forward, parameter gradients and the updated ranges agree.
+    # activation range) and its float path (BN and ReLU6 with their own VJP; native BN sums
+    # where the impl is native): forward, parameter gradients, BN statistics and ranges agree.
     rs = np.random.RandomState(3)
     x = jnp.asarray(rs.randn(4, 9, 9, 6).astype(np.float32))
     cot = jnp.asarray(rs.randn(4, 5, 5, 6).astype(np.float32))
@@ -191,10 +193,10 @@ def test_qat_depthwise_layer_same_for_both_impls():
 
         def loss(params, v=v, layer=layer):
             y, new = layer.apply(
-                {**v, "params": params}, x, train=True, quant_mode="qat",
+                {**v, "params": params}, x, train=True, quant_mode=quant_mode,
                 mutable=["batch_stats", "quant_ranges", "intermediates"],
             )  # fmt: skip
-            return jnp.sum(y * cot), (y, new["quant_ranges"])
+            return jnp.sum(y * cot), (y, (new["batch_stats"], new.get("quant_ranges", {})))
 
         outs[impl] = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
     g_lax, (y_lax, r_lax) = outs["lax"]
@@ -413,52 +415,121 @@ def _bn_reference(y, gamma, beta, eps, axis_name):
     return (y - mean) * (gamma * jax.lax.rsqrt(var + eps)) + beta, mean, var
 
 
-def _bn_loss(bn, axis_name, y, gamma, beta, cot, cm, cv):
-    # ReLU6 after BN as in the model; the moments feed the loss too (as running statistics do
-    # not, but their cotangents must be handled); one channel is constant (var clamps to 0).
-    out, mean, var = bn(y, gamma, beta, 1e-3, axis_name)
-    return jnp.sum(jnp.clip(out, 0.0, 6.0) * cot) + jnp.sum(mean * cm) + jnp.sum(var * cv)
+def _bn_loss(bn, axis_name, activation, y, gamma, beta, cot, cm, cv):
+    # The activation after BN as in the model; the moments feed the loss too (as running
+    # statistics do not, but their cotangents must be handled).
+    out, mean, var = bn(y, gamma, beta, 1e-3, axis_name, activation)
+    return jnp.sum(out * cot) + jnp.sum(mean * cm) + jnp.sum(var * cv)
+
+
+def _bn_ref_act(y, gamma, beta, eps, axis_name, activation):
+    out, mean, var = _bn_reference(y, gamma, beta, eps, axis_name)
+    return activation_fn(activation, out), mean, var
 
 
 def _bn_inputs(shape, seed):
     rs = np.random.RandomState(seed)
     y = (rs.randn(*shape) * 2 + 1).astype(np.float32)
-    y[..., 0] = 0.5  # a constant channel
     c = shape[-1]
     gamma = (rs.rand(c) + 0.5).astype(np.float32)
     beta = rs.randn(c).astype(np.float32)
+    # Two constant channels (var clamps to 0: the max's tie) whose output is beta exactly, put
+    # on the activations' ties: 0 (relu, relu6) and 6 (relu6).
+    y[..., 0], beta[0] = 0.5, 0.0
+    y[..., 1], beta[1] = -1.25, 6.0
     cot = rs.randn(*shape).astype(np.float32)
     return y, gamma, beta, cot, rs.randn(c).astype(np.float32), rs.randn(c).astype(np.float32)
 
 
-def test_batch_norm_vjp_equals_autodiff():
-    y, gamma, beta, cot, cm, cv = _bn_inputs((4, 5, 6, 7), seed=9)
+BN_CASES = [(a, n) for a in ("none", "relu", "relu6") for n in (False, True)]
+
+
+def _bn_vjp(native_sums):
+    return lambda *a: batch_norm_train(*a, native_sums=native_sums)
+
+
+@pytest.mark.parametrize("activation, native_sums", BN_CASES)
+def test_batch_norm_vjp_equals_autodiff(activation, native_sums):
+    # Two chunks of the native sums' rows (512) and a partial one; 70 channels cover the 64-,
+    # 16- and single-channel blocks.
+    y, gamma, beta, cot, cm, cv = _bn_inputs((3, 19, 20, 70), seed=9)
     grads = {
-        name: jax.jit(jax.value_and_grad(functools.partial(_bn_loss, bn, None), argnums=(0, 1, 2)))(
-            y, gamma, beta, cot, cm, cv
-        )
-        for name, bn in (("ref", _bn_reference), ("vjp", batch_norm_train))
+        name: jax.jit(
+            jax.value_and_grad(functools.partial(_bn_loss, bn, None, activation), argnums=(0, 1, 2))
+        )(y, gamma, beta, cot, cm, cv)
+        for name, bn in (("ref", _bn_ref_act), ("vjp", _bn_vjp(native_sums)))
     }
     np.testing.assert_allclose(grads["vjp"][0], grads["ref"][0], rtol=1e-6)
     for name, a, b in zip(("d/dy", "d/dgamma", "d/dbeta"), grads["ref"][1], grads["vjp"][1],
                           strict=True):  # fmt: skip
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
-    outs = jax.jit(lambda *a: batch_norm_train(*a, 1e-3, None))(y, gamma, beta)
-    refs = jax.jit(lambda *a: _bn_reference(*a, 1e-3, None))(y, gamma, beta)
+        # atol: a constant channel's d/dgamma is inv * (sum(g*y) - mean * sum(g)), rounding of
+        # sums of size ~50 scaled by 1/sqrt(eps) = 32 (exactly 0 only where both sums round alike).
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-3, err_msg=name)
+    outs = jax.jit(lambda *a: batch_norm_train(*a, 1e-3, None, activation, native_sums))(
+        y, gamma, beta
+    )
+    refs = jax.jit(lambda *a: _bn_ref_act(*a, 1e-3, None, activation))(y, gamma, beta)
     for a, b in zip(refs, outs, strict=True):
-        np.testing.assert_array_equal(b, a)  # the same forward arithmetic
+        if native_sums:  # the moments summed in another order
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(b, a)  # the same forward arithmetic
 
 
-def test_batch_norm_vjp_under_pmap():
+def test_native_bn_sums_match_float64_and_are_deterministic():
+    # The gradient sums through relu6 (ties included) against float64, and the same bits on
+    # every call (fixed chunks, summed in order), also for an empty batch.
+    y, gamma, beta, cot, _, _ = _bn_inputs((4, 33, 17, 24), seed=3)
+    mean = y.mean(axis=(0, 1, 2))
+    alpha = gamma * 0.7
+    z = (y.astype(np.float64) - mean) * alpha + beta
+    w = np.where((z > 0) & (z < 6), 1.0, np.where((z == 0) | (z == 6), 0.5, 0.0))
+    params = jnp.stack([mean, alpha, beta])
+    sums = jax.jit(lambda g, y: layers._channel_sums(
+        native.BN_GRAD_SUMS_TARGET, g, y, params, activation=np.int64(2)
+    ))  # fmt: skip
+    s0, s1 = sums(cot, y)
+    np.testing.assert_allclose(s0, (cot * w).sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(s1, (cot * w * y).sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-3)
+    for a, b in zip((s0, s1), sums(cot, y), strict=True):
+        np.testing.assert_array_equal(a, b)
+    m0, m1 = jax.jit(layers._native_moments)(y)
+    np.testing.assert_allclose(m0, y.astype(np.float64).mean(axis=(0, 1, 2)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m1, (y.astype(np.float64) ** 2).mean(axis=(0, 1, 2)), rtol=1e-6)
+    empty = np.zeros((0, 3, 3, 24), np.float32)
+    for a in sums(empty, empty):
+        np.testing.assert_array_equal(a, 0.0)
+
+
+def test_native_bn_sums_reject_inconsistent_shapes():
+    _impls()
+    call = lambda g, y, p, out=(2, 4), act=2: jax.ffi.ffi_call(  # noqa: E731
+        native.BN_GRAD_SUMS_TARGET, jax.ShapeDtypeStruct(out, jnp.float32)
+    )(jnp.zeros(g), jnp.zeros(y), jnp.zeros(p), activation=np.int64(act))
+    jax.block_until_ready(call((2, 3, 4), (2, 3, 4), (3, 4)))  # consistent: runs
+    with pytest.raises(Exception, match="g and y shapes differ"):
+        jax.block_until_ready(call((2, 3, 5), (2, 3, 4), (3, 4)))
+    with pytest.raises(Exception, match=r"expected params \[3, C\]"):
+        jax.block_until_ready(call((2, 3, 4), (2, 3, 4), (2, 4)))
+    with pytest.raises(Exception, match=r"a \[2, C\] result"):
+        jax.block_until_ready(call((2, 3, 4), (2, 3, 4), (3, 4), out=(2, 5)))
+    with pytest.raises(Exception, match="unknown activation code"):
+        jax.block_until_ready(call((2, 3, 4), (2, 3, 4), (3, 4), act=7))
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        batch_norm_train(jnp.zeros((1, 2, 2, 4)), jnp.ones(4), jnp.zeros(4), 1e-3, None, "gelu")
+
+
+@pytest.mark.parametrize("native_sums", [False, True])
+def test_batch_norm_vjp_under_pmap(native_sums):
     # Moments over all devices; the backward psum is the transpose of the forward pmean.
     ndev = jax.local_device_count()
     y, gamma, beta, cot, cm, cv = _bn_inputs((ndev * 2, 3, 4, 5), seed=10)
     split = lambda a: a.reshape(ndev, 2, *a.shape[1:])  # noqa: E731
     res = {}
-    for name, bn in (("ref", _bn_reference), ("vjp", batch_norm_train)):
-        fn = jax.grad(functools.partial(_bn_loss, bn, "d"), argnums=(0, 1, 2))
+    for name, bn in (("ref", _bn_ref_act), ("vjp", _bn_vjp(native_sums))):
+        fn = jax.grad(functools.partial(_bn_loss, bn, "d", "relu6"), argnums=(0, 1, 2))
         res[name] = jax.pmap(fn, axis_name="d", in_axes=(0, None, None, 0, None, None))(
             split(y), gamma, beta, split(cot), cm, cv
         )
     for name, a, b in zip(("d/dy", "d/dgamma", "d/dbeta"), res["ref"], res["vjp"], strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)

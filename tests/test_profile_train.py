@@ -48,6 +48,8 @@ def test_wall_shares_of_nothing():
         ("convolution", "other", "stem conv"),  # XLA's kernel-gradient conv has no op_name
         ("slice", "Conv2d_0", "stem conv"),
         ("custom-call", "Conv2d_0", "stem conv"),  # the native kernel gradient
+        ("custom-call (BN sums)", "depthwise", "BN, activations, elementwise"),
+        ("custom-call (BN sums)", "Conv2d_0", "BN, activations, elementwise"),
         ("pad", "Conv2d_0", "stem conv"),  # its SAME padding
         ("pad", "depthwise", "BN, activations, elementwise"),
         ("reduce", "Conv2d_0", "BN, activations, elementwise"),
@@ -59,3 +61,22 @@ def test_wall_shares_of_nothing():
 )
 def test_components_group_both_frameworks_alike(kind, layer, expected):
     assert profile_train.component(kind, layer) == expected
+
+
+def test_hlo_instructions_tell_the_native_bn_sums_from_the_conv_kernels():
+    hlo = "\n".join([
+        "ENTRY %main (p: f32[2,4]) -> f32[2,4] {",
+        "  %p = f32[2,4]{1,0} parameter(0)",
+        '  %ffi_call.1 = f32[2,4]{1,0} custom-call(%p), custom_call_target="qfsep_bn_grad_sums", '
+        'metadata={op_name="jit(s)/transpose(jvp(MobileNetV1))/Conv2d_1/depthwise/ffi_call"}',
+        '  ROOT %ffi_call.2 = f32[2,4]{1,0} custom-call(%p), '
+        'custom_call_target="qfsep_depthwise3x3_forward", '
+        'metadata={op_name="jit(s)/jvp(MobileNetV1)/Conv2d_1/depthwise/ffi_call"}',
+        "}",
+    ])  # fmt: skip
+    ops = profile_train.hlo_instructions(hlo)
+    bn, conv = (profile_train.category(ops[n]) for n in ("ffi_call.1", "ffi_call.2"))
+    assert bn == ("custom-call (BN sums)", "bwd", "depthwise")
+    assert conv == ("custom-call", "fwd", "depthwise")
+    assert profile_train.component(bn[0], bn[2]) == "BN, activations, elementwise"
+    assert profile_train.component(conv[0], conv[2]) == "depthwise conv"

@@ -20,7 +20,7 @@ recomputed per output element. :func:`direct_conv2d` applies the same shifted sl
 too).
 
 ``impl="native"`` runs 3x3 float32 depthwise layers on XLA:CPU as two C++ custom calls
-(:mod:`qfsep_jax.models.native`, ``csrc/depthwise_cpu.cc``): the forward pass reads the input
+(:mod:`qfsep_jax.models.native`, ``csrc/cpu_kernels.cc``): the forward pass reads the input
 once (padding is a bounds check); the backward pass writes the input gradient as a gather and
 sums the kernel gradient along each output row in registers. Per layer of MobileNetV1 1.0/224
 it was 1.05-2.5x faster than ``shift`` forward and 1.5-4.1x forward plus backward in two runs
@@ -75,7 +75,7 @@ def native_supports(x: jax.Array, kernel: jax.Array) -> bool:
     return x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and kernel.shape[:2] == (3, 3)
 
 
-def _native_applies(resolved: str, supported: bool, unsupported: str | None = None) -> bool:
+def native_applies(resolved: str, supported: bool, unsupported: str | None = None) -> bool:
     """Whether a layer runs a native kernel, given the resolved impl and whether it covers it.
 
     Raises where ``native`` cannot run: off CPU, or not built (with the reason); for a layer it
@@ -133,7 +133,7 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "
             "covers float32 3x3 kernels only, got "
             f"{x.dtype}/{kernel.dtype} input/kernel with kernel shape {kernel.shape}"
         )
-    if _native_applies(impl, native_supports(x, kernel), unsupported):
+    if native_applies(impl, native_supports(x, kernel), unsupported):
         return _depthwise_native(x, kernel, stride)
     return _depthwise_shift(x, _materialize(kernel), stride, (x.shape[1], x.shape[2]))
 
@@ -159,7 +159,7 @@ def direct_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "shi
         raise ValueError(f"conv kernel {kernel.shape} expects NHWC input with {cin} channels")
     # Other kernel sizes, channel counts and dtypes take XLA's convolution, even where
     # ``native`` is asked for by name (it names the depthwise layers' implementation).
-    use_native = _native_applies(resolve_impl(impl), native_stem_supports(x, kernel))
+    use_native = native_applies(resolve_impl(impl), native_stem_supports(x, kernel))
     return _direct_conv(x, _materialize(kernel), stride, (x.shape[1], x.shape[2]), use_native)
 
 

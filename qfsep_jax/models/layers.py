@@ -20,8 +20,9 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from qfsep_jax.models import depthwise
+from qfsep_jax.models import depthwise, native
 from qfsep_jax.quant import observers
 from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.fold import fold_bn
@@ -67,48 +68,138 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "lax") -> j
     )
 
 
-def _raw_moments(y: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-    """Per-channel E[y] and E[y^2] over batch and space (and over ``axis_name`` devices)."""
-    mean = jnp.mean(y, axis=(0, 1, 2))
-    mean_sq = jnp.mean(jnp.square(y), axis=(0, 1, 2))
+def activation_grad_weight(name: str, z: jax.Array) -> jax.Array | float:
+    """The derivative of :func:`activation_fn` at ``z``, as JAX's autodiff gives it.
+
+    relu: 1 above 0, 0 at and below (``jax.nn.relu``); relu6 (a clip to [0, 6]): 1 inside,
+    1/2 at exactly 0 or 6 (the tie rule of ``max``/``min``), 0 outside; none: 1. The native
+    gradient sums (``csrc/cpu_kernels.cc``, ``ActivationGrad``) use the same rule.
+    """
+    if name == "relu6":
+        inside = (z > 0) & (z < 6)
+        return jnp.where(inside, 1.0, jnp.where((z == 0) | (z == 6), 0.5, 0.0)).astype(z.dtype)
+    if name == "relu":
+        return (z > 0).astype(z.dtype)
+    if name == "none":
+        return 1.0
+    raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
+
+
+# The activation attribute of the native BN gradient sums (csrc/cpu_kernels.cc kAct*).
+ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2}
+
+
+def _channel_sums(target: str, *args: jax.Array, **attrs) -> tuple[jax.Array, jax.Array]:
+    """The two ``[C]`` per-channel sums of a native BN custom call over ``[..., C]`` arrays."""
+    if not native.available():  # also registers the custom calls
+        raise RuntimeError(f"native BN sums unavailable: {native.unavailable_reason()}")
+    c = args[0].shape[-1]
+    out = jax.ShapeDtypeStruct((2, c), jnp.float32)
+    sums = jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)
+    return sums[0], sums[1]
+
+
+@jax.custom_vjp
+def _native_moments(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel E[y] and E[y^2] over all but the last axis, in one native pass."""
+    s0, s1 = _channel_sums(native.CHANNEL_MOMENTS_TARGET, y)
+    count = y.size // y.shape[-1]
+    return s0 / count, s1 / count
+
+
+def _native_moments_bwd(y, cotangents):
+    d_mean, d_mean_sq = cotangents
+    count = y.size // y.shape[-1]
+    return ((d_mean + 2.0 * d_mean_sq * y) / count,)
+
+
+_native_moments.defvjp(lambda y: (_native_moments(y), y), _native_moments_bwd)
+
+
+def _raw_moments(
+    y: jax.Array, axis_name: str | None, native_sums: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Per-channel E[y] and E[y^2] over batch and space (and over ``axis_name`` devices).
+
+    ``native_sums``: both in one pass of a C++ custom call (float32 on CPU), where XLA reads
+    ``y`` once per sum.
+    """
+    if native_sums:
+        mean, mean_sq = _native_moments(y)
+    else:
+        mean = jnp.mean(y, axis=(0, 1, 2))
+        mean_sq = jnp.mean(jnp.square(y), axis=(0, 1, 2))
     if axis_name is not None:
         mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
     return mean, mean_sq
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def native_bn_sums(impl: str, y: jax.Array) -> bool:
+    """Whether BN's sums over ``y`` run natively: ``impl`` (the model's ``depthwise_impl``)
+    resolves to ``native`` and ``y`` is float32 (else XLA's reductions)."""
+    return depthwise.native_applies(depthwise.resolve_impl(impl), y.dtype == jnp.float32)
+
+
 def batch_norm_train(
-    y: jax.Array, gamma: jax.Array, beta: jax.Array, epsilon: float, axis_name: str | None
+    y: jax.Array,
+    gamma: jax.Array,
+    beta: jax.Array,
+    epsilon: float,
+    axis_name: str | None,
+    activation: str = "none",
+    native_sums: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode BN of NHWC ``y``: ``((y - mean) * gamma / sqrt(var + eps) + beta, mean, var)``.
+    """Training-mode BN of NHWC ``y`` and the activation after it, with a hand-written VJP.
 
-    ``mean``/``var`` are the batch moments (``var = max(E[y^2] - E[y]^2, 0)``, combined over
-    ``axis_name`` devices). The hand-written VJP gives the gradients that autodiff of this
-    forward gives (up to float rounding), with two reductions (sum of g, sum of g * y) and one
-    elementwise pass, where XLA's autodiff graph materializes ``y - mean`` in the forward pass
-    and needs three reductions and extra passes (issue 6: BN fusion).
+    Returns ``(act((y - mean) * gamma / sqrt(var + eps) + beta), mean, var)``, ``mean``/``var``
+    the batch moments (``var = max(E[y^2] - E[y]^2, 0)``, combined over ``axis_name`` devices).
+    The VJP gives the gradients that autodiff of this forward gives (up to float rounding) in
+    two reductions (sum of ``g * w`` and of ``g * w * y``, ``w`` the activation's derivative
+    recomputed from ``y``) and one elementwise pass, where autodiff materializes ``y - mean``
+    and ``g * w`` and needs more reductions and passes (issue 6: BN fusion).
+
+    ``native_sums`` (see :func:`native_bn_sums`): the moments, and the two gradient sums, each
+    in one pass of a C++ custom call (``csrc/cpu_kernels.cc``); XLA reads its inputs once per
+    sum and writes ``g * w`` to memory first.
     """
-    return _bn_train_fwd(y, gamma, beta, epsilon, axis_name)[0]
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
+    return _bn_act_train(y, gamma, beta, epsilon, axis_name, activation, native_sums)
 
 
-def _bn_train_fwd(y, gamma, beta, epsilon, axis_name):
-    mean, mean_sq = _raw_moments(y, axis_name)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _bn_act_train(y, gamma, beta, epsilon, axis_name, activation, native_sums):
+    return _bn_train_fwd(y, gamma, beta, epsilon, axis_name, activation, native_sums)[0]
+
+
+def _bn_train_fwd(y, gamma, beta, epsilon, axis_name, activation, native_sums):
+    mean, mean_sq = _raw_moments(y, axis_name, native_sums)
     diff = mean_sq - jnp.square(mean)
     var = jnp.maximum(diff, 0.0)
     inv = jax.lax.rsqrt(var + epsilon)
-    out = (y - mean) * (gamma * inv) + beta
-    return (out, mean, var), (y, gamma, mean, diff, inv)
+    out = activation_fn(activation, (y - mean) * (gamma * inv) + beta)
+    return (out, mean, var), (y, gamma, beta, mean, diff, inv)
 
 
-def _bn_train_bwd(epsilon, axis_name, residuals, cotangents):
+def _bn_train_bwd(epsilon, axis_name, activation, native_sums, residuals, cotangents):
     del epsilon
     g, g_mean, g_var = cotangents
-    y, gamma, mean, diff, inv = residuals
+    y, gamma, beta, mean, diff, inv = residuals
     alpha = gamma * inv
-    sum_g = jnp.sum(g, axis=(0, 1, 2))
-    # sum(g * (y - mean)) as sum(g * y) - mean * sum(g): XLA:CPU runs a product-and-sum as one
-    # library reduction, but writes ``y - mean`` to memory first for the centred form.
-    sum_gyc = jnp.sum(g * y, axis=(0, 1, 2)) - mean * sum_g
+    # The activation's derivative, recomputed from y (no pre-activation residual is kept).
+    g_act = g * activation_grad_weight(activation, (y - mean) * alpha + beta)
+    if native_sums:
+        params = jnp.stack([mean, alpha, beta]).astype(jnp.float32)
+        sum_g, sum_gy = _channel_sums(
+            native.BN_GRAD_SUMS_TARGET, g.astype(jnp.float32), y, params,
+            activation=np.int64(ACTIVATION_CODES[activation]),
+        )  # fmt: skip
+    else:
+        sum_g = jnp.sum(g_act, axis=(0, 1, 2))
+        sum_gy = jnp.sum(g_act * y, axis=(0, 1, 2))
+    # sum(g * (y - mean)) as sum(g * y) - mean * sum(g): XLA:CPU would write ``y - mean`` to
+    # memory first for the centred form.
+    sum_gyc = sum_gy - mean * sum_g
     # Through var = max(diff, 0): jnp.maximum's gradient is 1 above, 1/2 at the tie, 0 below.
     var_grad = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
     d_var = (sum_gyc * gamma * (-0.5) * inv**3 + g_var) * var_grad
@@ -119,14 +210,11 @@ def _bn_train_bwd(epsilon, axis_name, residuals, cotangents):
         # The transpose of the forward pmean: every device's cotangent reaches every device.
         d_mean, d_mean_sq = jax.lax.psum((d_mean, d_mean_sq), axis_name)
         count = count * jax.lax.psum(1, axis_name)
-    dy = g * alpha + d_mean / count + (2.0 / count) * d_mean_sq * y
+    dy = g_act * alpha + d_mean / count + (2.0 / count) * d_mean_sq * y
     return dy.astype(y.dtype), sum_gyc * inv, sum_g
 
 
-batch_norm_train.defvjp(
-    lambda y, gamma, beta, epsilon, axis_name: _bn_train_fwd(y, gamma, beta, epsilon, axis_name),
-    _bn_train_bwd,
-)
+_bn_act_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
 def _check_mode(quant_mode: str, quant: QuantConfig | None) -> None:
@@ -217,7 +305,7 @@ class ConvLayer(nn.Module):
         return conv2d(x, kernel, self.stride, impl=self.depthwise_impl)
 
     def _batch_moments(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mean, mean_sq = _raw_moments(y, self.axis_name)
+        mean, mean_sq = _raw_moments(y, self.axis_name, native_bn_sums(self.depthwise_impl, y))
         return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
     @nn.compact
@@ -255,13 +343,18 @@ class ConvLayer(nn.Module):
         quantizing = quant_mode in ("fake", "qat")
         update_stats = train and has_bn and not self.is_initializing()
 
+        activated = False  # whether the activation ran already (fused into BN's training VJP)
         if not quantizing:
             y = self._conv(x, kernel)
             if bias is not None:
                 y = y + bias
             if has_bn:
                 if train:
-                    y, mean, var = batch_norm_train(y, gamma, beta, self.bn_epsilon, self.axis_name)
+                    y, mean, var = batch_norm_train(
+                        y, gamma, beta, self.bn_epsilon, self.axis_name, self.activation,
+                        native_bn_sums(self.depthwise_impl, y),
+                    )  # fmt: skip
+                    activated = True
                     if update_stats:
                         m = self.bn_momentum
                         ra_mean.value = m * ra_mean.value + (1 - m) * mean
@@ -302,7 +395,8 @@ class ConvLayer(nn.Module):
             if b is not None:
                 y = y + b
 
-        y = activation_fn(self.activation, y)
+        if not activated:
+            y = activation_fn(self.activation, y)
         if self.quantize_output:
             y = ActQuant(self.quant, self.axis_name, name="act_quant")(
                 y, quant_mode, train, quant_active

@@ -1,6 +1,7 @@
-"""The native XLA:CPU kernels of ``csrc/depthwise_cpu.cc``: build, load, register.
+"""The native XLA:CPU kernels of ``csrc/cpu_kernels.cc``: build, load, register.
 
-The 3x3 depthwise conv (forward, backward) and the RGB stem conv's kernel gradient.
+The 3x3 depthwise conv (forward, backward), the RGB stem conv's kernel gradient, and batch
+norm's per-channel sums for training (moments; gradient sums through the activation).
 
 The C++ source is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``)
 against the XLA FFI headers that ship with jaxlib, into a per-user cache
@@ -26,10 +27,12 @@ import tempfile
 import jax
 import jaxlib
 
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "depthwise_cpu.cc")
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_kernels.cc")
 FORWARD_TARGET = "qfsep_depthwise3x3_forward"
 BACKWARD_TARGET = "qfsep_depthwise3x3_backward"
 STEM_KERNEL_GRAD_TARGET = "qfsep_stem3x3_kernel_grad"
+CHANNEL_MOMENTS_TARGET = "qfsep_channel_moments"
+BN_GRAD_SUMS_TARGET = "qfsep_bn_grad_sums"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -73,7 +76,7 @@ def build(compiler: str | None = None) -> str:
         )
     ).hexdigest()[:16]  # fmt: skip
     out_dir = cache_dir()
-    path = os.path.join(out_dir, f"depthwise_cpu_{key}.so")
+    path = os.path.join(out_dir, f"cpu_kernels_{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(out_dir, exist_ok=True)
@@ -90,7 +93,7 @@ def build(compiler: str | None = None) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    logging.info("built native depthwise kernels: %s", path)
+    logging.info("built native CPU kernels: %s", path)
     return path
 
 
@@ -103,10 +106,14 @@ def _load() -> str | None:
             (FORWARD_TARGET, lib.QfsepDepthwiseForward),
             (BACKWARD_TARGET, lib.QfsepDepthwiseBackward),
             (STEM_KERNEL_GRAD_TARGET, lib.QfsepStemKernelGrad),
+            (CHANNEL_MOMENTS_TARGET, lib.QfsepChannelMoments),
+            (BN_GRAD_SUMS_TARGET, lib.QfsepBnGradSums),
         ):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (NativeBuildError, OSError, AttributeError) as e:
-        logging.warning("native depthwise kernels unavailable, using shifted multiply-adds: %s", e)
+        logging.warning(
+            "native CPU kernels unavailable (depthwise: shifted multiply-adds; BN: XLA): %s", e
+        )
         return str(e)
     return None
 
