@@ -14,6 +14,8 @@ interleaved reps, so that they see the same machine load (this machine's timings
   kernel gradient, which is all the stem's backward pass computes in training);
 * per step: the project's training step (``launch/bench_train.py``'s rows and modes) with each
   implementation, median over reps of the per-rep time ratio to the first implementation.
+  The impl is the model's ``depthwise_impl``, so with ``native`` the step also runs the stem's
+  native kernel gradient and BN's native training sums (``shift`` uses XLA's for both).
 
 ``lax`` (XLA's grouped conv) can be added to ``--impls``; on CPU it is one to two orders of
 magnitude slower and makes the run long. Prints a table and ends with one line per step row,

@@ -353,7 +353,9 @@ def format_bench_depthwise(results: Mapping[str, Any], path: str) -> dict[str, s
         f"jax {results['jax']}, CPUs {results['cpus']}; layers: MobileNetV1 1.0/224 at batch 32, "
         f"best of {results['reps']} interleaved reps; steps: `launch/bench_train.py`'s rows "
         f"(`large` 1.0/224 batch 32, `small` 0.5/32 batch 128), best rep's ms/step, speedup = "
-        "median over reps of the per-rep time ratio." + _measured(results)
+        "median over reps of the per-rep time ratio; the impl is the model's `depthwise_impl`, so "
+        "a `native` step also runs the stem's kernel gradient and BN's training sums natively "
+        "(`shift`: XLA's)." + _measured(results)
     )
     parts = [_provenance(path), markdown_table(header, body), ""]
     if step_body:

@@ -27,6 +27,9 @@ it was 1.05-2.5x faster than ``shift`` forward and 1.5-4.1x forward plus backwar
 (``launch/bench_depthwise.py``). First-order gradients only (its backward pass is itself a
 custom call); for higher-order derivatives use ``shift`` or ``lax``.
 
+The same library holds batch norm's training sums (:func:`qfsep_jax.models.layers.native_bn_sums`,
+used where the model's impl resolves to ``native``).
+
 All implementations use TF "SAME" padding geometry (stride 2, even size: no row/column before,
 one after) and agree up to float summation order. ``impl="auto"`` picks ``native`` on CPU where
 it builds (else ``shift``, and ``shift`` for what ``native`` does not cover: other kernel sizes,

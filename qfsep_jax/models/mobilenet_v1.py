@@ -116,7 +116,8 @@ class MobileNetV1(nn.Module):
       depthwise_impl: ``auto``, ``lax``, ``shift`` or ``native`` (see
         :mod:`qfsep_jax.models.depthwise`); ``auto`` is ``native`` on CPU (``shift`` where it
         cannot be built), ``lax`` on GPU/TPU. It also picks the stem conv's
-        lowering (:func:`~qfsep_jax.models.layers.conv2d`).
+        lowering (:func:`~qfsep_jax.models.layers.conv2d`) and, where it resolves to
+        ``native``, BN's training sums in C++ (:func:`~qfsep_jax.models.layers.native_bn_sums`).
     """
 
     num_classes: int = 1001
