@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qfsep_jax.models.layers import ConvLayer
+from qfsep_jax.models.layers import ConvLayer, linear_moments
 from qfsep_jax.quant import QuantConfig, fake_quant
 from qfsep_jax.quant.fold import fold_batch_norm
 from qfsep_jax.quant.scheme import fake_quant_weights
@@ -143,3 +143,59 @@ def test_straight_through_gradient_reaches_the_kernel(setup):
     # One SGD step changes the loss (weights move through the rounding).
     params = {**v["params"], "kernel": v["params"]["kernel"] - 0.05 * g_q}
     assert float(loss(params, True)) < float(loss(v["params"], True))
+
+
+def test_linear_moments_equal_the_moments_of_the_matmul():
+    # QAT's pointwise batch statistics come from the input's mean and Gram matrix; values and
+    # gradients (the hand-written VJP) equal those of the matmul's own moments.
+    rng = np.random.RandomState(4)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(300, 12)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(12, 20)).astype(np.float32))
+    cm, cv = (jnp.asarray(rng.normal(size=20).astype(np.float32)) for _ in range(2))
+
+    def direct(x, w):
+        y = x @ w
+        return jnp.mean(y, axis=0), jnp.mean(jnp.square(y), axis=0)
+
+    def loss(fn, x, w):
+        mean, mean_sq = fn(x, w)
+        return jnp.sum(mean * cm) + jnp.sum(mean_sq * cv)
+
+    for a, b in zip(jax.jit(linear_moments)(x, w), jax.jit(direct)(x, w), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(lambda x, w: loss(linear_moments, x, w), argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.grad(lambda x, w: loss(direct, x, w), argnums=(0, 1)))(x, w)
+    for name, a, b in zip(("d/dx", "d/dw"), got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_qat_pointwise_before_delay_equals_float_bn_with_gradients(use_bias):
+    # A pointwise layer (statistics from linear_moments, bias algebra included) in the
+    # correction phase without rounding: the float BN layer's outputs, statistics and gradients.
+    layer = ConvLayer(
+        features=6, kernel_size=1, quant=QC, bn_momentum=0.9, use_bias=use_bias,
+        depthwise_impl="lax",
+    )  # fmt: skip
+    rng = np.random.RandomState(2)
+    x = jnp.asarray(rng.normal(0.5, 1.5, size=(4, 5, 5, 7)).astype(np.float32))
+    cot = jnp.asarray(rng.normal(size=(4, 5, 5, 6)).astype(np.float32))
+    v = layer.init(jax.random.key(3), x)
+    v["params"]["bn_scale"] = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
+    if use_bias:
+        v["params"]["bias"] = jnp.asarray(rng.normal(size=6), jnp.float32)
+
+    def run(params, **kw):
+        y, new = _apply(layer, {**v, "params": params}, x, train=True, **kw)
+        return jnp.sum(y * cot), (y, new["batch_stats"])
+
+    grad = jax.grad(run, has_aux=True)
+    g_f, (y_f, s_f) = jax.jit(lambda p: grad(p, quant_mode="float"))(v["params"])
+    g_q, (y_q, s_q) = jax.jit(
+        lambda p: grad(p, quant_mode="qat", quant_active=False, bn_frozen=False)
+    )(v["params"])
+    np.testing.assert_allclose(y_q, y_f, rtol=1e-5, atol=1e-5)
+    for k in ("bn_mean", "bn_var"):
+        np.testing.assert_allclose(s_q[k], s_f[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in g_f:
+        np.testing.assert_allclose(g_q[k], g_f[k], rtol=1e-4, atol=1e-4, err_msg=k)

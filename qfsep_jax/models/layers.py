@@ -134,6 +134,40 @@ def _raw_moments(
     return mean, mean_sq
 
 
+@jax.custom_vjp
+def linear_moments(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-column E[y] and E[y^2] of ``y = x @ w`` (``x`` [M, K], ``w`` [K, N]), without ``y``.
+
+    ``E[y] = mean(x) @ w`` and ``E[y^2]_n = w_n . (x^T x / M) w_n``: one ``K x K`` Gram matrix
+    (``M*K*K`` multiply-adds) where ``y`` costs ``M*K*N`` forward and twice that backward; the
+    hand-written VJP needs one more ``M*K*K`` matmul (``dx = (2/M) x w diag(d) w^T`` plus a
+    broadcast), where autodiff of the Gram would make two. Same values as the moments of ``y``
+    up to float rounding.
+    """
+    return _linear_moments_fwd(x, w)[0]
+
+
+def _linear_moments_fwd(x, w):
+    count = x.shape[0]
+    x_mean = jnp.mean(x, axis=0)
+    gram = (x.T @ x) / count
+    gw = gram @ w
+    return (x_mean @ w, jnp.sum(gw * w, axis=0)), (x, w, x_mean, gw)
+
+
+def _linear_moments_bwd(residuals, cotangents):
+    x, w, x_mean, gw = residuals
+    d_mean, d_mean_sq = cotangents
+    count = x.shape[0]
+    a = (w * d_mean_sq) @ w.T  # w diag(d) w^T, [K, K]
+    dx = (2.0 / count) * (x @ a) + (w @ d_mean) / count
+    dw = jnp.outer(x_mean, d_mean) + 2.0 * gw * d_mean_sq
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+linear_moments.defvjp(_linear_moments_fwd, _linear_moments_bwd)
+
+
 def native_bn_sums(impl: str, y: jax.Array) -> bool:
     """Whether BN's sums over ``y`` run natively: ``impl`` (the model's ``depthwise_impl``)
     resolves to ``native`` and ``y`` is float32 (else XLA's reductions)."""
@@ -304,8 +338,28 @@ class ConvLayer(nn.Module):
             return depthwise.depthwise_conv2d(x, kernel, self.stride, impl=self.depthwise_impl)
         return conv2d(x, kernel, self.stride, impl=self.depthwise_impl)
 
-    def _batch_moments(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mean, mean_sq = _raw_moments(y, self.axis_name, native_bn_sums(self.depthwise_impl, y))
+    def _batch_moments(
+        self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Batch mean and variance of the float conv ``conv(x, kernel) + bias`` (QAT's BN).
+
+        For a pointwise conv (a matmul), from the input's moments (:func:`linear_moments`)
+        without computing the conv; otherwise from the conv's output.
+        """
+        if not self.depthwise and kernel.shape[:2] == (1, 1) and self.stride == 1:
+            n, h, w, c = x.shape
+            mean, mean_sq = linear_moments(jnp.reshape(x, (n * h * w, c)), kernel[0, 0])
+            if bias is not None:  # E[(y + b)^2] = E[y^2] + 2 b E[y] + b^2
+                mean_sq = mean_sq + 2.0 * bias * mean + jnp.square(bias)
+                mean = mean + bias
+            if self.axis_name is not None:
+                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+        else:
+            y = self._conv(x, kernel)
+            if bias is not None:
+                y = y + bias
+            impl = native_bn_sums(self.depthwise_impl, y)
+            mean, mean_sq = _raw_moments(y, self.axis_name, impl)
         return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
     @nn.compact
@@ -364,10 +418,7 @@ class ConvLayer(nn.Module):
                     y = (y - ra_mean.value) * alpha + beta
         elif has_bn and train:
             # QAT with BN folding simulated by correction-and-freeze (Krishnamoorthi 2018, 3.2.2).
-            y_float = self._conv(x, kernel)
-            if bias is not None:
-                y_float = y_float + bias
-            mean_b, var_b = self._batch_moments(y_float)
+            mean_b, var_b = self._batch_moments(x, kernel, bias)  # of the float conv
             sigma_b = jnp.sqrt(var_b + self.bn_epsilon)
             sigma_m = jnp.sqrt(ra_var.value + self.bn_epsilon)
             w_fold, b_frozen = fold_bn(
