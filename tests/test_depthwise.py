@@ -450,8 +450,8 @@ def _bn_vjp(native_sums):
 
 @pytest.mark.parametrize("activation, native_sums", BN_CASES)
 def test_batch_norm_vjp_equals_autodiff(activation, native_sums):
-    # Two chunks of the native sums' rows (512) and a partial one; 70 channels cover the 64-,
-    # 16- and single-channel blocks.
+    # Two chunks of the native sums' rows (512) and a partial one; 70 channels: a 64-wide block
+    # and single channels (the float64 test below, 24 channels: the 16- and 8-wide blocks).
     y, gamma, beta, cot, cm, cv = _bn_inputs((3, 19, 20, 70), seed=9)
     grads = {
         name: jax.jit(
