@@ -18,7 +18,10 @@ Process-wide malloc tuning as in the benchmark (:func:`qfsep_jax.runtime.tune_ma
 On any thread count it also splits the wall time of the profiled steps among the ops: each
 instant is shared equally by the XLA ops running then, and instants with none running are
 "idle" (waiting between ops, dispatch, host code). These shares add up to the wall time, so
-they say where the wall time goes when ops run partitioned or side by side.
+they say where the wall time goes when ops run partitioned or side by side. XLA:CPU's own dot
+thunks (not the YNNPACK fusions) run asynchronously and are traced only at their launch: on
+two threads the pointwise kernel gradients' work then lands in the shares of the ops running
+alongside them, or in "idle" (the README's caveat).
 
 ``--framework torch`` times the benchmark's PyTorch step instead, with module hooks: the wall
 time of each module's forward and backward pass (autograd runs them one after another, each
