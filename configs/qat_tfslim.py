@@ -16,9 +16,16 @@ Commands:
     python launch/main.py --config configs/qat_tfslim.py --workdir /tmp/qat_tfslim
     python launch/main.py --config configs/qat_tfslim.py:smoke --workdir /tmp/qat_tfslim_smoke
 
-Expected time on the 2-core CPU machine (measured with ``:smoke``, other jobs running): about
-6 training images/s once compiled, so roughly 30 min for the epoch plus 2 min of evaluation; the
-smoke run takes about a minute. Expected accuracy: not measured here.
+Expected time and result on the 2-core CPU machine (2026-11-28 03:36-03:42 UTC, nothing else
+running): 6 min 33 s in all, about 28 training images/s once compiled; top-1 on imagenet_val500
+(1001-way) 90.8 % in the QAT model's fake-quant inference and 90.4 % in the integer-only pass
+(``results.json``: ``eval_top1``, ``eval_int_top1``). A second run of the same command gave the
+same losses and results to the bit. These are not ImageNet accuracies: the fine-tuning sees only
+the 10 classes that imagenet_val500 holds, so the 1001-way classifier learns to prefer them (the
+float model gets 67.0 % on the same images). What the run is for: a QAT-trained model with the
+official architecture and 1001 classes for the integer pass (``python -m
+qfsep_jax.intpass.compare --quantized_model runs/qat_tfslim/quantized_model``, README). The
+smoke run takes about a minute.
 """
 
 import ml_collections

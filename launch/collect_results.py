@@ -14,8 +14,9 @@ Tables: ``table1`` (job table1), ``analyze_alpha`` and ``analyze_sqnr`` (job ana
 ``figure5`` and ``figure5_sqnr`` (launch/figure5.py), ``tflite_check`` (job tflite_check),
 ``bench_intpass``, ``bench_train`` and ``bench_depthwise`` (the benchmark scripts'
 ``--out runs/bench/{intpass,train,depthwise}.json``), ``qat`` (a QAT training run's
-``results.json``). A source given on the command line must exist and its markers must be
-present; a default source that is absent is skipped with a note.
+``results.json``), ``intpass_agreement`` (``python -m qfsep_jax.intpass.compare
+--summarize``). A source given on the command line must exist and its markers must be present;
+a default source that is absent is skipped with a note.
 ``--check`` writes nothing and exits 1 when the README is out of date. The write is atomic.
 """
 
@@ -377,6 +378,53 @@ def format_qat(results: Mapping[str, Any], path: str) -> dict[str, str]:
     return {"qat": "\n".join([_provenance(path), text + _measured(results)])}
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def format_intpass_agreement(summary: Mapping[str, Any], path: str) -> dict[str, str]:
+    """Integer pass against fake-quant simulation (``compare --summarize``): one table per kind
+    of simulation (plain, or modelling parts of the integer arithmetic), one row per model."""
+    rows = summary.get("rows")
+    if not rows:
+        raise ValueError(f"{path}: no agreement reports summarized")
+    header = [
+        "model", "quantized by", "classes", "layer codes differing, same input (worst layer)",
+        "fine logit error rms (LSB)", "images with top-2 gap < 1 LSB", "top-1 agreement, "
+        "8-bit codes", "tie-aware", "**fine logits**", "simulation vs itself reordered",
+        "simulation vs itself in float64", "integer vs float64 simulation",
+    ]  # fmt: skip
+    kinds = list(dict.fromkeys(r.get("simulation", "plain") for r in rows))
+    lines = [_provenance(path)]
+    for kind in kinds:
+        body = []
+        for r in rows:
+            if r.get("simulation", "plain") != kind:
+                continue
+            classes = 10 if r["label_space"] == "imagenette" else 1001
+            body.append([
+                f"`{r['model']}`", r["recipe"], classes,
+                f"{100 * r['max_layer_frac_differing']:.3f} %",
+                f"{r['fine_logit_error_lsb_rms']:.2f}",
+                f"{r['top2_gap_below_1_lsb']} of {r['n']}", _pct(r["top1_agreement"]),
+                _pct(r["top1_agreement_tie_aware"]), f"**{_pct(r['top1_agreement_fine'])}**",
+                _pct(r["sim_reordered_agreement_fine"]),
+                _pct(r.get("sim_float64_agreement_fine")),
+                _pct(r["int_vs_float64_agreement_fine"]),
+            ])  # fmt: skip
+        lines += [f"Simulation: **{kind}**", "", markdown_table(header, body), ""]
+    dates = sorted(r["run"]["date"] for r in rows if r.get("run"))
+    runs = [r["run"] for r in rows if r.get("run")]
+    when = ""
+    if runs:
+        when = (
+            f" Measured {dates[0]} to {dates[-1]} on {runs[0]['cpu']} ({runs[0]['cores']} cores, "
+            f"{runs[0]['devices']})."
+        )
+    lines.append(f"{len(rows)} reports, {rows[0]['n']} images each." + when)
+    return {"intpass_agreement": "\n".join(lines)}
+
+
 Formatter = Callable[[Mapping[str, Any], str], dict[str, str]]
 
 # source name → (default path under --runs, formatter)
@@ -389,6 +437,7 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
     "bench_train": ("bench/train.json", format_bench_train),
     "bench_depthwise": ("bench/depthwise.json", format_bench_depthwise),
     "qat": ("qat_imagenette_original_eval/results.json", format_qat),
+    "intpass_agreement": ("intpass_fine/summary.json", format_intpass_agreement),
 }
 
 

@@ -133,12 +133,9 @@ def quantize_trained(train_config, train_dir: str, config) -> tuple[ptq.Quantize
 
     The float model and variables come from the newest checkpoint of ``train_dir``.
     """
-    from qfsep_jax import checkpointing, train
+    from qfsep_jax import train
 
-    model, _ = train.create_model_and_variables(train_config, train.num_classes_of(train_config))
-    model = model.clone(axis_name=None, dropout_rate=0.0)
-    loaded = checkpointing.load_variables(train_dir)
-    variables = {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}
+    model, variables = train.load_trained(train_config, train_dir)
     calib = eval_input(train_config, config.calibration_data, limit=config.num_calibration_images)
     recipe = ptq.recipe_by_name(config.ptq_recipe)
     qmodel = ptq.quantize_post_training(model, variables, recipe, calib.make, calib.num_batches)

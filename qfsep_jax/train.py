@@ -684,22 +684,53 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return summary
 
 
+def load_run_config(workdir: str):
+    """The config a training run wrote to ``workdir/config.json``, as a ``ConfigDict``."""
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a training run: no config.json")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_trained(config, workdir: str) -> tuple[MobileNetV1, Variables]:
+    """A training run's float model in inference mode and its newest checkpoint's variables.
+
+    Returns ``(model, {"params", "batch_stats"})``; the model is built from ``config`` (the
+    run's own, see :func:`load_run_config`) with dropout off and no pmap axis.
+    """
+    model, _ = create_model_and_variables(config, num_classes_of(config))
+    model = model.clone(axis_name=None, dropout_rate=0.0)
+    loaded = checkpointing.load_variables(workdir)
+    return model, {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}
+
+
 def save_quantized(quantized: QuantizedModel, directory: str) -> None:
-    """Writes an exported model: ``variables`` (Orbax) and ``model.json`` (its attributes)."""
+    """Writes an exported model: ``variables`` (Orbax) and ``model.json`` (its attributes).
+
+    Written completely into a sibling directory first and then renamed into place, so a crash
+    leaves either the previous export or the new one, never a mix of the two or half a model.
+    """
+    import shutil
+
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
-    if os.path.exists(os.path.join(directory, "variables")):
-        import shutil
-
-        shutil.rmtree(os.path.join(directory, "variables"))
-    os.makedirs(directory, exist_ok=True)
+    staging, retired = f"{directory}.tmp-{os.getpid()}", f"{directory}.old-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, "variables"), quantized.variables)
+        ckptr.save(os.path.join(staging, "variables"), quantized.variables)
     write_json(
-        os.path.join(directory, "model.json"),
+        os.path.join(staging, "model.json"),
         {"model": model_kwargs(quantized.model), "recipe": dataclasses.asdict(quantized.recipe)},
     )
+    if os.path.exists(directory):
+        os.rename(directory, retired)
+    os.rename(staging, directory)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def load_quantized(directory: str) -> QuantizedModel:

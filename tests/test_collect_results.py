@@ -203,6 +203,44 @@ def test_benchmark_and_tflite_tables_compute_ratios():
     ) in md
 
 
+def test_intpass_agreement_table_has_one_row_per_report():
+    row = {
+        "report": "a.json", "model": "runs/qat/quantized_model", "recipe": "exported",
+        "label_space": "imagenet1001", "n": 500, "top1_agreement": 0.99,
+        "top1_agreement_tie_aware": 0.996, "top1_agreement_fine": 0.994,
+        "fine_logit_error_lsb_rms": 0.48, "top2_gap_below_1_lsb": 7,
+        "max_layer_frac_differing": 0.199, "sim_reordered_agreement_fine": None,
+        "sim_float64_agreement_fine": 0.996, "int_vs_float64_agreement_fine": 0.994,
+        "run": {"date": "2026-11-28 03:44 UTC", "cpu": "AMD EPYC", "cores": 2,
+                "devices": "1 x cpu"},
+    }  # fmt: skip
+    ten = dict(
+        row,
+        label_space="imagenette",
+        recipe="tf8_per_tensor",
+        run=None,
+        simulation="int32 biases + integer rounding",
+    )
+    md = collect_results.format_intpass_agreement({"rows": [row, ten]}, "s.json")
+    lines = md["intpass_agreement"].splitlines()
+    body = [line for line in lines if line.startswith("| `")]
+    assert len(body) == 2
+    assert (
+        "| 1001 | 19.900 % | 0.48 | 7 of 500 | 99.0 % | 99.6 % | **99.4 %** | – | 99.6 % | 99.4 % |"
+        in body[0]
+    )
+    assert "| tf8_per_tensor | 10 | 19.900 % |" in body[1]
+    assert lines.index("Simulation: **plain**") < lines.index(body[0])
+    modelled = lines.index("Simulation: **int32 biases + integer rounding**")
+    assert lines.index(body[0]) < modelled < lines.index(body[1])
+    assert (
+        lines[-1] == "2 reports, 500 images each. Measured 2026-11-28 03:44 UTC to 2026-11-28 "
+        "03:44 UTC on AMD EPYC (2 cores, 1 x cpu)."
+    )
+    with pytest.raises(ValueError, match="no agreement reports"):
+        collect_results.format_intpass_agreement({"rows": []}, "s.json")
+
+
 def test_qat_line_needs_a_final_evaluation():
     run = {"final_step": 735, "eval_top1": 70.0, "eval_int_top1": 69.5, "eval_images": 3925}
     md = collect_results.format_qat(run, "r.json")["qat"]

@@ -139,6 +139,38 @@ def test_rounding_rules_differ_on_ties():
             for r in kernels.ROUNDINGS] == [3, 3, 2]  # fmt: skip
 
 
+@pytest.mark.parametrize("rule", kernels.ROUNDINGS)
+def test_two_step_rounding_is_one_rounding_with_a_moved_threshold(rule):
+    # model.rounding_offsets: "double" = sign(v) floor(|v| + 1/2 + d), "ruy" = floor(v + 1/2 + d)
+    # with d = 2**-(r+1), r the right shift; "single" = floor(v + 1/2). Exact in float64 here:
+    # |acc * M0| < 2**51 and every term is a multiple of 2**-(31 - shift).
+    n = 40000
+    acc = RNG.integers(-(2**20), 2**20, n).astype(np.int32)
+    m0 = RNG.integers(2**30, 2**31, n).astype(np.int32)
+    shift = RNG.integers(-12, 1, n).astype(np.int32)
+    layer = intpass.IntLayer(None, None, None, None, shift, name="c")
+    int_model = intpass.IntModel((layer,), 1.0, 0, rounding=intpass.Rounding(rule, rule))
+    pos, neg = intpass.rounding_offsets(int_model)["c"]
+    right = np.maximum(-shift, 0)
+    np.testing.assert_array_equal(pos, np.where((right > 0) & (rule != "single"),
+                                                0.5 ** (right + 1), 0.0))  # fmt: skip
+    v = acc.astype(np.float64) * m0 * np.exp2(shift.astype(np.float64) - 31)
+    offset = np.where(v >= 0, pos, neg)
+    moved = round_half_away(v + offset) if rule != "single" else np.floor(v + 0.5)
+    got = np.asarray(kernels.multiply_by_quantized_multiplier(acc, m0, shift, rule))
+    # Excluded: the first rounding's own ties (v * 2**r exactly half-way on the 2**-31 grid).
+    first_tie = np.mod(acc.astype(np.int64) * m0.astype(np.int64), 2**31) == 2**30
+    differ = (got != moved) & ~first_tie
+    assert not differ.any(), (acc[differ][:5], shift[differ][:5], v[differ][:5])
+    # Not vacuous: a single rounding differs from the two-step rules on about d of all values.
+    if rule != "single":
+        assert np.mean(got != round_half_away(v)) > 0.01
+
+
+def round_half_away(v):
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
 def ref_fine(acc, m0, shift, bits):
     """round(acc * M0 * 2**(shift + bits) / 2**31), ties up, saturated: exact Python ints."""
     out = []

@@ -5,6 +5,7 @@ images). Compiled executables go to a per-session persistent cache so that runs 
 function (the resume test's three runs) compile it once.
 """
 
+import dataclasses
 import json
 import os
 
@@ -182,6 +183,30 @@ def _batch_moments(state, momentum=0.9997):
     return out
 
 
+def test_compare_command_quantizes_a_trained_run(float_runs, data_dir, tmp_path):
+    from qfsep_jax.intpass import compare
+
+    run = str(float_runs[1])
+    config = train.load_run_config(run)
+    _, variables = train.load_trained(config, run)
+    saved = checkpointing.load_variables(run)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves({k: saved[k] for k in variables}),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    out = tmp_path / "report.json"
+    compare.main(["--trained_run", run, "--recipe", "tf8_per_tensor", "--data_dir", data_dir,
+                  "--label_space", "imagenette", "--image_size", str(config.image_size),
+                  "--calibration_data", "folder:imagenette/train", "--calibration_images", "8",
+                  "--eval_data", "folder:imagenette/val", "--limit", "8", "--batch_size", "8",
+                  "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["n"] == 8 and report["calibration_images"] == 8, report
+    assert report["calibration_data"] == "folder:imagenette/train"
+    assert max(report["layerwise_max_lsb"].values()) <= 1, report["layerwise_max_lsb"]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        train.load_run_config(str(tmp_path))
+
+
 def test_metrics_file_has_one_record_per_logged_step(float_runs):
     records = read_metrics(str(float_runs[1]))
     for step, r in records.items():
@@ -319,6 +344,34 @@ def test_qat_model_runs_integer_only_with_the_fake_quant_top1(qat_runs, data_dir
     # same top-1 accuracy up to one image.
     assert np.mean(same_top1) >= 0.95, np.mean(same_top1)
     assert abs(hits["fake"] - hits["int"]) <= 1.0, hits
+
+
+def test_quantized_export_is_replaced_whole_or_not_at_all(qat_runs, tmp_path, monkeypatch):
+    quantized = train.load_quantized(str(qat_runs["full"] / "quantized_model"))
+    target = tmp_path / "export"
+    train.save_quantized(quantized, str(target))
+    doubled = dataclasses.replace(
+        quantized, variables=jax.tree.map(lambda a: a * 2, quantized.variables)
+    )
+    train.save_quantized(doubled, str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    again = train.load_quantized(str(target))
+    for a, b in zip(
+        jax.tree.leaves(again.variables), jax.tree.leaves(doubled.variables), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train, "write_json", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_quantized(quantized, str(target))
+    kept = train.load_quantized(str(target))  # the previous export, intact
+    for a, b in zip(
+        jax.tree.leaves(kept.variables), jax.tree.leaves(doubled.variables), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_qat_starts_from_a_float_checkpoint(float_runs, data_dir):

@@ -7,6 +7,8 @@
   uniform-noise estimate dashed).
 * :func:`plot_accuracy`: Figure 5's comparison, top-1 per variant for float / fake-quant /
   integer-only, with the spread over seeds as error bars.
+* :func:`plot_top2_margins`: integer pass against fake-quant simulation, per image: how close
+  the simulation's top two classes are against how much the integer pass moves that gap.
 """
 
 from __future__ import annotations
@@ -148,5 +150,37 @@ def plot_accuracy(
     ax.set_ylabel("top-1 (%)")
     ax.legend()
     ax.set_title(title)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_top2_margins(per_image: Mapping[str, Sequence], path: str, title: str = "") -> None:
+    """Per image, the simulation's top-2 gap against the integer pass's error on that gap.
+
+    ``per_image`` is :func:`qfsep_jax.intpass.compare.agreement_report`'s ``per_image``: x is
+    ``sim_top2_gap_lsb`` (log scale), y is ``|top2_pair_error_lsb|``; images whose fine top-1
+    differs are drawn in red. Below the diagonal the error is smaller than the gap, so the top-1
+    can only flip above it (or through a third class).
+    """
+    gap = np.maximum(np.asarray(per_image["sim_top2_gap_lsb"], np.float64), 1e-4)
+    err = np.maximum(np.abs(np.asarray(per_image["top2_pair_error_lsb"], np.float64)), 1e-4)
+    agrees = np.asarray(per_image["fine_top1_agrees"], bool)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ax.scatter(gap[agrees], err[agrees], s=8, c="tab:blue", alpha=0.6,
+               label=f"same top-1 ({int(agrees.sum())})")  # fmt: skip
+    ax.scatter(gap[~agrees], err[~agrees], s=24, c="tab:red", marker="x",
+               label=f"top-1 differs ({int((~agrees).sum())})")  # fmt: skip
+    lo = max(1e-4, min(float(gap.min()), float(err.min())) / 2)
+    hi = max(float(gap.max()), float(err.max())) * 1.5
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = gap")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("simulation's top-2 logit gap (output LSBs)")
+    ax.set_ylabel("|integer minus simulation| on that gap (LSBs)")
+    ax.set_title(title or f"integer pass vs fake-quant simulation, {gap.size} images", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
     save_figure(fig, path)
     plt.close(fig)

@@ -14,9 +14,11 @@ Public API:
   :func:`fine_logit_scale`, :func:`dequantize_intermediates`, :func:`output_qparams`,
   :func:`logits_fn`: the float boundaries;
 * :data:`ROUNDING_PRESETS`, :class:`Rounding`: the requantization rounding rules;
-* :func:`snap_biases` (the simulation with int32-grid biases), :func:`float_variables` (the
-  same network in float, for benchmarks); :mod:`.compare` (integer pass vs simulation),
-  :mod:`.reference` (LiteRT runner), :mod:`.synthetic` (test models).
+* :func:`snap_biases` (the simulation with int32-grid biases), :func:`with_rounding_offsets`
+  (the simulation with the integer model's requantization rounding, :func:`rounding_offsets`),
+  :func:`float_variables` (the same network in float, for benchmarks); :mod:`.compare`
+  (integer pass vs simulation), :mod:`.reference` (LiteRT runner), :mod:`.synthetic` (test
+  models).
 """
 
 from qfsep_jax.intpass.kernels import ROUNDINGS
@@ -40,8 +42,10 @@ from qfsep_jax.intpass.model import (
     output_qparams,
     parse_rounding,
     quantize_input,
+    rounding_offsets,
     run,
     snap_biases,
+    with_rounding_offsets,
 )
 from qfsep_jax.intpass.tflite_import import TFLiteImportError, from_tflite
 
@@ -68,6 +72,8 @@ __all__ = [
     "output_qparams",
     "parse_rounding",
     "quantize_input",
+    "rounding_offsets",
     "run",
     "snap_biases",
+    "with_rounding_offsets",
 ]

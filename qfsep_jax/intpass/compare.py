@@ -8,7 +8,8 @@ Two views, both running the model's own ``fake`` forward pass (no re-implementat
   Expected: at most 1 LSB. The simulation adds the float bias unrounded, accumulates in float32
   and multiplies by the exact ``S_in S_w / S_out``; the integer pass rounds the bias to int32 and
   the multiplier to 31 bits and rounds twice. Results differ only when the exact value sits
-  within that error of a rounding boundary (a .5 tie), by one code.
+  within that error of a rounding boundary (a .5 tie), by one code; the double rounding's part
+  of it reaches ``2**-(r+1)`` LSB for a right shift ``r`` (a quarter of all codes for ``r = 1``).
 * :func:`end_to_end_agreement`: both passes run freely; per-layer differences then accumulate
   through the network, and the top-1 agreement on the logits is what remains of them.
 
@@ -28,6 +29,16 @@ well the simulation agrees with itself run through the other depthwise implement
 reference for how well any other arithmetic can be expected to agree with it.
 ``float64_check=True`` runs the simulation in float64 as well, which separates the float32
 simulation's own rounding from the integer arithmetic's.
+
+Which simulation: by default the plain one (what PTQ evaluates and QAT trains with). Given
+:func:`~qfsep_jax.intpass.model.snap_biases` and
+:func:`~qfsep_jax.intpass.model.with_rounding_offsets` (``--snap_biases --sim_rounding``), the
+simulation also models the integer pass's int32 biases and its requantization rounding (TFLite's
+two roundings are one rounding with a moved threshold, see
+:func:`~qfsep_jax.intpass.model.rounding_offsets`); what then separates the two passes is float32
+rounding. ``main`` runs one model (``--recipe`` on the official graph, ``--trained_run``,
+``--quantized_model``) and writes a JSON report and a per-image margin plot;
+``--summarize`` collects reports into the README's table.
 """
 
 from __future__ import annotations
@@ -257,7 +268,10 @@ def agreement_report(
     logits, every class, output LSBs: rms and max), ``top2_gap_lsb_below`` (how many images have
     the simulation's top-2 logits closer than each threshold, in LSBs) and
     ``top2_pair_error_lsb`` (the error of that top-2 difference in the integer pass: rms, max);
-    an image flips when its pair error exceeds its gap.
+    an image flips when its pair error exceeds its gap. ``per_image`` keeps, in stream order,
+    each image's ``sim_top2_gap_lsb``, its ``top2_pair_error_lsb`` (signed: negative narrows the
+    gap) and ``fine_top1_agrees`` (what :func:`~qfsep_jax.analysis.plots.plot_top2_margins`
+    draws).
 
     ``reorder_check`` adds ``"sim_reordered"``: the same simulation run with another depthwise
     implementation (``lax`` grouped conv against the CPU ones, ``native`` or ``shift``,
@@ -277,6 +291,7 @@ def agreement_report(
     err_sq = err_max = err_same = 0.0
     top2_gaps: list[float] = []
     pair_errors: list[float] = []
+    fine_agrees: list[bool] = []
     gaps: list[int] = []
     fine_dis: list[dict] = []
     max_lsb: dict[str, int] = {}
@@ -329,6 +344,7 @@ def agreement_report(
         fake_pre = np.asarray(fake_pre, np.float64)
         int_top_f, fake_top_f = np.argmax(int_fine, -1), np.argmax(fake_pre, -1)
         agree_fine += int(np.sum(int_top_f == fake_top_f))
+        fine_agrees.extend((int_top_f == fake_top_f).tolist())
         pre_same = np.asarray(pre_same, np.float64)
         agree_same += int(np.sum(int_top_f == np.argmax(pre_same, -1)))
         err_same = max(err_same, float(np.abs(int_fine / fine_unit - pre_same / scale).max()))
@@ -396,6 +412,11 @@ def agreement_report(
         },
         "layerwise_max_lsb": max_lsb,
         "layerwise_frac_differing": {k: v / n for k, v in frac.items()},
+        "per_image": {
+            "sim_top2_gap_lsb": top2_gaps,
+            "top2_pair_error_lsb": pair_errors,
+            "fine_top1_agrees": fine_agrees,
+        },
     }
     if reorder_check:
         out["sim_reordered"] = {
@@ -503,9 +524,95 @@ def _make_hybrid_fn(model, convs: tuple[str, ...], params: dict, pre_quant_path)
     return hybrid
 
 
+def _simulation_kind(report: dict) -> str:
+    """Which simulation a report compared against: what it models of the integer arithmetic."""
+    parts = [
+        name
+        for key, name in (("snap_biases", "int32 biases"), ("sim_rounding", "integer rounding"))
+        if report.get(key)
+    ]
+    return " + ".join(parts) if parts else "plain"  # fmt: skip
+
+
+def margin_title(report: dict) -> str:
+    """The margin plot's title: model, quantization, simulation kind and the fine agreement."""
+    import os
+
+    where = os.path.join(*os.path.normpath(report["model"]).split(os.sep)[-3:])
+    recipe = report["recipe"] if isinstance(report["recipe"], str) else "exported"
+    return (f"{where} ({recipe}), {_simulation_kind(report)} simulation:\n"
+            f"fine top-1 agrees on {100 * report['top1_agreement_fine']:.1f} %")  # fmt: skip
+
+
+def _display_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (README tables)."""
+    import os
+
+    here = os.getcwd()
+    if os.path.isabs(path) and os.path.commonpath([here, path]) == here:
+        return os.path.relpath(path, here)
+    return path
+
+
+def summarize_reports(paths: list[str]) -> dict:
+    """One row per :func:`agreement_report` JSON (as ``main`` writes them), for the README table.
+
+    Each row: the report's ``model`` (relative to the working directory where it lies below it),
+    ``recipe`` (a name, or ``exported (QAT)``), ``label_space``,
+    the integer pass's ``rounding``, the ``simulation`` (``plain``, or what it models of the
+    integer arithmetic: ``int32 biases``, ``integer rounding``), ``n``, the three top-1
+    agreements (8-bit codes, tie-aware, fine logits), the fine logit error rms (LSB), how many
+    images have a simulation top-2 gap below 1 LSB, the largest
+    fraction of a layer's codes that differ given the same input, and, where the report has
+    them, the simulation's fine agreement with itself reordered and in float64, and the integer
+    pass's with the float64 simulation.
+    """
+    from qfsep_jax import io_utils
+
+    rows = []
+    for path in paths:
+        r = io_utils.read_json(path)
+        missing = [
+            k for k in ("n", "top1_agreement_fine", "layerwise_frac_differing") if k not in r
+        ]
+        if missing:
+            raise ValueError(f"{path} is not an agreement report (no {missing})")
+        recipe = r.get("recipe")
+        rows.append({
+            "report": path,
+            "model": _display_path(r.get("model", "official float graph")),
+            "recipe": recipe if isinstance(recipe, str) else "exported (QAT)",
+            "label_space": r.get("label_space", "imagenet1001"),
+            "rounding": r.get("rounding", "conv=double,depthwise=double"),
+            "simulation": _simulation_kind(r),
+            "n": r["n"],
+            "top1_agreement": r["top1_agreement"],
+            "top1_agreement_tie_aware": r["top1_agreement_tie_aware"],
+            "top1_agreement_fine": r["top1_agreement_fine"],
+            "fine_logit_error_lsb_rms": r["fine_logit_error_lsb"]["rms"],
+            "top2_gap_below_1_lsb": r["top2_gap_lsb_below"]["1.0"],
+            "max_layer_frac_differing": max(r["layerwise_frac_differing"].values()),
+            "sim_reordered_agreement_fine": r.get("sim_reordered", {}).get(
+                "top1_agreement_fine_with_sim"),
+            "sim_float64_agreement_fine": r.get("sim_float64", {}).get(
+                "top1_agreement_fine_with_sim"),
+            "int_vs_float64_agreement_fine": r.get("sim_float64", {}).get(
+                "top1_agreement_fine_with_int"),
+            "run": r.get("run"),
+        })  # fmt: skip
+    return {"rows": rows}
+
+
 def main(argv=None) -> None:
-    """``python -m qfsep_jax.intpass.compare``: PTQ the official float graph, then compare."""
+    """``python -m qfsep_jax.intpass.compare``: quantize a model, then compare the two passes.
+
+    The model is the official float graph after the PTQ ``--recipe`` (default), a training
+    run's newest checkpoint after that recipe (``--trained_run``), or an exported quantized model
+    (``--quantized_model``, e.g. a QAT run's ``workdir/quantized_model``). Ten-class models need
+    ``--label_space imagenette`` (and their ``--image_size``).
+    """
     import argparse
+    import dataclasses
     import os
 
     from configs import base
@@ -514,7 +621,19 @@ def main(argv=None) -> None:
     from qfsep_jax.importers.tfslim import load_tfslim
 
     p = argparse.ArgumentParser(description="integer pass vs fake-quant simulation agreement")
-    p.add_argument("--recipe", default="tf8_zero_variance_fix", help=f"{sorted(ptq.RECIPES)}")
+    p.add_argument("--recipe", default=None,
+                   help=f"PTQ recipe for the official graph {sorted(ptq.RECIPES)} (default "
+                   "tf8_zero_variance_fix)")  # fmt: skip
+    p.add_argument("--quantized_model", default="",
+                   help="an exported quantized model directory (QAT's workdir/quantized_model) "
+                   "instead of PTQ of the official graph")  # fmt: skip
+    p.add_argument("--trained_run", default="",
+                   help="a training workdir (config.json + checkpoints): PTQ its newest "
+                   "checkpoint with --recipe instead of the official graph")  # fmt: skip
+    p.add_argument("--calibration_data", default="folder:imagenet_calib1000")
+    p.add_argument("--eval_data", default="folder:imagenet_val500")
+    p.add_argument("--label_space", default="imagenet1001",
+                   help="the model's label space (imagenette for 10-class models)")  # fmt: skip
     p.add_argument("--data_dir", default="../shared/data")
     p.add_argument("--model_path", default="models/mobilenet_v1_1.0_224_retrained_graph.pb")
     p.add_argument("--image_size", type=int, default=224)
@@ -524,6 +643,9 @@ def main(argv=None) -> None:
     p.add_argument("--rounding", default="reference", help="integer pass rounding preset/rule")
     p.add_argument("--snap_biases", action="store_true",
                    help="compare against the simulation with int32-snapped biases")  # fmt: skip
+    p.add_argument("--sim_rounding", action="store_true",
+                   help="compare against the simulation with the integer pass's requantization "
+                   "rounding (model.with_rounding_offsets)")  # fmt: skip
     p.add_argument("--locate", action="store_true",
                    help="attribute each fine top-1 disagreement to a layer")  # fmt: skip
     p.add_argument(
@@ -537,28 +659,64 @@ def main(argv=None) -> None:
         "simulation agree with it",
     )  # fmt: skip
     p.add_argument("--out", default="", help="write the report as JSON here")
+    p.add_argument("--summarize", nargs="+", default=None, metavar="REPORT",
+                   help="instead of comparing: summarize these report JSONs into --out "
+                   "(the README's table, launch/collect_results.py)")  # fmt: skip
+    p.add_argument("--plot", default="",
+                   help="write the per-image top-2 margin plot here (default: next to --out, "
+                   "<out>_margins.png)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.summarize:
+        if not args.out:
+            p.error("--summarize needs --out")
+        io_utils.write_json(os.path.abspath(args.out), summarize_reports(args.summarize))
+        print(f"wrote {args.out} ({len(args.summarize)} reports)")
+        return
+    if args.quantized_model and (args.recipe or args.trained_run):
+        p.error("--quantized_model is already quantized: no --recipe or --trained_run with it")
     config = base.data_config()
-    config.data_dir, config.image_size, config.eval_batch_size = (
-        args.data_dir, args.image_size, args.batch_size,
+    config.data_dir, config.image_size, config.eval_batch_size, config.label_space = (
+        args.data_dir, args.image_size, args.batch_size, args.label_space,
     )  # fmt: skip
-    imported = load_tfslim(resolve_path(args.data_dir, args.model_path))
-    model = imported.model(dropout_rate=0.0)
-    calib = eval_input(config, "folder:imagenet_calib1000", limit=args.calibration_images)
-    qmodel = ptq.quantize_post_training(
-        model, imported.variables, ptq.recipe_by_name(args.recipe), calib.make, calib.num_batches
-    )
+    calibration_images = None
+    if args.quantized_model:
+        from qfsep_jax.train import load_quantized
+
+        qmodel = load_quantized(args.quantized_model)
+        source = os.path.abspath(args.quantized_model)
+    else:
+        args.recipe = args.recipe or "tf8_zero_variance_fix"
+        recipe = ptq.recipe_by_name(args.recipe)
+        if args.trained_run:
+            from qfsep_jax import train
+
+            model, variables = train.load_trained(train.load_run_config(args.trained_run),
+                                                  args.trained_run)  # fmt: skip
+            source = os.path.abspath(args.trained_run)
+        else:
+            imported = load_tfslim(resolve_path(args.data_dir, args.model_path))
+            model, variables = imported.model(dropout_rate=0.0), imported.variables
+            source = args.model_path
+        calib = eval_input(config, args.calibration_data, limit=args.calibration_images)
+        qmodel = ptq.quantize_post_training(model, variables, recipe, calib.make, calib.num_batches)
+        calibration_images = calib.num_examples
     int_model = model_lib.from_quantized(qmodel, rounding=args.rounding)
     sim_model, sim_vars = qmodel.model, qmodel.variables
     if args.snap_biases:
         sim_model, sim_vars = model_lib.snap_biases(sim_model, sim_vars, int_model)
-    data = eval_input(config, "folder:imagenet_val500", limit=args.limit)
+    if args.sim_rounding:
+        sim_model, sim_vars = model_lib.with_rounding_offsets(sim_model, sim_vars, int_model)
+    data = eval_input(config, args.eval_data, limit=args.limit)
     report = agreement_report(sim_model, sim_vars, int_model, data.make(), locate=args.locate,
                               reorder_check=args.reorder_check,
                               float64_check=args.float64_check)  # fmt: skip
-    report.update(recipe=args.recipe, image_size=args.image_size, snap_biases=args.snap_biases,
+    report.update(model=source, recipe=args.recipe or dataclasses.asdict(qmodel.recipe),
+                  eval_data=args.eval_data, calibration_data=args.calibration_data
+                  if calibration_images else None, image_size=args.image_size,
+                  label_space=args.label_space, run=io_utils.run_info(),
+                  snap_biases=args.snap_biases, sim_rounding=args.sim_rounding,
                   rounding=str(int_model.rounding),
-                  calibration_images=calib.num_examples)  # fmt: skip
+                  calibration_images=calibration_images)  # fmt: skip
     for name, lsb in report["layerwise_max_lsb"].items():
         print(f"{name:22s} max {lsb} LSB, {100 * report['layerwise_frac_differing'][name]:.3f}% "
               "of codes differ (same layer input)")  # fmt: skip
@@ -608,6 +766,12 @@ def main(argv=None) -> None:
               f"(integer){where}")  # fmt: skip
     if args.out:
         io_utils.write_json(os.path.abspath(args.out), report)
+    plot = args.plot or (os.path.splitext(args.out)[0] + "_margins.png" if args.out else "")
+    if plot:
+        from qfsep_jax.analysis.plots import plot_top2_margins
+
+        plot_top2_margins(report["per_image"], os.path.abspath(plot), title=margin_title(report))
+        print(f"wrote {plot}")
 
 
 if __name__ == "__main__":

@@ -740,6 +740,71 @@ def snap_biases(model, variables: dict, int_model: IntModel) -> tuple[Any, dict]
     return model, {**variables, "params": params}
 
 
+# Far above float32 error (~2**-16 LSB at code 255) and far below 1/n for pool windows n <= 1024.
+POOL_TIE_OFFSET = 2.0**-12
+
+
+def rounding_offsets(int_model: IntModel) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each conv layer's requantization rounding as one rounding with a moved threshold.
+
+    With ``v = acc * M`` (the exact output in LSBs, before the zero point) and the multiplier's
+    right shift ``r = max(-shift, 0)``, the two-step rules first round ``v * 2**r`` to an
+    integer and then divide by ``2**r`` rounding again: ties away from zero (``"double"``) or up
+    (``"ruy"``). For ``r >= 1`` the result equals a single rounding of ``v`` moved by
+    ``d = 2**-(r + 1)`` LSB: ``sign(v) * floor(|v| + 1/2 + d)`` (``"double"``) and
+    ``floor(v + 1/2 + d)`` (``"ruy"``), except where ``v * 2**r`` is itself a tie (the first
+    rounding's ties, on its 2**-31-fine grid). So values whose fraction lies in
+    ``[1/2 - d, 1/2)`` round one code further from zero (up, for ``"ruy"``) than a single
+    rounding would put them: for ``r = 1`` that is a quarter of all values. ``r = 0`` and
+    ``"single"`` round once (``d = 0``).
+
+    Returns ``{layer name: (offset where v >= 0, offset where v < 0)}`` in output LSBs, float32
+    per output channel: ``(d, -d)`` for ``"double"``, ``(d, d)`` for ``"ruy"``, zeros for
+    ``"single"``. The average pool rounds once, but on exact ties (``sum / n`` half-way, 1 in
+    ``n`` values for even ``n``) away from code 0, where a float mean lands either side: its
+    entry is ``(POOL_TIE_OFFSET, -POOL_TIE_OFFSET)`` scalars, by the sign of the code.
+    """
+    out = {}
+    for layer in int_model.layers:
+        if layer.kind == "avgpool":
+            e = np.float32(POOL_TIE_OFFSET)
+            out[layer.name] = (e, -e)
+            continue
+        rounding = int_model.rounding
+        rule = rounding.depthwise if layer.kind == "depthwise" else rounding.conv
+        right = np.maximum(-np.asarray(layer.shift, np.int64), 0)
+        d = np.where((right >= 1) & (rule != "single"), 0.5 ** (right + 1), 0.0).astype(np.float32)
+        out[layer.name] = (d, -d if rule == "double" else d)
+    return out
+
+
+def with_rounding_offsets(model, variables: dict, int_model: IntModel) -> tuple[Any, dict]:
+    """The simulation with ``int_model``'s requantization rounding (see :func:`rounding_offsets`).
+
+    Adds the ``requant_rounding`` collection that every conv layer's output quantizer
+    (:class:`~qfsep_jax.models.layers.ActQuant`) and the pool's re-rounding read in ``fake``
+    mode: each value is shifted by its offset times the output scale before the usual rounding,
+    so the simulation's rounding threshold sits where the integer model's does. Everything else
+    (float32 sums, the float bias unless :func:`snap_biases` ran, the exact real multiplier)
+    stays the simulation's own.
+    Returns the (folded) model and its variables; ``int_model`` must be ``from_variables(model,
+    variables)``.
+    """
+    if not model.bn_folded:
+        variables = fold_batch_norm(variables, model.bn_epsilon)
+        model = model.clone(bn_folded=True)
+    tree: dict = {}
+    for name, (pos, neg) in rounding_offsets(int_model).items():
+        if name == POOL_NAME:
+            tree.update(pool_positive=pos, pool_negative=neg)
+            continue
+        node = tree
+        for key in layer_path(name) + ("act_quant",):
+            node = node.setdefault(key, {})
+        node.update(positive=pos, negative=neg)
+    return model, {**variables, "requant_rounding": tree}
+
+
 def layer_path(name: str) -> tuple[str, ...]:
     """``Conv2d_3_pointwise`` → ``("Conv2d_3", "pointwise")``; other names are one level."""
     for suffix in ("_depthwise", "_pointwise"):

@@ -24,7 +24,7 @@ import numpy as np
 
 from qfsep_jax.models import depthwise, native
 from qfsep_jax.quant import observers
-from qfsep_jax.quant.fake_quant import fake_quant
+from qfsep_jax.quant.fake_quant import fake_quant, qparams
 from qfsep_jax.quant.fold import fold_bn
 from qfsep_jax.quant.scheme import QuantConfig, fake_quant_weights
 
@@ -271,7 +271,11 @@ class ActQuant(nn.Module):
     """Activation quantizer: an observed range in the ``quant_ranges`` collection.
 
     Variables ``min``, ``max`` and ``count`` hold the observer state (see
-    :mod:`qfsep_jax.quant.observers`). ``quant`` None makes it the identity.
+    :mod:`qfsep_jax.quant.observers`). ``quant`` None makes it the identity. Variables given in
+    an optional ``requant_rounding`` collection (``positive``, ``negative``: per-channel offsets
+    in output LSBs, never created here) move the rounding threshold of the static-range
+    quantization as an integer model's requantization does
+    (:func:`qfsep_jax.intpass.model.with_rounding_offsets`).
     """
 
     quant: QuantConfig | None = None
@@ -307,6 +311,13 @@ class ActQuant(nn.Module):
             hi = jax.lax.stop_gradient(jnp.max(x, axis=axes))
             return fake_quant(x, lo, hi, self.quant.act_int_range, axis=0)
         lo, hi = state["min"].value, state["max"].value
+        if self.has_variable("requant_rounding", "positive"):
+            # An integer model's requantization rounding as a moved threshold, in output LSBs
+            # per channel (qfsep_jax.intpass.model.rounding_offsets); evaluation only.
+            scale = qparams(lo, hi, self.quant.act_int_range)[0]
+            pos = self.get_variable("requant_rounding", "positive")
+            neg = self.get_variable("requant_rounding", "negative")
+            x = x + jnp.where(x >= 0, pos, neg).astype(x.dtype) * scale.astype(x.dtype)
         return _where(quant_active, fake_quant(x, lo, hi, self.quant.act_int_range), x)
 
 

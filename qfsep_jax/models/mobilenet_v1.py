@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode, _where
-from qfsep_jax.quant.fake_quant import fake_quant
+from qfsep_jax.quant.fake_quant import fake_quant, qparams
 from qfsep_jax.quant.scheme import QuantConfig
 
 # (output depth, stride) of the 13 separable blocks (paper's Table 2, last block stride 1).
@@ -135,6 +135,26 @@ class MobileNetV1(nn.Module):
     axis_name: str | None = None
     depthwise_impl: str = "auto"
 
+    def _pool_tie_rule(self, pooled: jax.Array, last_range: dict, window: int) -> jax.Array:
+        """The pooled values moved so that exact ties round as TFLite's integer pool does.
+
+        The integer pool rounds ``sum / window`` of the codes, ties away from code 0; the
+        simulation's float mean sits on such a tie give or take float32 error. The offsets
+        (``requant_rounding``: ``pool_positive`` where the code is >= 0, ``pool_negative``
+        below, :func:`qfsep_jax.intpass.model.rounding_offsets`) are a small fixed fraction of
+        an LSB: far above float32 error and, for windows of up to 1024 values, far below the
+        1/window gap to the nearest value that is not a tie.
+        """
+        if window > 1024:
+            raise ValueError(f"the pool's tie rule is modelled for windows of up to 1024 values, "
+                             f"got {window}")  # fmt: skip
+        scale, zero_point = qparams(last_range["min"], last_range["max"], self.quant.act_int_range)
+        pos = self.get_variable("requant_rounding", "pool_positive")
+        neg = self.get_variable("requant_rounding", "pool_negative")
+        code = pooled / scale + zero_point.astype(pooled.dtype)
+        return pooled + jnp.where(code >= 0, pos, neg).astype(pooled.dtype) * scale.astype(
+            pooled.dtype)  # fmt: skip
+
     @nn.compact
     def __call__(
         self,
@@ -171,11 +191,15 @@ class MobileNetV1(nn.Module):
                 name=f"Conv2d_{i}", **common,
             )  # fmt: skip
             x = blk(x, **kw)
+        window = x.shape[1] * x.shape[2]
         x = jnp.mean(x, axis=(1, 2), keepdims=True)
         if quant_mode in ("fake", "qat") and not self.is_initializing():
             # TFLite's integer average pool keeps the input's (scale, zero point): re-round.
             last = blk.variables["quant_ranges"]["pointwise"]["act_quant"]
-            pooled_q = fake_quant(x, last["min"], last["max"], self.quant.act_int_range)
+            to_round = x
+            if self.has_variable("requant_rounding", "pool_positive"):
+                to_round = self._pool_tie_rule(x, last, window)
+            pooled_q = fake_quant(to_round, last["min"], last["max"], self.quant.act_int_range)
             pooled_q = x + jax.lax.stop_gradient(pooled_q - x) if train else pooled_q
             x = _where(quant_active, pooled_q, x)  # no rounding during a QAT quant delay
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
