@@ -710,8 +710,10 @@ def load_trained(config, workdir: str) -> tuple[MobileNetV1, Variables]:
 def save_quantized(quantized: QuantizedModel, directory: str) -> None:
     """Writes an exported model: ``variables`` (Orbax) and ``model.json`` (its attributes).
 
-    Written completely into a sibling directory first and then renamed into place, so a crash
-    leaves either the previous export or the new one, never a mix of the two or half a model.
+    Written completely into a sibling directory (``<directory>.tmp-<pid>``) first and then
+    renamed into place, the previous export moved aside (``<directory>.old-<pid>``) and deleted
+    last. A crash never leaves a mix of two exports or half a model at ``directory``; between
+    the two renames (a moment) both complete copies sit under those sibling names.
     """
     import shutil
 
