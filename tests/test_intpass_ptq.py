@@ -178,6 +178,7 @@ def test_compare_command_on_an_exported_model(setup, tf8, data_dir, tmp_path, ca
     assert report["n"] == 8 and report["model"] == str(tmp_path / "exported"), report
     assert report["recipe"]["zero_variance_fix"] and report["calibration_images"] is None
     assert report["eval_data"] == "folder:imagenet_val500"
+    assert report["label_space"] == "imagenet1001"  # no training run's config next to the export
     png = (tmp_path / "report_margins.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote " in capsys.readouterr().out

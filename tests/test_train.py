@@ -195,13 +195,14 @@ def test_compare_command_quantizes_a_trained_run(float_runs, data_dir, tmp_path)
         np.testing.assert_array_equal(a, b)
     out = tmp_path / "report.json"
     compare.main(["--trained_run", run, "--recipe", "tf8_per_tensor", "--data_dir", data_dir,
-                  "--label_space", "imagenette", "--image_size", str(config.image_size),
                   "--calibration_data", "folder:imagenette/train", "--calibration_images", "8",
                   "--eval_data", "folder:imagenette/val", "--limit", "8", "--batch_size", "8",
                   "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert report["n"] == 8 and report["calibration_images"] == 8, report
     assert report["calibration_data"] == "folder:imagenette/train"
+    # Image size and label space come from the run's own config.
+    assert (report["image_size"], report["label_space"]) == (config.image_size, "imagenette")
     assert max(report["layerwise_max_lsb"].values()) <= 1, report["layerwise_max_lsb"]
     with pytest.raises(FileNotFoundError, match="no config.json"):
         train.load_run_config(str(tmp_path))

@@ -544,6 +544,18 @@ def margin_title(report: dict) -> str:
             f"fine top-1 agrees on {100 * report['top1_agreement_fine']:.1f} %")  # fmt: skip
 
 
+def _run_config_of(workdir: str):
+    """The training config in ``workdir`` (``train.load_run_config``), or ``{}`` when it has none
+    (or ``workdir`` is empty)."""
+    import os
+
+    if not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
+        return {}
+    from qfsep_jax import train
+
+    return train.load_run_config(workdir)
+
+
 def _display_path(path: str) -> str:
     """``path`` relative to the working directory when it lies below it (README tables)."""
     import os
@@ -608,8 +620,9 @@ def main(argv=None) -> None:
 
     The model is the official float graph after the PTQ ``--recipe`` (default), a training
     run's newest checkpoint after that recipe (``--trained_run``), or an exported quantized model
-    (``--quantized_model``, e.g. a QAT run's ``workdir/quantized_model``). Ten-class models need
-    ``--label_space imagenette`` (and their ``--image_size``).
+    (``--quantized_model``, e.g. a QAT run's ``workdir/quantized_model``). Image size and label
+    space default to the training run's (``config.json`` of ``--trained_run``, or of the
+    directory holding ``--quantized_model``), else 224 px and ``imagenet1001``.
     """
     import argparse
     import dataclasses
@@ -632,11 +645,13 @@ def main(argv=None) -> None:
                    "checkpoint with --recipe instead of the official graph")  # fmt: skip
     p.add_argument("--calibration_data", default="folder:imagenet_calib1000")
     p.add_argument("--eval_data", default="folder:imagenet_val500")
-    p.add_argument("--label_space", default="imagenet1001",
-                   help="the model's label space (imagenette for 10-class models)")  # fmt: skip
+    p.add_argument("--label_space", default=None,
+                   help="the model's label space (default: its training run's, else "
+                   "imagenet1001)")  # fmt: skip
     p.add_argument("--data_dir", default="../shared/data")
     p.add_argument("--model_path", default="models/mobilenet_v1_1.0_224_retrained_graph.pb")
-    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--image_size", type=int, default=None,
+                   help="default: its training run's, else 224")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="eval images (default: all 500)")
     p.add_argument("--calibration_images", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=50)
@@ -674,6 +689,15 @@ def main(argv=None) -> None:
         return
     if args.quantized_model and (args.recipe or args.trained_run):
         p.error("--quantized_model is already quantized: no --recipe or --trained_run with it")
+    if args.trained_run:
+        from qfsep_jax import train
+
+        run_config = train.load_run_config(args.trained_run)
+    else:  # a QAT export sits in its training run's workdir
+        run_config = _run_config_of(os.path.dirname(os.path.abspath(args.quantized_model))
+                                    if args.quantized_model else "")  # fmt: skip
+    args.image_size = args.image_size or run_config.get("image_size", 224)
+    args.label_space = args.label_space or run_config.get("label_space", "imagenet1001")
     config = base.data_config()
     config.data_dir, config.image_size, config.eval_batch_size, config.label_space = (
         args.data_dir, args.image_size, args.batch_size, args.label_space,
@@ -688,10 +712,7 @@ def main(argv=None) -> None:
         args.recipe = args.recipe or "tf8_zero_variance_fix"
         recipe = ptq.recipe_by_name(args.recipe)
         if args.trained_run:
-            from qfsep_jax import train
-
-            model, variables = train.load_trained(train.load_run_config(args.trained_run),
-                                                  args.trained_run)  # fmt: skip
+            model, variables = train.load_trained(run_config, args.trained_run)
             source = os.path.abspath(args.trained_run)
         else:
             imported = load_tfslim(resolve_path(args.data_dir, args.model_path))

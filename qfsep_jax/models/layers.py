@@ -24,7 +24,7 @@ import numpy as np
 
 from qfsep_jax.models import depthwise, native
 from qfsep_jax.quant import observers
-from qfsep_jax.quant.fake_quant import fake_quant, qparams
+from qfsep_jax.quant.fake_quant import fake_quant, move_rounding_threshold, qparams
 from qfsep_jax.quant.fold import fold_bn
 from qfsep_jax.quant.scheme import QuantConfig, fake_quant_weights
 
@@ -314,10 +314,11 @@ class ActQuant(nn.Module):
         if self.has_variable("requant_rounding", "positive"):
             # An integer model's requantization rounding as a moved threshold, in output LSBs
             # per channel (qfsep_jax.intpass.model.rounding_offsets); evaluation only.
-            scale = qparams(lo, hi, self.quant.act_int_range)[0]
-            pos = self.get_variable("requant_rounding", "positive")
-            neg = self.get_variable("requant_rounding", "negative")
-            x = x + jnp.where(x >= 0, pos, neg).astype(x.dtype) * scale.astype(x.dtype)
+            x = move_rounding_threshold(
+                x, qparams(lo, hi, self.quant.act_int_range)[0],
+                self.get_variable("requant_rounding", "positive"),
+                self.get_variable("requant_rounding", "negative"),
+            )  # fmt: skip
         return _where(quant_active, fake_quant(x, lo, hi, self.quant.act_int_range), x)
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode, _where
-from qfsep_jax.quant.fake_quant import fake_quant, qparams
+from qfsep_jax.quant.fake_quant import fake_quant, move_rounding_threshold, qparams
 from qfsep_jax.quant.scheme import QuantConfig
 
 # (output depth, stride) of the 13 separable blocks (paper's Table 2, last block stride 1).
@@ -149,11 +149,11 @@ class MobileNetV1(nn.Module):
             raise ValueError(f"the pool's tie rule is modelled for windows of up to 1024 values, "
                              f"got {window}")  # fmt: skip
         scale, zero_point = qparams(last_range["min"], last_range["max"], self.quant.act_int_range)
-        pos = self.get_variable("requant_rounding", "pool_positive")
-        neg = self.get_variable("requant_rounding", "pool_negative")
-        code = pooled / scale + zero_point.astype(pooled.dtype)
-        return pooled + jnp.where(code >= 0, pos, neg).astype(pooled.dtype) * scale.astype(
-            pooled.dtype)  # fmt: skip
+        return move_rounding_threshold(
+            pooled, scale, self.get_variable("requant_rounding", "pool_positive"),
+            self.get_variable("requant_rounding", "pool_negative"),
+            sign_of=pooled / scale + zero_point.astype(pooled.dtype),
+        )  # fmt: skip
 
     @nn.compact
     def __call__(

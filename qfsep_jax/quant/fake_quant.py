@@ -81,6 +81,22 @@ def dequantize(q: Array, scale: Array, zero_point: Array) -> Array:
     return scale * (q.astype(jnp.float32) - zero_point.astype(jnp.float32))
 
 
+def move_rounding_threshold(
+    x: Array, scale: Array, positive: Array, negative: Array, sign_of: Array | None = None
+) -> Array:
+    """``x`` moved by ``positive`` LSBs where ``sign_of >= 0`` and ``negative`` LSBs elsewhere.
+
+    Applied before :func:`fake_quant`, this moves its rounding threshold: another integer
+    arithmetic's rounding rule written as one rounding (the offsets come from
+    :func:`qfsep_jax.intpass.model.rounding_offsets`). ``sign_of`` defaults to ``x`` itself;
+    offsets broadcast against ``x`` (per-channel along the last axis). No gradient effect: the
+    shift is a constant.
+    """
+    sign_of = x if sign_of is None else sign_of
+    offset = jnp.where(sign_of >= 0, positive, negative).astype(x.dtype)
+    return x + offset * jnp.asarray(scale).astype(x.dtype)
+
+
 def _broadcast_channel(v: Array, ndim: int, axis: int | None) -> Array:
     if axis is None:
         return v
