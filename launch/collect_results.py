@@ -382,6 +382,10 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f} %"
 
 
+def _pct3(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.3f} %"
+
+
 def format_intpass_agreement(summary: Mapping[str, Any], path: str) -> dict[str, str]:
     """Integer pass against fake-quant simulation (``compare --summarize``): one table per kind
     of simulation (plain, or modelling parts of the integer arithmetic), one row per model."""
@@ -392,7 +396,8 @@ def format_intpass_agreement(summary: Mapping[str, Any], path: str) -> dict[str,
         "model", "quantized by", "classes", "layer codes differing, same input (worst layer)",
         "fine logit error rms (LSB)", "images with top-2 gap < 1 LSB", "top-1 agreement, "
         "8-bit codes", "tie-aware", "**fine logits**", "simulation vs itself reordered",
-        "simulation vs itself in float64", "integer vs float64 simulation",
+        "simulation vs itself in float64", "integer vs float64 simulation: fine top-1",
+        "logit error rms (LSB)", "layer codes differing (worst layer)",
     ]  # fmt: skip
     kinds = list(dict.fromkeys(r.get("simulation", "plain") for r in rows))
     lines = [_provenance(path)]
@@ -404,13 +409,15 @@ def format_intpass_agreement(summary: Mapping[str, Any], path: str) -> dict[str,
             classes = 10 if r["label_space"] == "imagenette" else 1001
             body.append([
                 f"`{r['model']}`", r["recipe"], classes,
-                f"{100 * r['max_layer_frac_differing']:.3f} %",
+                _pct3(r["max_layer_frac_differing"]),
                 f"{r['fine_logit_error_lsb_rms']:.2f}",
                 f"{r['top2_gap_below_1_lsb']} of {r['n']}", _pct(r["top1_agreement"]),
                 _pct(r["top1_agreement_tie_aware"]), f"**{_pct(r['top1_agreement_fine'])}**",
                 _pct(r["sim_reordered_agreement_fine"]),
                 _pct(r.get("sim_float64_agreement_fine")),
                 _pct(r["int_vs_float64_agreement_fine"]),
+                _fmt(r.get("int_vs_float64_logit_error_lsb_rms")),
+                _pct3(r.get("max_layer_frac_differing_float64")),
             ])  # fmt: skip
         lines += [f"Simulation: **{kind}**", "", markdown_table(header, body), ""]
     dates = sorted(r["run"]["date"] for r in rows if r.get("run"))

@@ -67,13 +67,17 @@ def _fake_model(model, variables):
     return model, variables
 
 
-def layerwise_agreement(model, variables, int_model: model_lib.IntModel, images) -> dict:
+def layerwise_agreement(
+    model, variables, int_model: model_lib.IntModel, images, float64: bool = False
+) -> dict:
     """Per-layer agreement given identical layer inputs (see the module docstring).
 
     Args:
       model, variables: the quantized MobileNetV1 and its variables (with ``quant_ranges``).
       int_model: its conversion (:func:`qfsep_jax.intpass.from_variables`).
       images: float images ``[N, H, W, 3]`` as the float model takes them.
+      float64: run the simulation in float64 (``jax.enable_x64``): layer inputs dequantized
+        exactly, outputs rounded to codes in float64, no float32 rounding anywhere.
 
     Returns:
       ``{layer name: {"max_lsb": int, "frac_differing": float}}`` for every layer, the
@@ -82,19 +86,37 @@ def layerwise_agreement(model, variables, int_model: model_lib.IntModel, images)
     model, variables = _fake_model(model, variables)
     q = model_lib.quantize_input(int_model, images)
     _, ints = model_lib.run(int_model, q, return_intermediates=True)
-    params = model_lib.output_qparams(int_model)
-    names = int_model.layer_names
-    deq = model_lib.dequantize_intermediates(int_model, ints)
-    deq_input = model_lib.dequantize_codes(q, int_model.input_scale, int_model.input_zero_point)
+    if float64:
+        variables = _float64_variables(variables)
+    diffs, _ = _layer_code_differences(model, variables, int_model, images, q, ints, float64)
+    return {
+        name: {"max_lsb": int(d.max()), "frac_differing": float(np.mean(d > 0))}
+        for name, d in diffs.items()
+    }
 
-    fake, _ = _layerwise_outputs(model, variables, int_model, images, deq, deq_input)
-    out = {}
-    for name in names:
-        mine = np.asarray(ints[name], np.int32)
-        theirs = _codes(fake[name], *params[name])
-        diff = np.abs(mine - theirs)
-        out[name] = {"max_lsb": int(diff.max()), "frac_differing": float(np.mean(diff > 0))}
-    return out
+
+def _layer_code_differences(
+    model, variables, int_model: model_lib.IntModel, images, q, ints, float64: bool = False
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``|integer codes - simulation codes|`` of every layer given identical layer inputs, and
+    the simulation classifier's pre-quant logits on the integer pass's pooled codes (float64).
+
+    ``q``, ``ints``: the integer pass's input codes and intermediates. ``float64``: computed
+    under x64 from the exactly dequantized codes (``variables`` from :func:`_float64_variables`).
+    """
+    params = model_lib.output_qparams(int_model)
+    dtype = jnp.float64 if float64 else jnp.float32
+    with jax.enable_x64(float64):
+        deq = model_lib.dequantize_intermediates(int_model, ints, dtype)
+        deq_input = model_lib.dequantize_codes(q, int_model.input_scale,
+                                               int_model.input_zero_point, dtype)  # fmt: skip
+        if float64:
+            images = deq_input  # the input quantizer gives back exactly the codes q
+        fake, pre_same = _layerwise_outputs(model, variables, int_model, images, deq, deq_input,
+                                            dtype)  # fmt: skip
+        codes = {n: model_lib.round_codes(fake[n], *params[n], dtype) for n in fake}
+        diffs = {n: np.abs(np.asarray(ints[n], np.int32) - codes[n]) for n in int_model.layer_names}
+        return diffs, np.asarray(pre_same, np.float64)
 
 
 _CACHE: dict = {}
@@ -107,7 +129,7 @@ def _cached(key, make):
     return _CACHE[key]
 
 
-def _layerwise_outputs(model, variables, int_model, images, deq, deq_input):
+def _layerwise_outputs(model, variables, int_model, images, deq, deq_input, dtype=jnp.float32):
     """The simulation's layer outputs given the int pass's layer inputs, and its classifier's
     pre-quant logits ``[N, classes]`` given the int pass's pooled codes."""
     names = int_model.layer_names
@@ -115,7 +137,7 @@ def _layerwise_outputs(model, variables, int_model, images, deq, deq_input):
     path = _pre_quant_path(int_model)
     fn = _cached(("layerwise", model, tuple(names)),
                  lambda: _make_layerwise_fn(model, prev_name, path))  # fmt: skip
-    return fn(variables, jnp.asarray(images, jnp.float32), deq, deq_input)
+    return fn(variables, jnp.asarray(images, dtype), deq, deq_input)
 
 
 def _pre_quant_path(int_model: model_lib.IntModel) -> tuple[str, ...]:
@@ -283,7 +305,8 @@ def agreement_report(
 
     ``float64_check`` adds ``"sim_float64"``: the same simulation computed in float64 from the
     integer pass's input codes (:func:`_sim_pre_quant_float64`), with the same three keys plus
-    ``int_logit_error_lsb_rms`` (integer fine minus float64 pre-quant logits, rms, output LSBs):
+    ``int_logit_error_lsb_rms`` (integer fine minus float64 pre-quant logits, rms, output LSBs)
+    and its own ``layerwise_max_lsb`` / ``layerwise_frac_differing`` (float64 layer by layer):
     whether the residual is the float32 simulation's rounding or the integer arithmetic's own.
     """
     n = agree = agree_ties = agree_fine = agree_same = hit_fake = hit_int = 0
@@ -308,6 +331,8 @@ def agreement_report(
     fake_vars64 = _float64_variables(fake_vars) if float64_check else None
     f64_sim = f64_int = 0
     f64_sq = f64_int_sq = 0.0
+    max_lsb64: dict[str, int] = {}
+    frac64: dict[str, float] = {}
     for batch in batches:
         valid = int(batch["mask"].sum())
         if valid == 0:
@@ -318,16 +343,13 @@ def agreement_report(
         int_fine = np.asarray(int_fine, np.int64)
         int_codes = np.asarray(ints[int_model.layer_names[-1]], np.int32).reshape(valid, -1)
         # Layer-wise (each simulated layer fed the integer pass's input).
-        deq = model_lib.dequantize_intermediates(int_model, ints)
-        deq_input = model_lib.dequantize_codes(q, int_model.input_scale,
-                                               int_model.input_zero_point)  # fmt: skip
-        fake_lw, pre_same = _layerwise_outputs(fake_model, fake_vars, int_model, images, deq,
-                                               deq_input)  # fmt: skip
-        params = model_lib.output_qparams(int_model)
-        for name in int_model.layer_names:
-            diff = np.abs(np.asarray(ints[name], np.int32) - _codes(fake_lw[name], *params[name]))
-            max_lsb[name] = max(max_lsb.get(name, 0), int(diff.max()))
-            frac[name] = frac.get(name, 0.0) + float(np.mean(diff > 0)) * valid
+        diffs, pre_same = _layer_code_differences(fake_model, fake_vars, int_model, images, q,
+                                                  ints)  # fmt: skip
+        _accumulate_layer_stats(diffs, valid, max_lsb, frac)
+        if float64_check:
+            diffs64, _ = _layer_code_differences(fake_model, fake_vars64, int_model, images, q,
+                                                 ints, float64=True)  # fmt: skip
+            _accumulate_layer_stats(diffs64, valid, max_lsb64, frac64)
         # End to end, 8-bit codes.
         fake_logits, fake_pre, _ = _sim_logits(fake_model, fake_vars, int_model, images)
         fake_codes = _codes(fake_logits, scale, zp)
@@ -345,7 +367,6 @@ def agreement_report(
         int_top_f, fake_top_f = np.argmax(int_fine, -1), np.argmax(fake_pre, -1)
         agree_fine += int(np.sum(int_top_f == fake_top_f))
         fine_agrees.extend((int_top_f == fake_top_f).tolist())
-        pre_same = np.asarray(pre_same, np.float64)
         agree_same += int(np.sum(int_top_f == np.argmax(pre_same, -1)))
         err_same = max(err_same, float(np.abs(int_fine / fine_unit - pre_same / scale).max()))
         # End-to-end logit error and how close each image's top-2 is (output LSBs).
@@ -431,6 +452,8 @@ def agreement_report(
             "top1_agreement_fine_with_int": f64_int / n,
             "logit_difference_lsb_rms": float(np.sqrt(f64_sq / err_count)),
             "int_logit_error_lsb_rms": float(np.sqrt(f64_int_sq / err_count)),
+            "layerwise_max_lsb": max_lsb64,
+            "layerwise_frac_differing": {k: v / n for k, v in frac64.items()},
         }
     if labels:
         out["top1_int"] = 100.0 * hit_int / n
@@ -438,6 +461,13 @@ def agreement_report(
         out["top1_int_fine"] = 100.0 * hit_fine / n
         out["top1_fake_pre_quant"] = 100.0 * hit_pre / n
     return out
+
+
+def _accumulate_layer_stats(diffs: dict, count: int, max_lsb: dict, frac: dict) -> None:
+    """Adds one batch's code differences: the largest per layer, the count-weighted fraction."""
+    for name, diff in diffs.items():
+        max_lsb[name] = max(max_lsb.get(name, 0), int(diff.max()))
+        frac[name] = frac.get(name, 0.0) + float(np.mean(diff > 0)) * count
 
 
 def _other_depthwise_impl(impl: str) -> str:
@@ -577,7 +607,8 @@ def summarize_reports(paths: list[str]) -> dict:
     images have a simulation top-2 gap below 1 LSB, the largest
     fraction of a layer's codes that differ given the same input, and, where the report has
     them, the simulation's fine agreement with itself reordered and in float64, and the integer
-    pass's with the float64 simulation.
+    pass's with the float64 simulation (fine top-1, logit error rms, worst layer's fraction of
+    differing codes).
     """
     from qfsep_jax import io_utils
 
@@ -610,6 +641,11 @@ def summarize_reports(paths: list[str]) -> dict:
                 "top1_agreement_fine_with_sim"),
             "int_vs_float64_agreement_fine": r.get("sim_float64", {}).get(
                 "top1_agreement_fine_with_int"),
+            "int_vs_float64_logit_error_lsb_rms": r.get("sim_float64", {}).get(
+                "int_logit_error_lsb_rms"),
+            "max_layer_frac_differing_float64": max(
+                r.get("sim_float64", {}).get("layerwise_frac_differing", {}).values(),
+                default=None),
             "run": r.get("run"),
         })  # fmt: skip
     return {"rows": rows}
@@ -778,6 +814,12 @@ def main(argv=None) -> None:
             f"{100 * r['top1_agreement_fine_with_int']:.2f}% with the integer pass; logit "
             f"difference rms {r['logit_difference_lsb_rms']:.4f} LSB to the float32 simulation, "
             f"{r['int_logit_error_lsb_rms']:.4f} LSB to the integer pass"
+        )
+        worst = max(r["layerwise_frac_differing"], key=r["layerwise_frac_differing"].get)
+        print(
+            f"simulation in float64, same layer input: max {max(r['layerwise_max_lsb'].values())} "
+            f"LSB; worst layer {worst}, {100 * r['layerwise_frac_differing'][worst]:.4f}% of "
+            f"codes differ"
         )
     for d in report["fine_disagreements"]:
         where = f", culprit {d['culprit']} ({d['culprit_codes_differing']} codes differ)" if (

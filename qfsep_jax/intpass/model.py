@@ -381,9 +381,9 @@ def output_qparams(int_model: IntModel) -> dict[str, tuple[float, int]]:
     return {layer.name: (layer.output_scale, layer.output_zero_point) for layer in int_model.layers}
 
 
-def dequantize_codes(codes, scale: float, zero_point: int) -> Array:
-    """Codes → float32 ``scale * (q - Z)``."""
-    return dequantize(jnp.asarray(codes), jnp.float32(scale), jnp.int32(zero_point))
+def dequantize_codes(codes, scale: float, zero_point: int, dtype=jnp.float32) -> Array:
+    """Codes → ``scale * (q - Z)`` in ``dtype`` (float32; float64, exact, under x64)."""
+    return dequantize(jnp.asarray(codes), jnp.float32(scale), jnp.int32(zero_point), dtype)
 
 
 def dequantize_logits(int_model: IntModel, codes) -> Array:
@@ -402,10 +402,12 @@ def dequantize_fine_logits(int_model: IntModel, fine) -> Array:
     return jnp.asarray(fine, jnp.float32) * jnp.float32(fine_logit_scale(int_model))
 
 
-def dequantize_intermediates(int_model: IntModel, intermediates: dict) -> dict[str, Array]:
-    """``{name: codes}`` from :func:`run` → ``{name: float32 values}``."""
+def dequantize_intermediates(
+    int_model: IntModel, intermediates: dict, dtype=jnp.float32
+) -> dict[str, Array]:
+    """``{name: codes}`` from :func:`run` → ``{name: values}`` (float32, or float64 under x64)."""
     params = output_qparams(int_model)
-    return {k: dequantize_codes(v, *params[k]) for k, v in intermediates.items()}
+    return {k: dequantize_codes(v, *params[k], dtype) for k, v in intermediates.items()}
 
 
 def logits_fn(int_model: IntModel, fine: bool = True):
@@ -710,9 +712,12 @@ def float_variables(int_model: IntModel) -> tuple[dict, dict]:
     return kwargs, {"params": params}
 
 
-def round_codes(values, scale: float, zero_point: int) -> np.ndarray:
-    """Float values on a quantization grid → their integer codes (int32 numpy)."""
-    v = jnp.asarray(values, jnp.float32) / jnp.float32(scale)
+def round_codes(values, scale: float, zero_point: int, dtype=jnp.float32) -> np.ndarray:
+    """Float values on a quantization grid → their integer codes (int32 numpy).
+
+    Divided and rounded in ``dtype`` (float64 needs x64).
+    """
+    v = jnp.asarray(values, dtype) / jnp.asarray(np.float32(scale), dtype)
     return np.asarray(round_half_away_from_zero(v) + zero_point).astype(np.int32)
 
 
@@ -734,9 +739,11 @@ def snap_biases(model, variables: dict, int_model: IntModel) -> tuple[Any, dict]
             continue
         path = layer_path(layer.name)
         node = _node(params, path, "params")
-        w_scale = np.asarray(layer.weight_scale, np.float32)
-        bias_scale = np.float32(layer.input_scale) * w_scale
-        node["bias"] = (np.asarray(layer.bias).astype(np.float32) * bias_scale).astype(np.float32)
+        # float64: the product of the two float32 scales is exact there, so a float64
+        # simulation sees the int32 bias itself (to 2**-53); a float32 one rounds it on use.
+        bias_scale = np.float64(np.float32(layer.input_scale)) * np.asarray(
+            layer.weight_scale, np.float32).astype(np.float64)  # fmt: skip
+        node["bias"] = np.asarray(layer.bias).astype(np.float64) * bias_scale
     return model, {**variables, "params": params}
 
 
@@ -778,15 +785,37 @@ def rounding_offsets(int_model: IntModel) -> dict[str, tuple[np.ndarray, np.ndar
     return out
 
 
+def multiplier_ratios(int_model: IntModel) -> dict[str, np.ndarray]:
+    """Each conv layer's stored multiplier over the real one, per channel (float64).
+
+    The integer pass multiplies by ``M0 * 2**shift / 2**31``: the real multiplier rounded to 31
+    bits, and on TFLite's per-tensor uint8 path formed from a float32 product of the scales
+    (:func:`kernels.conv_multiplier`). The simulation's dequantized arithmetic applies ``S_in *
+    S_w / S_out`` exactly. The ratio is 1 to within about float32's resolution.
+    """
+    out = {}
+    for layer in int_model.layers:
+        if layer.kind == "avgpool":
+            continue
+        stored = np.asarray(layer.multiplier, np.float64) * np.exp2(
+            np.asarray(layer.shift, np.float64) - 31)  # fmt: skip
+        real = (np.float64(np.float32(layer.input_scale))
+                * np.asarray(layer.weight_scale, np.float32).astype(np.float64)
+                / np.float64(np.float32(layer.output_scale)))  # fmt: skip
+        out[layer.name] = stored / real
+    return out
+
+
 def with_rounding_offsets(model, variables: dict, int_model: IntModel) -> tuple[Any, dict]:
     """The simulation with ``int_model``'s requantization rounding (see :func:`rounding_offsets`).
 
     Adds the ``requant_rounding`` collection that every conv layer's output quantizer
     (:class:`~qfsep_jax.models.layers.ActQuant`) and the pool's re-rounding read in ``fake``
     mode: each value is shifted by its offset times the output scale before the usual rounding,
-    so the simulation's rounding threshold sits where the integer model's does. Everything else
-    (float32 sums, the float bias unless :func:`snap_biases` ran, the exact real multiplier)
-    stays the simulation's own.
+    so the simulation's rounding threshold sits where the integer model's does. A simulation
+    run in float64 also multiplies each value by its layer's :func:`multiplier_ratios` first (in
+    float32 that ratio is below resolution and skipped). Everything else (the float sums, the
+    float bias unless :func:`snap_biases` ran) stays the simulation's own.
     Returns the (folded) model and its variables; ``int_model`` must be ``from_variables(model,
     variables)``.
     """
@@ -794,6 +823,7 @@ def with_rounding_offsets(model, variables: dict, int_model: IntModel) -> tuple[
         variables = fold_batch_norm(variables, model.bn_epsilon)
         model = model.clone(bn_folded=True)
     tree: dict = {}
+    ratios = multiplier_ratios(int_model)
     for name, (pos, neg) in rounding_offsets(int_model).items():
         if name == POOL_NAME:
             tree.update(pool_positive=pos, pool_negative=neg)
@@ -801,7 +831,7 @@ def with_rounding_offsets(model, variables: dict, int_model: IntModel) -> tuple[
         node = tree
         for key in layer_path(name) + ("act_quant",):
             node = node.setdefault(key, {})
-        node.update(positive=pos, negative=neg)
+        node.update(positive=pos, negative=neg, multiplier_ratio=ratios[name])
     return model, {**variables, "requant_rounding": tree}
 
 

@@ -273,8 +273,8 @@ class ActQuant(nn.Module):
     Variables ``min``, ``max`` and ``count`` hold the observer state (see
     :mod:`qfsep_jax.quant.observers`). ``quant`` None makes it the identity. Variables given in
     an optional ``requant_rounding`` collection (``positive``, ``negative``: per-channel offsets
-    in output LSBs, never created here) move the rounding threshold of the static-range
-    quantization as an integer model's requantization does
+    in output LSBs; ``multiplier_ratio``, per channel; never created here) make the static-range
+    quantization round as an integer model's requantization does
     (:func:`qfsep_jax.intpass.model.with_rounding_offsets`).
     """
 
@@ -314,6 +314,8 @@ class ActQuant(nn.Module):
         if self.has_variable("requant_rounding", "positive"):
             # An integer model's requantization rounding as a moved threshold, in output LSBs
             # per channel (qfsep_jax.intpass.model.rounding_offsets); evaluation only.
+            if x.dtype == jnp.float64:  # the 31-bit multiplier: below float32's resolution
+                x = x * self.get_variable("requant_rounding", "multiplier_ratio")
             x = move_rounding_threshold(
                 x, qparams(lo, hi, self.quant.act_int_range)[0],
                 self.get_variable("requant_rounding", "positive"),

@@ -54,6 +54,18 @@ def round_half_away_from_zero(v: Array) -> Array:
     return jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
 
 
+def divide_exactly(numerator: Array, denominator: float) -> Array:
+    """``numerator / denominator``, correctly rounded in float32 also inside ``jit``.
+
+    XLA:CPU compiles division by a constant into multiplication by the constant's float32
+    reciprocal, which for 255 is one ulp off on about 70 % of inputs. A denominator that depends
+    on the operand stays a true (IEEE) division, so scales computed in a jitted simulation and
+    in an eager conversion to the integer model are the same float32 number.
+    """
+    numerator = jnp.asarray(numerator, jnp.float32)
+    return numerator / (jnp.float32(denominator) + 0.0 * numerator)
+
+
 def qparams(x_min: Array, x_max: Array, int_range: IntRange) -> tuple[Array, Array]:
     """Scale and integer zero point of the affine mapping for the range ``[x_min, x_max]``.
 
@@ -64,7 +76,7 @@ def qparams(x_min: Array, x_max: Array, int_range: IntRange) -> tuple[Array, Arr
     lo = jnp.minimum(jnp.asarray(x_min, jnp.float32), 0.0)
     hi = jnp.maximum(jnp.asarray(x_max, jnp.float32), 0.0)
     span = hi - lo
-    scale = jnp.where(span > 0, span / jnp.float32(int_range.qmax - int_range.qmin), 1.0)
+    scale = jnp.where(span > 0, divide_exactly(span, int_range.qmax - int_range.qmin), 1.0)
     zp = int_range.qmin - round_half_away_from_zero(lo / scale)
     zp = jnp.clip(zp, int_range.qmin, int_range.qmax)
     return scale.astype(jnp.float32), zp.astype(jnp.int32)
@@ -76,9 +88,11 @@ def quantize(x: Array, scale: Array, zero_point: Array, int_range: IntRange) -> 
     return jnp.clip(q, int_range.qmin, int_range.qmax).astype(jnp.int32)
 
 
-def dequantize(q: Array, scale: Array, zero_point: Array) -> Array:
-    """Integer codes to float: scale * (q - zero_point)."""
-    return scale * (q.astype(jnp.float32) - zero_point.astype(jnp.float32))
+def dequantize(
+    q: Array, scale: Array, zero_point: Array, dtype: jax.typing.DTypeLike = jnp.float32
+) -> Array:
+    """Integer codes to float: scale * (q - zero_point), in ``dtype`` (float64 needs x64)."""
+    return jnp.asarray(scale).astype(dtype) * (q.astype(dtype) - zero_point.astype(dtype))
 
 
 def move_rounding_threshold(
@@ -105,34 +119,37 @@ def _broadcast_channel(v: Array, ndim: int, axis: int | None) -> Array:
     return jnp.reshape(v, shape)
 
 
-def _fq_forward(x, x_min, x_max, qmin, qmax, axis):
+def _fq_forward(x, x_min, x_max, qmin, qmax, axis, out_dtype):
     int_range = IntRange(qmin, qmax)
     scale, zp = qparams(x_min, x_max, int_range)
     scale = _broadcast_channel(scale, x.ndim, axis)
     zp = _broadcast_channel(zp, x.ndim, axis).astype(jnp.float32)
     q = jnp.clip(round_half_away_from_zero(x / scale) + zp, qmin, qmax)
-    out = (scale * (q - zp)).astype(x.dtype)
+    out_dtype = out_dtype or x.dtype
+    # float32, or float64 where asked for: there scale * code is exact (24 + 8 bits).
+    wide = jnp.promote_types(out_dtype, jnp.float32)
+    out = (scale.astype(wide) * (q.astype(wide) - zp.astype(wide))).astype(out_dtype)
     nudged_min = scale * (qmin - zp)
     nudged_max = scale * (qmax - zp)
     return out, (x, nudged_min, nudged_max)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fake_quant(x, x_min, x_max, qmin, qmax, axis):
-    return _fq_forward(x, x_min, x_max, qmin, qmax, axis)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fake_quant(x, x_min, x_max, qmin, qmax, axis, out_dtype):
+    return _fq_forward(x, x_min, x_max, qmin, qmax, axis, out_dtype)[0]
 
 
-def _fq_fwd(x, x_min, x_max, qmin, qmax, axis):
-    out, res = _fq_forward(x, x_min, x_max, qmin, qmax, axis)
+def _fq_fwd(x, x_min, x_max, qmin, qmax, axis, out_dtype):
+    out, res = _fq_forward(x, x_min, x_max, qmin, qmax, axis, out_dtype)
     return out, (res, jnp.shape(x_min), jnp.shape(x_max))
 
 
-def _fq_bwd(qmin, qmax, axis, residuals, g):
+def _fq_bwd(qmin, qmax, axis, out_dtype, residuals, g):
     (x, nudged_min, nudged_max), min_shape, max_shape = residuals
     below = x < nudged_min
     above = x > nudged_max
     inside = jnp.logical_not(below | above) & ~jnp.isnan(x)
-    dx = jnp.where(inside, g, jnp.zeros_like(g))
+    dx = jnp.where(inside, g, jnp.zeros_like(g)).astype(x.dtype)
     reduce_axes = tuple(a for a in range(x.ndim) if axis is None or a != axis % x.ndim)
     d_min = jnp.sum(jnp.where(below, g, 0.0), axis=reduce_axes).astype(jnp.float32)
     d_max = jnp.sum(jnp.where(above, g, 0.0), axis=reduce_axes).astype(jnp.float32)
@@ -148,6 +165,7 @@ def fake_quant(
     x_max: Array,
     int_range: IntRange = UINT8,
     axis: int | None = None,
+    out_dtype: jax.typing.DTypeLike | None = None,
 ) -> Array:
     """Quantize ``x`` to the integer grid of ``[x_min, x_max]`` and dequantize it again.
 
@@ -157,10 +175,12 @@ def fake_quant(
         per-channel quantization along ``axis``.
       int_range: the integer storage range (``UINT8``, ``INT8`` or ``INT8_NARROW``).
       axis: the channel axis for per-channel ranges, ``None`` for per-tensor.
+      out_dtype: the dtype the codes are dequantized in (default ``x.dtype``); the codes are
+        rounded from ``x`` in its own dtype either way.
 
     Returns:
-      ``x`` rounded to the grid, same shape and dtype. Gradients are straight-through inside the
-      range (see the module docstring).
+      ``x`` rounded to the grid, same shape, dtype ``out_dtype``. Gradients are straight-through
+      inside the range (see the module docstring).
     """
     x_min = jnp.asarray(x_min, jnp.float32)
     x_max = jnp.asarray(x_max, jnp.float32)
@@ -174,7 +194,8 @@ def fake_quant(
                 f"got {x_min.shape} and {x_max.shape}"
             )
         axis = axis % x.ndim
-    return _fake_quant(x, x_min, x_max, int_range.qmin, int_range.qmax, axis)
+    out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
+    return _fake_quant(x, x_min, x_max, int_range.qmin, int_range.qmax, axis, out_dtype)
 
 
 def check_range(name: str, x_min, x_max) -> None:

@@ -83,8 +83,11 @@ def fake_quant_weights(w: jax.Array, config: QuantConfig) -> jax.Array:
     """Fake-quantizes a kernel with its own min/max range under ``config``.
 
     The range is taken from the kernel itself (no gradient flows into it, as in TF's
-    ``contrib.quantize`` weight quantizers), the rounding through :func:`fake_quant`.
+    ``contrib.quantize`` weight quantizers), the rounding through :func:`fake_quant`. The codes
+    are always those of the float32 kernel, as the integer model's conversion computes them; a
+    float64 simulation gets them dequantized exactly in float64.
     """
-    lo, hi = weight_range(jax.lax.stop_gradient(w), config)
+    w32 = w.astype(jnp.float32)
+    lo, hi = weight_range(jax.lax.stop_gradient(w32), config)
     axis = w.ndim - 1 if config.per_channel_weights else None
-    return fake_quant(w, lo, hi, config.weight_int_range, axis=axis)
+    return fake_quant(w32, lo, hi, config.weight_int_range, axis=axis, out_dtype=w.dtype)
