@@ -12,11 +12,11 @@ preprocessing) and evaluated in float, 8-bit fake-quant and 8-bit integer-only o
 ``eval_data`` (Imagenette val), and its per-layer SQNR is measured on the first
 ``num_sqnr_images`` val images. ``--config.seeds='(0,1)'`` adds seeds.
 
-Expected (measured 2026-11-27, seed 0, on the 2-core CPU machine): about 20 min of training per
-variant when the machine is otherwise idle (~80 min for all four, plus ~1.5 min per variant for
-PTQ, evaluation and SQNR); top-1 float / 8-bit fake-quant / 8-bit integer: original 70.75 /
-63.85 / 64.05, qf_relu6 78.62 / 78.45 / 78.62, qf_relu 77.63 / 77.73 / 77.45, qf_relu_l2dw
-77.91 / 77.53 / 77.96 (README, Figure 5).
+Expected (trained 2026-11-27, PTQ and evaluation rerun 2026-11-28, seed 0, on the 2-core CPU
+machine): about 20 min of training per variant when the machine is otherwise idle (~80 min for
+all four, plus under a minute per variant for PTQ, evaluation and SQNR); top-1 float / 8-bit
+fake-quant / 8-bit integer: original 70.75 / 63.85 / 64.08, qf_relu6 78.62 / 78.57 / 78.62,
+qf_relu 77.63 / 77.78 / 77.48, qf_relu_l2dw 77.91 / 77.58 / 78.01 (README, Figure 5).
 
 ``configs/figure5.py:tiny`` is the test-scale version (1 training step at 32 px, width 0.25, a
 few images): it checks the pipeline, its numbers mean nothing.

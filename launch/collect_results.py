@@ -397,7 +397,7 @@ def format_intpass_agreement(summary: Mapping[str, Any], path: str) -> dict[str,
         "fine logit error rms (LSB)", "images with top-2 gap < 1 LSB", "top-1 agreement, "
         "8-bit codes", "tie-aware", "**fine logits**", "simulation vs itself reordered",
         "simulation vs itself in float64", "integer vs float64 simulation: fine top-1",
-        "logit error rms (LSB)", "layer codes differing (worst layer)",
+        "float64: logit error rms (LSB)", "float64: layer codes differing (worst layer)",
     ]  # fmt: skip
     kinds = list(dict.fromkeys(r.get("simulation", "plain") for r in rows))
     lines = [_provenance(path)]

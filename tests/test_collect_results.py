@@ -220,15 +220,18 @@ def test_intpass_agreement_table_has_one_row_per_report():
         recipe="tf8_per_tensor",
         run=None,
         simulation="int32 biases + integer rounding",
+        int_vs_float64_logit_error_lsb_rms=4.4e-6,
+        max_layer_frac_differing_float64=0.0,
     )
     md = collect_results.format_intpass_agreement({"rows": [row, ten]}, "s.json")
     lines = md["intpass_agreement"].splitlines()
     body = [line for line in lines if line.startswith("| `")]
     assert len(body) == 2
     assert (
-        "| 1001 | 19.900 % | 0.48 | 7 of 500 | 99.0 % | 99.6 % | **99.4 %** | – | 99.6 % | 99.4 % |"
-        in body[0]
-    )
+        "| 1001 | 19.900 % | 0.48 | 7 of 500 | 99.0 % | 99.6 % | **99.4 %** | – | 99.6 % | 99.4 % "
+        "| – | – |" in body[0]
+    )  # reports without the float64 layer-wise check: dashes
+    assert body[1].endswith("| 99.4 % | 0.00 | 0.000 % |"), body[1]
     assert "| tf8_per_tensor | 10 | 19.900 % |" in body[1]
     assert lines.index("Simulation: **plain**") < lines.index(body[0])
     modelled = lines.index("Simulation: **int32 biases + integer rounding**")

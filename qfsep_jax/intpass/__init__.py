@@ -15,7 +15,8 @@ Public API:
   :func:`logits_fn`: the float boundaries;
 * :data:`ROUNDING_PRESETS`, :class:`Rounding`: the requantization rounding rules;
 * :func:`snap_biases` (the simulation with int32-grid biases), :func:`with_rounding_offsets`
-  (the simulation with the integer model's requantization rounding, :func:`rounding_offsets`),
+  (the simulation with the integer model's requantization rounding, :func:`rounding_offsets`;
+  in float64 also its 31-bit multipliers, :func:`multiplier_ratios`),
   :func:`float_variables` (the same network in float, for benchmarks); :mod:`.compare`
   (integer pass vs simulation), :mod:`.reference` (LiteRT runner), :mod:`.synthetic` (test
   models).
@@ -39,6 +40,7 @@ from qfsep_jax.intpass.model import (
     from_quantized,
     from_variables,
     logits_fn,
+    multiplier_ratios,
     output_qparams,
     parse_rounding,
     quantize_input,
@@ -69,6 +71,7 @@ __all__ = [
     "from_tflite",
     "from_variables",
     "logits_fn",
+    "multiplier_ratios",
     "output_qparams",
     "parse_rounding",
     "quantize_input",

@@ -27,16 +27,18 @@ flip. :func:`locate_disagreements` attributes each such image to a layer. The sa
 acts on float32 summation order alone: ``agreement_report(..., reorder_check=True)`` measures how
 well the simulation agrees with itself run through the other depthwise implementation: a
 reference for how well any other arithmetic can be expected to agree with it.
-``float64_check=True`` runs the simulation in float64 as well, which separates the float32
-simulation's own rounding from the integer arithmetic's.
+``float64_check=True`` runs the simulation in float64 as well (end to end and layer by layer),
+which separates the float32 simulation's own rounding from the integer arithmetic's.
 
 Which simulation: by default the plain one (what PTQ evaluates and QAT trains with). Given
 :func:`~qfsep_jax.intpass.model.snap_biases` and
 :func:`~qfsep_jax.intpass.model.with_rounding_offsets` (``--snap_biases --sim_rounding``), the
 simulation also models the integer pass's int32 biases and its requantization rounding (TFLite's
 two roundings are one rounding with a moved threshold, see
-:func:`~qfsep_jax.intpass.model.rounding_offsets`); what then separates the two passes is float32
-rounding. ``main`` runs one model (``--recipe`` on the official graph, ``--trained_run``,
+:func:`~qfsep_jax.intpass.model.rounding_offsets`; in float64 also the 31-bit multiplier,
+:func:`~qfsep_jax.intpass.model.multiplier_ratios`); what then separates the two passes is float32
+rounding, and in float64 nothing: that simulation gives the integer pass's codes in every layer.
+``main`` runs one model (``--recipe`` on the official graph, ``--trained_run``,
 ``--quantized_model``) and writes a JSON report and a per-image margin plot;
 ``--summarize`` collects reports into the README's table.
 """

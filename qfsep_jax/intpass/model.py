@@ -799,9 +799,8 @@ def multiplier_ratios(int_model: IntModel) -> dict[str, np.ndarray]:
             continue
         stored = np.asarray(layer.multiplier, np.float64) * np.exp2(
             np.asarray(layer.shift, np.float64) - 31)  # fmt: skip
-        real = (np.float64(np.float32(layer.input_scale))
-                * np.asarray(layer.weight_scale, np.float32).astype(np.float64)
-                / np.float64(np.float32(layer.output_scale)))  # fmt: skip
+        real = kernels.conv_multiplier(layer.input_scale, layer.weight_scale, layer.output_scale,
+                                       per_channel=True)  # fmt: skip
         out[layer.name] = stored / real
     return out
 
@@ -814,8 +813,9 @@ def with_rounding_offsets(model, variables: dict, int_model: IntModel) -> tuple[
     mode: each value is shifted by its offset times the output scale before the usual rounding,
     so the simulation's rounding threshold sits where the integer model's does. A simulation
     run in float64 also multiplies each value by its layer's :func:`multiplier_ratios` first (in
-    float32 that ratio is below resolution and skipped). Everything else (the float sums, the
-    float bias unless :func:`snap_biases` ran) stays the simulation's own.
+    float32 that ratio, within 6e-8 of 1, is at or below resolution and skipped). Everything
+    else (the float sums, the float bias unless :func:`snap_biases` ran) stays the simulation's
+    own.
     Returns the (folded) model and its variables; ``int_model`` must be ``from_variables(model,
     variables)``.
     """

@@ -314,7 +314,7 @@ class ActQuant(nn.Module):
         if self.has_variable("requant_rounding", "positive"):
             # An integer model's requantization rounding as a moved threshold, in output LSBs
             # per channel (qfsep_jax.intpass.model.rounding_offsets); evaluation only.
-            if x.dtype == jnp.float64:  # the 31-bit multiplier: below float32's resolution
+            if x.dtype == jnp.float64:  # the stored multiplier: within float32's resolution
                 x = x * self.get_variable("requant_rounding", "multiplier_ratio")
             x = move_rounding_threshold(
                 x, qparams(lo, hi, self.quant.act_int_range)[0],
