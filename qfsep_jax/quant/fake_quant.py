@@ -127,8 +127,7 @@ def _fq_forward(x, x_min, x_max, qmin, qmax, axis, out_dtype):
     q = jnp.clip(round_half_away_from_zero(x / scale) + zp, qmin, qmax)
     out_dtype = out_dtype or x.dtype
     # float32, or float64 where asked for: there scale * code is exact (24 + 8 bits).
-    wide = jnp.promote_types(out_dtype, jnp.float32)
-    out = (scale.astype(wide) * (q.astype(wide) - zp.astype(wide))).astype(out_dtype)
+    out = dequantize(q, scale, zp, jnp.promote_types(out_dtype, jnp.float32)).astype(out_dtype)
     nudged_min = scale * (qmin - zp)
     nudged_max = scale * (qmax - zp)
     return out, (x, nudged_min, nudged_max)
