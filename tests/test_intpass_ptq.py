@@ -113,6 +113,30 @@ def test_float64_simulation_modelling_the_integer_arithmetic_is_exact_layer_by_l
     assert max(f64["layerwise_frac_differing"].values()) == 0.0, f64
 
 
+def test_float64_exactness_needs_the_exact_scales(setup, tf8, monkeypatch):
+    # Negative control for the test above: give the simulation XLA:CPU's reciprocal-multiply
+    # scales again (what fake_quant.divide_exactly fixed; the integer model keeps its exact ones)
+    # and some codes differ even in float64 (measured: 3 layers, 8e-5 of codes summed).
+    import sys
+
+    fake_quant_module = sys.modules["qfsep_jax.quant.fake_quant"]
+    qmodel, int_model = tf8
+    modelled = intpass.with_rounding_offsets(
+        *intpass.snap_biases(qmodel.model, qmodel.variables, int_model), int_model
+    )
+    monkeypatch.setattr(fake_quant_module, "divide_exactly",
+                        lambda n, d: jnp.asarray(n, jnp.float32) / jnp.float32(d))  # fmt: skip
+    compare._CACHE.clear()
+    jax.clear_caches()  # traces of the fake-quant primitive are cached by function identity
+    try:
+        lw = compare.layerwise_agreement(*modelled, int_model, setup[3], float64=True)
+    finally:
+        monkeypatch.undo()
+        compare._CACHE.clear()
+        jax.clear_caches()
+    assert sum(v["frac_differing"] for v in lw.values()) > 0, lw
+
+
 def test_simulation_models_the_integer_pools_ties(setup, tf8, data_dir):
     # At 128 px the pool averages 4x4 = 16 codes: 1 in 16 sums is an exact tie, which the
     # integer pool rounds away from code 0 and the float mean puts either side. (At 96 px the
