@@ -378,12 +378,8 @@ def format_qat(results: Mapping[str, Any], path: str) -> dict[str, str]:
     return {"qat": "\n".join([_provenance(path), text + _measured(results)])}
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f} %"
-
-
-def _pct3(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.3f} %"
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f} %"
 
 
 def format_intpass_agreement(summary: Mapping[str, Any], path: str) -> dict[str, str]:
@@ -409,7 +405,7 @@ def format_intpass_agreement(summary: Mapping[str, Any], path: str) -> dict[str,
             classes = 10 if r["label_space"] == "imagenette" else 1001
             body.append([
                 f"`{r['model']}`", r["recipe"], classes,
-                _pct3(r["max_layer_frac_differing"]),
+                _pct(r["max_layer_frac_differing"], 3),
                 f"{r['fine_logit_error_lsb_rms']:.2f}",
                 f"{r['top2_gap_below_1_lsb']} of {r['n']}", _pct(r["top1_agreement"]),
                 _pct(r["top1_agreement_tie_aware"]), f"**{_pct(r['top1_agreement_fine'])}**",
@@ -417,7 +413,7 @@ def format_intpass_agreement(summary: Mapping[str, Any], path: str) -> dict[str,
                 _pct(r.get("sim_float64_agreement_fine")),
                 _pct(r["int_vs_float64_agreement_fine"]),
                 _fmt(r.get("int_vs_float64_logit_error_lsb_rms")),
-                _pct3(r.get("max_layer_frac_differing_float64")),
+                _pct(r.get("max_layer_frac_differing_float64"), 3),
             ])  # fmt: skip
         lines += [f"Simulation: **{kind}**", "", markdown_table(header, body), ""]
     dates = sorted(r["run"]["date"] for r in rows if r.get("run"))

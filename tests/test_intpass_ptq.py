@@ -20,6 +20,7 @@ from qfsep_jax.data.input import eval_input
 from qfsep_jax.importers.tfslim import load_tfslim
 from qfsep_jax.intpass import compare
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+from qfsep_jax.quant.fold import folded
 from qfsep_jax.quant.scheme import QuantConfig
 
 SIZE = 96
@@ -251,7 +252,7 @@ def test_float64_simulation_is_free_of_summation_order(setup, tf8):
     # (see above); in float64 their logits must agree to far below an LSB, which fails if any
     # op of the float64 simulation silently ran in float32.
     qmodel, int_model = tf8
-    model, variables = compare._fake_model(qmodel.model, qmodel.variables)
+    model, variables = folded(qmodel.model, qmodel.variables)
     scale = intpass.output_qparams(int_model)[int_model.layer_names[-1]][0]
     variables64 = compare._float64_variables(variables)
     codes = intpass.quantize_input(int_model, setup[3])

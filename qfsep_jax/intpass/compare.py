@@ -54,19 +54,7 @@ from qfsep_jax.intpass import model as model_lib
 from qfsep_jax.models.depthwise import resolve_impl
 from qfsep_jax.models.layers import ActQuant, ConvLayer
 from qfsep_jax.quant.fake_quant import round_half_away_from_zero
-
-
-def _codes(values, scale: float, zero_point: int) -> np.ndarray:
-    return model_lib.round_codes(values, scale, zero_point)
-
-
-def _fake_model(model, variables):
-    if not model.bn_folded:
-        from qfsep_jax.quant.fold import fold_batch_norm
-
-        variables = fold_batch_norm(variables, model.bn_epsilon)
-        model = model.clone(bn_folded=True)
-    return model, variables
+from qfsep_jax.quant.fold import folded
 
 
 def layerwise_agreement(
@@ -85,7 +73,7 @@ def layerwise_agreement(
       ``{layer name: {"max_lsb": int, "frac_differing": float}}`` for every layer, the
       average pool included.
     """
-    model, variables = _fake_model(model, variables)
+    model, variables = folded(model, variables)
     q = model_lib.quantize_input(int_model, images)
     _, ints = model_lib.run(int_model, q, return_intermediates=True)
     if float64:
@@ -220,10 +208,9 @@ def _sim_pre_quant_float64(model, variables64, int_model: model_lib.IntModel, co
     from the same codes. float64 rounds 2**29 times more finely than float32, so this is the
     simulation with its float32 rounding errors removed.
     """
-    x = np.float64(int_model.input_scale) * (
-        np.asarray(codes, np.float64) - int_model.input_zero_point
-    )
     with jax.enable_x64(True):
+        x = model_lib.dequantize_codes(codes, int_model.input_scale, int_model.input_zero_point,
+                                       jnp.float64)  # fmt: skip
         _, pre, _ = _sim_logits(model, variables64, int_model, x, dtype=jnp.float64)
         if pre.dtype != jnp.float64:
             raise RuntimeError(f"the float64 simulation computed in {pre.dtype}")
@@ -237,7 +224,7 @@ def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images
     (integer fine logits vs the simulation's pre-quant logits), "n": N, "layers": {name:
     {"max_lsb", "frac_differing"}}}``.
     """
-    model, variables = _fake_model(model, variables)
+    model, variables = folded(model, variables)
     q = model_lib.quantize_input(int_model, images)
     int_fine, ints = model_lib.run(int_model, q, return_intermediates=True, fine_logits=True)
     fake_logits, fake_pre, state = _sim_logits(model, variables, int_model, images)
@@ -249,7 +236,7 @@ def end_to_end_agreement(model, variables, int_model: model_lib.IntModel, images
         node = state["intermediates"]
         for key in model_lib.layer_path(name):
             node = node[key]
-        theirs = _codes(node["out"][0], *params[name])
+        theirs = model_lib.round_codes(node["out"][0], *params[name])
         diff = np.abs(np.asarray(ints[name], np.int32) - theirs)
         layers[name] = {"max_lsb": int(diff.max()), "frac_differing": float(np.mean(diff > 0))}
     int_codes = np.asarray(ints[int_model.layer_names[-1]]).reshape(len(q), -1)
@@ -323,7 +310,7 @@ def agreement_report(
     frac: dict[str, float] = {}
     scale, zp = model_lib.output_qparams(int_model)[int_model.layer_names[-1]]
     fine_unit = 2**model_lib.FINE_LOGIT_BITS
-    fake_model, fake_vars = _fake_model(model, variables)
+    fake_model, fake_vars = folded(model, variables)
     reordered = None
     if reorder_check:
         other = _other_depthwise_impl(fake_model.depthwise_impl)
@@ -354,7 +341,7 @@ def agreement_report(
             _accumulate_layer_stats(diffs64, valid, max_lsb64, frac64)
         # End to end, 8-bit codes.
         fake_logits, fake_pre, _ = _sim_logits(fake_model, fake_vars, int_model, images)
-        fake_codes = _codes(fake_logits, scale, zp)
+        fake_codes = model_lib.round_codes(fake_logits, scale, zp)
         int_top, fake_top = np.argmax(int_codes, -1), np.argmax(fake_codes, -1)
         rows = np.arange(valid)
         agree += int(np.sum(int_top == fake_top))
@@ -497,7 +484,7 @@ def locate_disagreements(model, variables, int_model: model_lib.IntModel, images
       One ``{"culprit": layer name or None (no disagreement), "culprit_codes_differing": int,
       "hybrid_agrees": [0/1 per L]}`` per image.
     """
-    model, variables = _fake_model(model, variables)
+    model, variables = folded(model, variables)
     count = len(images)
     pad = -count % 4  # a few batch shapes only: one compilation each
     images = np.concatenate([np.asarray(images)] + [np.asarray(images[:1])] * pad)

@@ -49,7 +49,7 @@ from qfsep_jax.quant.fake_quant import (
     quantize,
     round_half_away_from_zero,
 )
-from qfsep_jax.quant.fold import fold_batch_norm
+from qfsep_jax.quant.fold import folded
 from qfsep_jax.quant.scheme import weight_range
 
 Array = jax.Array
@@ -508,9 +508,7 @@ def from_variables(
         )
     if "quant_ranges" not in variables:
         raise ValueError("variables have no 'quant_ranges': calibrate (PTQ) or train (QAT) first")
-    if not model.bn_folded:
-        variables = fold_batch_norm(variables, model.bn_epsilon)
-        model = model.clone(bn_folded=True)
+    model, variables = folded(model, variables)
     variables = jax.tree.map(np.asarray, variables)
     params, ranges = variables["params"], variables["quant_ranges"]
     act_range, w_range = quant.act_int_range, quant.weight_int_range
@@ -730,9 +728,7 @@ def snap_biases(model, variables: dict, int_model: IntModel) -> tuple[Any, dict]
     float32 rounding, which removes most 1-LSB differences between the two. Returns the (folded)
     model and its snapped variables; ``int_model`` must be ``from_variables(model, variables)``.
     """
-    if not model.bn_folded:
-        variables = fold_batch_norm(variables, model.bn_epsilon)
-        model = model.clone(bn_folded=True)
+    model, variables = folded(model, variables)
     params = jax.tree.map(np.asarray, variables["params"])
     for layer in int_model.layers:
         if layer.kind == "avgpool":
@@ -819,9 +815,7 @@ def with_rounding_offsets(model, variables: dict, int_model: IntModel) -> tuple[
     Returns the (folded) model and its variables; ``int_model`` must be ``from_variables(model,
     variables)``.
     """
-    if not model.bn_folded:
-        variables = fold_batch_norm(variables, model.bn_epsilon)
-        model = model.clone(bn_folded=True)
+    model, variables = folded(model, variables)
     tree: dict = {}
     ratios = multiplier_ratios(int_model)
     for name, (pos, neg) in rounding_offsets(int_model).items():

@@ -86,6 +86,14 @@ def fold_batch_norm(variables: Variables, eps: float) -> Variables:
     return _map_bn_layers(variables, fold)
 
 
+def folded(model: Any, variables: Variables) -> tuple[Any, Variables]:
+    """``(model, variables)`` with BN folded: ``model.clone(bn_folded=True)`` and
+    :func:`fold_batch_norm` of the variables; returned unchanged if already folded."""
+    if model.bn_folded:
+        return model, variables
+    return model.clone(bn_folded=True), fold_batch_norm(variables, model.bn_epsilon)
+
+
 def fix_zero_variance(
     variables: Variables, threshold: float, layer_filter: Callable[[dict], bool] | None = None
 ) -> tuple[Variables, dict[str, list[int]]]:
