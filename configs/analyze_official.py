@@ -6,7 +6,7 @@ Command:
 
 Writes ``alpha.json`` (α per channel of every BN after a depthwise conv, by TF-slim layer name),
 ``sqnr.json`` (pipeline → measure → layer → dB), range tables, PNG plots and ``results.json``
-(the summary ``launch/collect_results.py`` reads).
+(the summary ``tools/collect_results.py`` reads).
 
 SQNR images: the paper averages over 1000 ImageNet val images, one per class. The data here has
 no such set: ``imagenet_calib1000`` is one image per class but consists of (likely) training
@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sqnr_batch_size = 20
     c.observer = "minmax"  # minmax | ema | percentile
     c.zero_variance_threshold = 1e-10  # flags α channels and drives the zero-variance fix
-    c.integer_sqnr = "auto"  # auto (if qfsep_jax.intpass exists) | on | off
+    c.integer = True  # also measure the integer-only pass's SQNR
     c.plots = True
     c.depthwise_impl = "auto"
     return c

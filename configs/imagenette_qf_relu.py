@@ -14,7 +14,7 @@ Command:
 
 Expected time on the 2-core CPU machine: about 270-280 training images/s when it runs alone
 (about 20 min for the 30 epochs plus evaluation), 90-220 while other jobs share the machine.
-Expected accuracy (measured 2026-11-27 by launch/figure5.py, seed 0, all 3,925 val images):
+Expected accuracy (measured 2026-11-27 by the figure5 job, seed 0, all 3,925 val images):
 77.63 % float top-1; after TF8 per-tensor PTQ 77.73 % (fake-quant),
 77.45 % (integer-only). See README, Figure 5.
 """

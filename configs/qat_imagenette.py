@@ -8,7 +8,7 @@ shared straight-through primitive, BN folding simulated by correction-and-freeze
 frozen after 2 epochs), EMA activation ranges (decay 0.99: [choice] for the short run; TF's
 contrib.quantize uses 0.999), quantization from the first step (quant delay 0, as TF-slim does
 when fine-tuning). The run ends by exporting the BN-folded quantized model that the integer-only
-pass converts (``workdir/quantized_model``; ``qfsep_jax.train.load_quantized``).
+pass converts (``workdir/quantized_model``; ``qfsep_jax.quantized.load_quantized``).
 
 Command (after the float run):
 
@@ -16,7 +16,7 @@ Command (after the float run):
         --workdir /tmp/qat_imagenette_qf_relu
 
 Expected (measured 2026-11-28 on the 2-core CPU machine, variant ``original`` from the Figure 5
-checkpoint, ``--config.init_from=checkpoint:runs/figure5/original/seed0/train
+checkpoint, ``--config.init_from=checkpoint:results/figure5/original/seed0/train
 --config.eval_every_steps=0``): about 6 min (2.7 QAT steps/s, then the evaluations); top-1 on
 the 3,925 val images 70.55 % in the QAT model's fake-quant inference and 70.78 % in the
 integer-only pass, against 63.85 % for TF8 post-training quantization of the same float model

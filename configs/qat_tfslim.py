@@ -25,7 +25,7 @@ amplifies last-bit changes by this much. These are not ImageNet accuracies: the 
 only the 10 classes that imagenet_val500 holds, so the 1001-way classifier learns to prefer them
 (the float model gets 67.0 % on the same images). What the run is for: a QAT-trained model with the
 official architecture and 1001 classes for the integer pass (``python -m
-qfsep_jax.intpass.compare --quantized_model runs/qat_tfslim/quantized_model``, README). The
+qfsep_jax.integer.compare --quantized_model results/qat_tfslim/quantized_model``, README). The
 smoke run takes about a minute.
 """
 

@@ -47,7 +47,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.zero_variance_threshold = 1e-10
     c.cle_iterations = 20
     c.depthwise_impl = "auto"
-    c.integer_pass = True  # also run each quantized row through the integer-only pass (int_top1)
+    c.integer = True  # also run each quantized row through the integer-only pass (int_top1)
     if variant == "smoke":
         c.limit = 20
         c.num_calibration_images = 20

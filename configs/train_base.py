@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.qat.ema_decay = 0.999  # TF contrib.quantize's moving-average range decay
     c.qat.quant_delay_steps = 0  # fake-quantize from this step on (ranges are observed before)
     c.qat.bn_freeze_step = -1  # freeze BN statistics (correction-and-freeze) here; -1: never
-    c.qat.integer_eval = True  # at the end: score the exported model in the integer-only pass
+    c.qat.integer = True  # at the end: score the exported model in the integer-only pass
 
     # Logging and checkpoints.
     c.log_every_steps = 100

@@ -10,7 +10,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from qfsep_jax import runtime
+from qfsep_jax import malloc_tuning
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results and checkpoints go.")
@@ -34,7 +34,7 @@ def main(argv):
         raise app.UsageError(f"config.job={job!r} is not one of {sorted(JOBS)}")
     module, fn = JOBS[job].split(":")
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    runtime.tune_malloc()  # reuse XLA's per-step scratch memory instead of page-faulting it
+    malloc_tuning.tune_malloc()  # reuse XLA's per-step scratch memory instead of page-faulting it
     logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
     getattr(importlib.import_module(module), fn)(config, _WORKDIR.value)
 

@@ -1,4 +1,8 @@
-"""Orbax checkpoints of the training state, with the data-stream position alongside.
+"""Orbax checkpoints of the training state, and reading a training run back.
+
+:class:`Checkpointer` saves and restores the train state with the data-stream position
+alongside; :func:`load_run_config`, :func:`model_from_config` and :func:`load_trained` give back
+a finished run's config, model and variables.
 
 A checkpoint is a step directory of an Orbax ``CheckpointManager`` with two items: ``state``
 (the train state as a nested dict of numpy arrays: step, params, batch_stats, quant_ranges,
@@ -9,14 +13,21 @@ a save never leaves a half-written checkpoint that :meth:`Checkpointer.latest_st
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
 import flax.serialization
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from qfsep_jax.data import labels as labels_lib
+from qfsep_jax.data.input import resolve_path
+from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+from qfsep_jax.quant.scheme import QuantConfig
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -125,3 +136,92 @@ def load_variables(path: str) -> dict[str, Any]:
         for k in ("params", "batch_stats", "quant_ranges")
         if tree.get(k)
     }
+
+
+def load_run_config(workdir: str):
+    """The config a training run wrote to ``workdir/config.json``, as a ``ConfigDict``."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a training run: no config.json")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def quant_config(config) -> QuantConfig | None:
+    """The QAT quantization scheme of a config (None for float training)."""
+    if not config.qat.enabled:
+        return None
+    return QuantConfig(
+        scheme=config.qat.scheme,
+        per_channel_weights=config.qat.per_channel_weights,
+        observer="ema",
+        ema_decay=config.qat.ema_decay,
+    )
+
+
+def num_classes_of(config) -> int:
+    """``config.num_classes`` or the class count of ``config.label_space``."""
+    if config.get("num_classes"):
+        return int(config.num_classes)
+    if config.label_space == "folder":
+        raise ValueError("set config.num_classes: label_space 'folder' has no fixed class count")
+    return labels_lib.num_classes(config.label_space, config.data_dir)
+
+def model_from_config(
+    config: ml_collections.ConfigDict, num_classes: int, **overrides: Any
+) -> tuple[MobileNetV1, dict[str, Any] | None]:
+    """A training config's model and the variables its ``init_from`` names (``None``: random init).
+
+    ``init_from`` is ``""`` (random init), ``"checkpoint:<workdir or checkpoint dir>"`` (a float
+    run of ours with the same ``config.model``) or ``"tfslim:<.pb or TF1 checkpoint>"`` (relative
+    paths are under ``data_dir``; the imported architecture replaces ``config.model``'s).
+    ``overrides`` are model attributes set on top (e.g. ``axis_name``).
+    """
+    m = config.model
+    kw = dict(
+        dropout_rate=config.dropout_rate,
+        bn_momentum=m.bn_momentum,
+        depthwise_impl=m.depthwise_impl,
+        quant=quant_config(config),
+        **overrides,
+    )
+    init_from = config.get("init_from", "")
+    kind, _, path = init_from.partition(":")
+    if kind == "tfslim":
+        from qfsep_jax.importers.tfslim import load_tfslim
+
+        imported = load_tfslim(resolve_path(config.data_dir, path))
+        model = imported.model(**kw)
+        if model.num_classes != num_classes:
+            raise ValueError(
+                f"imported model has {model.num_classes} classes, the data's label space "
+                f"{config.label_space!r} has {num_classes}; use label_space='imagenet1001'"
+            )
+        return model, imported.variables
+    if init_from and kind != "checkpoint":
+        raise ValueError(
+            f"bad init_from {init_from!r}: use '', 'checkpoint:<path>' or 'tfslim:<path>'"
+        )
+    model = MobileNetV1(
+        num_classes=num_classes,
+        width_multiplier=m.width_multiplier,
+        block=m.block,
+        activation=m.activation,
+        depthwise_bias=m.depthwise_bias,
+        stem_stride=m.stem_stride,
+        bn_epsilon=m.bn_epsilon,
+        **kw,
+    )
+    return model, (load_variables(path) if kind == "checkpoint" else None)
+
+
+def load_trained(config, workdir: str) -> tuple[MobileNetV1, dict[str, Any]]:
+    """A training run's float model in inference mode and its newest checkpoint's variables.
+
+    Returns ``(model, {"params", "batch_stats"})``; the model is built from ``config`` (the
+    run's own, see :func:`load_run_config`) with dropout off and no pmap axis.
+    """
+    model, _ = model_from_config(config, num_classes_of(config))
+    model = model.clone(axis_name=None, dropout_rate=0.0)
+    loaded = load_variables(workdir)
+    return model, {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}

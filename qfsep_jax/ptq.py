@@ -7,7 +7,6 @@ pass is the 8-bit simulation (and whose variables the integer-only pass converts
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -18,42 +17,14 @@ import numpy as np
 from tqdm import tqdm
 
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+from qfsep_jax.models.names import layer_paths
 from qfsep_jax.quant import cle as cle_lib
 from qfsep_jax.quant import observers
-from qfsep_jax.quant.fake_quant import check_range
 from qfsep_jax.quant.fold import fix_zero_variance, fold_batch_norm
-from qfsep_jax.quant.scheme import QuantConfig
+from qfsep_jax.quant.numerics import check_all_ranges
+from qfsep_jax.quantized import PTQRecipe, QuantizedModel
 
 Variables = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class PTQRecipe:
-    """One post-training quantization pipeline.
-
-    Attributes:
-      scheme: ``tf8`` (uint8 asymmetric) or ``int8`` (symmetric int8 weights).
-      per_channel_weights: one weight range per output channel.
-      zero_variance_fix: the paper's fix (replace near-zero BN variances before folding).
-      cross_layer_equalization: Nagel et al.'s CLE on the folded weights (swaps ReLU6 → ReLU).
-      observer: activation range observer (``minmax``, ``ema``, ``percentile``).
-      dynamic_activation_ranges: per-input activation ranges instead of calibrated ones.
-    """
-
-    scheme: str = "tf8"
-    per_channel_weights: bool = False
-    zero_variance_fix: bool = False
-    cross_layer_equalization: bool = False
-    observer: str = "minmax"
-    dynamic_activation_ranges: bool = False
-
-    def quant_config(self) -> QuantConfig:
-        return QuantConfig(
-            scheme=self.scheme,
-            per_channel_weights=self.per_channel_weights,
-            observer=self.observer,
-            dynamic_activation_ranges=self.dynamic_activation_ranges,
-        )
 
 
 # The rows of the paper's Table 1 reproduction, plus extra pipelines for comparison.
@@ -68,16 +39,6 @@ RECIPES: dict[str, PTQRecipe] = {
     ),
     "int8_per_channel": PTQRecipe(scheme="int8", per_channel_weights=True),
 }
-
-
-@dataclasses.dataclass
-class QuantizedModel:
-    """A BN-folded model with its variables (incl. ``quant_ranges``) and what was done to it."""
-
-    model: MobileNetV1
-    variables: Variables
-    recipe: PTQRecipe
-    info: dict[str, Any]
 
 
 def recipe_by_name(name: str) -> PTQRecipe:
@@ -104,7 +65,9 @@ def prepare_folded(
     folded = fold_batch_norm(variables, model.bn_epsilon)
     activation = model.activation
     if recipe.cross_layer_equalization:
-        folded_params, scales = cle_lib.equalize(folded["params"], iterations=cle_iterations)
+        folded_params, scales = cle_lib.equalize(
+            folded["params"], layer_paths(folded["params"]), iterations=cle_iterations
+        )
         folded = {**folded, "params": folded_params}
         activation = "relu"
         info["cle_max_scale"] = float(max(np.max(s) for s in scales.values()))
@@ -162,15 +125,6 @@ def empty_ranges(model: MobileNetV1) -> dict:
         return {k: fill(v) if isinstance(v, dict) else fresh[k] for k, v in tree.items()}
 
     return fill(shapes["quant_ranges"])
-
-
-def check_all_ranges(ranges: dict, path: str = "") -> None:
-    """Validates every observer state of a ``quant_ranges`` tree (finite, ordered)."""
-    if "min" in ranges and "max" in ranges:
-        check_range(path or "quant_ranges", ranges["min"], ranges["max"])
-        return
-    for key, sub in ranges.items():
-        check_all_ranges(sub, f"{path}/{key}" if path else key)
 
 
 def quantize_post_training(

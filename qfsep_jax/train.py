@@ -15,8 +15,9 @@ export; and the loop :func:`train_and_evaluate` (``config.job = "train"`` in ``l
 * QAT (``config.qat.enabled``) runs the model in ``quant_mode="qat"``: folded weights and
   activations fake-quantized with the shared straight-through primitive, BN folding simulated by
   correction-and-freeze (``qat.bn_freeze_step``), EMA activation ranges in the ``quant_ranges``
-  collection, quantization from step ``qat.quant_delay_steps`` on. :func:`export_quantized`
-  turns the result into the BN-folded :class:`~qfsep_jax.ptq.QuantizedModel` that the
+  collection, quantization from step ``qat.quant_delay_steps`` on.
+  :func:`qfsep_jax.quantized.from_qat`
+  turns the result into the BN-folded :class:`~qfsep_jax.quantized.QuantizedModel` that the
   integer-only pass converts.
 * Runs are deterministic given ``config.seed``: the input is a pure function of (seed, step)
   (:mod:`qfsep_jax.data.train_input`), dropout keys are ``fold_in(seed key, step, device)``.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -47,15 +47,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from qfsep_jax import checkpointing, distributed, metrics_log
+from qfsep_jax import quantized as quantized_lib
 from qfsep_jax.data import input as data_input
-from qfsep_jax.data import labels as labels_lib
 from qfsep_jax.data import sources, train_input
 from qfsep_jax.evaluation import topk_correct
 from qfsep_jax.io_utils import run_info, write_atomic, write_json
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
-from qfsep_jax.ptq import PTQRecipe, QuantizedModel, check_all_ranges
-from qfsep_jax.quant.fold import fold_batch_norm
-from qfsep_jax.quant.scheme import QuantConfig
+from qfsep_jax.quantized import QuantizedModel
 
 AXIS = "batch"
 OPTIMIZERS = ("sgd", "momentum", "rmsprop")
@@ -273,73 +271,10 @@ def pmap_step(fn: Callable, devices: Sequence[jax.Device] | None = None) -> Call
 # Model and state creation.
 
 
-def quant_config(config) -> QuantConfig | None:
-    """The QAT quantization scheme of a config (None for float training)."""
-    if not config.qat.enabled:
-        return None
-    return QuantConfig(
-        scheme=config.qat.scheme,
-        per_channel_weights=config.qat.per_channel_weights,
-        observer="ema",
-        ema_decay=config.qat.ema_decay,
-    )
-
-
-def num_classes_of(config) -> int:
-    """``config.num_classes`` or the class count of ``config.label_space``."""
-    if config.get("num_classes"):
-        return int(config.num_classes)
-    if config.label_space == "folder":
-        raise ValueError("set config.num_classes: label_space 'folder' has no fixed class count")
-    return labels_lib.num_classes(config.label_space, config.data_dir)
-
-
 def create_model_and_variables(config, num_classes: int) -> tuple[MobileNetV1, Variables]:
-    """The model (``axis_name="batch"``) and its initial variables, per ``config.init_from``.
-
-    ``init_from`` is ``""`` (random init), ``"checkpoint:<workdir or checkpoint dir>"`` (a float
-    run of ours with the same ``config.model``) or ``"tfslim:<.pb or TF1 checkpoint>"`` (relative
-    paths are under ``data_dir``; the imported architecture replaces ``config.model``'s).
-    """
-    m = config.model
-    train_kw = dict(
-        dropout_rate=config.dropout_rate,
-        bn_momentum=m.bn_momentum,
-        depthwise_impl=m.depthwise_impl,
-        axis_name=AXIS,
-        quant=quant_config(config),
-    )
-    init_from = config.get("init_from", "")
-    kind, _, path = init_from.partition(":")
-    loaded: Variables | None = None
-    if kind == "tfslim":
-        from qfsep_jax.importers.tfslim import load_tfslim
-
-        imported = load_tfslim(data_input.resolve_path(config.data_dir, path))
-        model = imported.model(**train_kw)
-        if model.num_classes != num_classes:
-            raise ValueError(
-                f"imported model has {model.num_classes} classes, the data's label space "
-                f"{config.label_space!r} has {num_classes}; use label_space='imagenet1001'"
-            )
-        loaded = imported.variables
-    else:
-        model = MobileNetV1(
-            num_classes=num_classes,
-            width_multiplier=m.width_multiplier,
-            block=m.block,
-            activation=m.activation,
-            depthwise_bias=m.depthwise_bias,
-            stem_stride=m.stem_stride,
-            bn_epsilon=m.bn_epsilon,
-            **train_kw,
-        )
-        if kind == "checkpoint":
-            loaded = checkpointing.load_variables(path)
-        elif init_from:
-            raise ValueError(
-                f"bad init_from {init_from!r}: use '', 'checkpoint:<path>' or 'tfslim:<path>'"
-            )
+    """The model (``axis_name="batch"``) and its initial variables, per ``config.init_from``
+    (see :func:`qfsep_jax.checkpointing.model_from_config`)."""
+    model, loaded = checkpointing.model_from_config(config, num_classes, axis_name=AXIS)
     size = config.image_size
     rng = jax.random.key(config.seed)
     init = jax.jit(functools.partial(model.init, train=False))(
@@ -348,6 +283,7 @@ def create_model_and_variables(config, num_classes: int) -> tuple[MobileNetV1, V
     init = jax.tree.map(np.asarray, flax.core.unfreeze(init))
     if loaded is None:
         return model, init
+    init_from = config.init_from
     variables = {k: v for k, v in init.items()}
     for col in ("params", "batch_stats"):
         if col in init:
@@ -374,44 +310,6 @@ def create_train_state(
         rng=np.asarray(jax.random.key_data(jax.random.key(seed))),
     )
     return jax.tree.map(np.asarray, state)
-
-
-def export_quantized(model: MobileNetV1, variables: Variables) -> QuantizedModel:
-    """A QAT model as the BN-folded quantized model the integer-only pass converts.
-
-    BN is folded with the moving statistics (what the QAT model evaluates with); the EMA ranges
-    of ``quant_ranges`` become the activation ranges. The folded model's ``"fake"`` forward pass
-    equals the QAT model's inference pass (``quant_mode="qat"``, ``train=False``).
-    """
-    if model.quant is None:
-        raise ValueError("export_quantized needs a QAT model (built with quant=QuantConfig)")
-    ranges = variables.get("quant_ranges")
-    if not ranges:
-        raise ValueError("export_quantized: the variables hold no quant_ranges")
-    ranges = jax.tree.map(np.asarray, ranges)
-    check_all_ranges(ranges)
-    for path, count in jax.tree_util.tree_leaves_with_path(ranges):
-        if jax.tree_util.keystr(path).endswith("['count']") and count <= 0:
-            raise ValueError(f"quant range {jax.tree_util.keystr(path)} was never observed")
-    folded = fold_batch_norm(
-        {k: v for k, v in variables.items() if k in ("params", "batch_stats")}, model.bn_epsilon
-    )
-    folded = jax.tree.map(np.asarray, folded)
-    qmodel = model.clone(bn_folded=True, axis_name=None)
-    q = model.quant
-    recipe = PTQRecipe(scheme=q.scheme, per_channel_weights=q.per_channel_weights, observer="ema")
-    return QuantizedModel(qmodel, {**folded, "quant_ranges": ranges}, recipe, {"source": "qat"})
-
-
-def model_kwargs(model: MobileNetV1) -> dict[str, Any]:
-    """The dataclass fields of a model as JSON-able values (``quant`` as a dict)."""
-    out = {}
-    for f in dataclasses.fields(model):
-        if f.name in ("parent", "name"):
-            continue
-        v = getattr(model, f.name)
-        out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,14 +368,14 @@ def evaluate_integer(quantized: QuantizedModel, config) -> dict[str, float]:
     """Top-1/top-5 (%) of an exported QAT model in the integer-only pass on ``config.eval_data``.
 
     Runs on this process alone, over the first ``eval_limit`` images (all when unset); top-1 is
-    taken on the integer pass's fine logits (:func:`qfsep_jax.intpass.logits_fn`).
+    taken on the integer pass's fine logits (:func:`qfsep_jax.integer.logits_fn`).
     """
-    from qfsep_jax import evaluation, intpass
+    from qfsep_jax import evaluation, integer
 
     inp = data_input.eval_input(config, config.eval_data, limit=config.get("eval_limit"))
-    int_model = intpass.from_quantized(quantized)
+    int_model = integer.from_quantized(quantized)
     result = evaluation.evaluate(
-        intpass.logits_fn(int_model), inp.make(), inp.num_batches, desc="eval/integer"
+        integer.logits_fn(int_model), inp.make(), inp.num_batches, desc="eval/integer"
     )
     logging.info("integer-only pass: top1 %.2f top5 %.2f", result["top1"], result["top5"])
     return {"eval_int_top1": result["top1"], "eval_int_top5": result["top5"]}
@@ -537,7 +435,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             )
     os.makedirs(workdir, exist_ok=True)
 
-    num_classes = num_classes_of(config)
+    num_classes = checkpointing.num_classes_of(config)
     train_source = sources.make_source(
         config.train_data, config.data_dir, label_space=config.label_space,
         tfds_data_dir=config.get("tfds_data_dir") or None,
@@ -673,85 +571,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     summary["final_step"] = int(state.step)
     summary["run"] = run_info()
     if config.qat.enabled and int(state.step) == total_steps:
-        quantized = export_quantized(model, jax.device_get(model_variables(state)))
+        quantized = quantized_lib.from_qat(model, jax.device_get(model_variables(state)))
         if is_main:
-            save_quantized(quantized, os.path.join(workdir, "quantized_model"))
+            quantized_lib.save_quantized(quantized, os.path.join(workdir, "quantized_model"))
         summary["quantized_model"] = os.path.join(workdir, "quantized_model")
-        if is_main and config.qat.get("integer_eval", True):
+        if is_main and config.qat.integer:
             summary.update(evaluate_integer(quantized, config))
     if is_main:
         write_json(os.path.join(workdir, "results.json"), summary)
     return summary
-
-
-def load_run_config(workdir: str):
-    """The config a training run wrote to ``workdir/config.json``, as a ``ConfigDict``."""
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir} is not a training run: no config.json")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def load_trained(config, workdir: str) -> tuple[MobileNetV1, Variables]:
-    """A training run's float model in inference mode and its newest checkpoint's variables.
-
-    Returns ``(model, {"params", "batch_stats"})``; the model is built from ``config`` (the
-    run's own, see :func:`load_run_config`) with dropout off and no pmap axis.
-    """
-    model, _ = create_model_and_variables(config, num_classes_of(config))
-    model = model.clone(axis_name=None, dropout_rate=0.0)
-    loaded = checkpointing.load_variables(workdir)
-    return model, {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}
-
-
-def save_quantized(quantized: QuantizedModel, directory: str) -> None:
-    """Writes an exported model: ``variables`` (Orbax) and ``model.json`` (its attributes).
-
-    Written completely into a sibling directory (``<directory>.tmp-<pid>``) first and then
-    renamed into place, the previous export moved aside (``<directory>.old-<pid>``) and deleted
-    last. A crash never leaves a mix of two exports or half a model at ``directory``; between
-    the two renames (a moment) both complete copies sit under those sibling names.
-    """
-    import shutil
-
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(directory)
-    staging, retired = f"{directory}.tmp-{os.getpid()}", f"{directory}.old-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(staging, "variables"), quantized.variables)
-    write_json(
-        os.path.join(staging, "model.json"),
-        {"model": model_kwargs(quantized.model), "recipe": dataclasses.asdict(quantized.recipe)},
-    )
-    if os.path.exists(directory):
-        os.rename(directory, retired)
-    os.rename(staging, directory)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def load_quantized(directory: str) -> QuantizedModel:
-    """Reads a model written by :func:`save_quantized`."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(directory, "model.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no exported quantized model in {directory}")
-    with open(path) as f:
-        desc = json.load(f)
-    kw = dict(desc["model"])
-    kw["quant"] = QuantConfig(**kw["quant"])
-    with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(os.path.join(os.path.abspath(directory), "variables"))
-    variables = jax.tree.map(np.asarray, variables)
-    return QuantizedModel(
-        MobileNetV1(**kw), variables, PTQRecipe(**desc["recipe"]), {"source": "qat"}
-    )
 
 
 def _hide_accelerators_from_tf() -> None:

@@ -15,9 +15,13 @@ from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import plots
 from qfsep_jax.analysis import ranges as ranges_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
-from qfsep_jax.models.mobilenet_v1 import MobileNetV1, layer_paths, tfslim_name
-from qfsep_jax.quant.fake_quant import UINT8, fake_quant, qparams
+from qfsep_jax.models import names
+from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+from qfsep_jax.models.names import layer_paths, tfslim_name
+from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.fold import fold_batch_norm
+from qfsep_jax.quant.numerics import UINT8, qparams
+from qfsep_jax.quantized import QuantizedModel
 
 SIZE = 32
 
@@ -67,7 +71,7 @@ def quantized(tiny):
     per_tensor = _quantize(model, variables, images, ptq.RECIPES["tf8_per_tensor"])
     # Calibration is a float pass, so per-channel weights share the per-tensor activation ranges.
     recipe = ptq.RECIPES["per_channel"]
-    per_channel = ptq.QuantizedModel(
+    per_channel = QuantizedModel(
         per_tensor.model.clone(quant=recipe.quant_config()), per_tensor.variables, recipe, {}
     )
     return {"tf8_per_tensor": per_tensor, "per_channel": per_channel}
@@ -279,8 +283,8 @@ def test_plots_write_pngs(tmp_path):
     for name in ("s", "a", "l", "b"):
         assert _is_png(tmp_path / f"{name}.png")
     assert [os.path.basename(p) for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    assert plots.short_layer_name("Conv2d_12_pointwise") == "pw12"
-    assert plots.short_layer_name("Conv2d_0") == "conv0"
+    assert names.short_layer_name("Conv2d_12_pointwise") == "pw12"
+    assert names.short_layer_name("Conv2d_0") == "conv0"
     with pytest.raises(ValueError, match="at least one curve"):
         plots.plot_sqnr({}, str(tmp_path / "x.png"))
 
@@ -303,7 +307,7 @@ def test_analyze_job_on_official_model(tmp_path, data_dir):
     # One pipeline and no integer pass, for test time: the integer SQNR is tested on the tiny
     # model, the fix's gain on the official model is in the full job's output (README).
     config.pipelines = ("tf8_zero_variance_fix",)
-    config.integer_sqnr = "off"
+    config.integer = False
     results = analyze.run(config, str(tmp_path))
     assert not results["integer_sqnr"] and "disabled by config" in results["integer_note"]
 

@@ -1,18 +1,9 @@
-"""launch/bench_train.py: combining the results of several processes (the benchmark is a script)."""
+"""tools/bench_train.py: combining the results of several processes (the benchmark is a script)."""
 
-import importlib.util
-import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))
-_spec = importlib.util.spec_from_file_location(
-    "bench_train", os.path.join(REPO, "launch", "bench_train.py")
-)
-bench_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_train)
+from tools import bench_train
 
 
 def _row(jax_rate, torch_rate, paired, mode="float"):

@@ -14,7 +14,8 @@ from qfsep_jax.models import depthwise, layers, native
 from qfsep_jax.models.depthwise import depthwise_conv2d, direct_conv2d, resolve_impl
 from qfsep_jax.models.layers import ConvLayer, activation_fn, batch_norm_train, conv2d
 from qfsep_jax.quant import QuantConfig
-from qfsep_jax.quant.fake_quant import UINT8, fake_quant
+from qfsep_jax.quant.fake_quant import fake_quant
+from qfsep_jax.quant.numerics import UINT8
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 

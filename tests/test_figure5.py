@@ -1,25 +1,14 @@
-"""launch/figure5.py at tiny scale: train 1 step, PTQ, scores, SQNR, resume, summary, errors."""
+"""The figure5 job at tiny scale: train 1 step, PTQ, scores, SQNR, resume, summary, errors."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
-from conftest import REPO
 
 from configs import figure5 as figure5_config
-
-_spec = importlib.util.spec_from_file_location(
-    "figure5", os.path.join(REPO, "launch", "figure5.py")
-)
-figure5 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(figure5)
-_spec = importlib.util.spec_from_file_location(
-    "collect_results", os.path.join(REPO, "launch", "collect_results.py")
-)
-collect_results = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(collect_results)
+from qfsep_jax.jobs import figure5
+from tools import collect_results
 
 
 def tiny_config(data_dir, **fields):
@@ -56,7 +45,7 @@ def test_tiny_pipeline_writes_every_result(tiny_run):
     assert used["depthwise_weight_decay"] > 0 and used["image_size"] == 32 and used["seed"] == 0
 
     scores = _read(os.path.join(run, "results.json"))
-    kinds = ["float", "fake_quant"] + (["integer"] if figure5.use_integer("auto") else [])
+    kinds = ["float", "fake_quant", "integer"]
     for kind in kinds:
         assert scores[kind]["n"] == 8 and 0.0 <= scores[kind]["top1"] <= 100.0
     assert (
@@ -141,13 +130,12 @@ def test_bad_configs_fail_clearly(tmp_path, data_dir):
     config.train_overrides.model.widht = 1.0
     with pytest.raises(KeyError, match="no field 'model.widht'"):
         figure5.run(config, str(tmp_path))
-    config = tiny_config(data_dir)
-    config.variant_configs.original = "configs/nope.py"
-    with pytest.raises(FileNotFoundError, match="nope.py"):
+    config = tiny_config(data_dir, variants=("original", "nope"))
+    with pytest.raises(KeyError, match="no training config for variant 'nope'"):
         figure5.run(config, str(tmp_path))
     with pytest.raises(RuntimeError, match="needs a finished training run"):
         figure5.run(tiny_config(data_dir, steps=("evaluate",)), str(tmp_path))
-    with pytest.raises(ValueError, match="integer must be one of"):
+    with pytest.raises(ValueError, match="integer must be True or False"):
         figure5.run(tiny_config(data_dir, integer="maybe"), str(tmp_path))
     assert not figure5.train_done(str(tmp_path / "nothing"))
     halted = tmp_path / "halted"

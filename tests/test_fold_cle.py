@@ -86,7 +86,7 @@ def test_cle_preserves_the_relu_function_and_equalizes_ranges():
     k = np.asarray(folded["params"]["Conv2d_1"]["depthwise"]["kernel"]).copy()
     k[..., 0] *= 40.0
     folded["params"]["Conv2d_1"]["depthwise"]["kernel"] = k
-    eq_params, scales = equalize(folded["params"], iterations=50)
+    eq_params, scales = equalize(folded["params"], layer_paths(folded["params"]), iterations=50)
     fmodel = model.clone(bn_folded=True, activation="relu")
     x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
     apply = jax.jit(fmodel.apply)
@@ -104,7 +104,7 @@ def test_cle_preserves_the_relu_function_and_equalizes_ranges():
     after = spread(eq_params["Conv2d_1"]["depthwise"]["kernel"])
     assert after < before / 5
     with pytest.raises(ValueError, match="fold"):
-        equalize(v["params"])
+        equalize(v["params"], layer_paths(v["params"]))
 
 
 def test_observers():

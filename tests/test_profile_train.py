@@ -1,18 +1,9 @@
-"""launch/profile_train.py: the split of wall time among overlapping trace events."""
+"""tools/profile_train.py: the split of wall time among overlapping trace events."""
 
-import importlib.util
-import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))  # profile_train imports bench_train
-_spec = importlib.util.spec_from_file_location(
-    "profile_train", os.path.join(REPO, "launch", "profile_train.py")
-)
-profile_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(profile_train)
+from tools import profile_train
 
 
 def _event(name, ts, dur):

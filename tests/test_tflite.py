@@ -5,10 +5,10 @@ import os
 
 import pytest
 from conftest import TFLITE_MODEL, require
+from fixtures.synthetic_tflite import build_int8_tflite, build_mobilenet_tflite, split_tflite
 
 from configs import tflite_check
-from qfsep_jax import intpass
-from qfsep_jax.intpass.synthetic import build_int8_tflite, build_mobilenet_tflite, split_tflite
+from qfsep_jax import integer
 from qfsep_jax.jobs import tflite_check as job
 
 
@@ -66,7 +66,7 @@ def test_synthetic_family_members_bit_exact(data_dir, tmp_path, width, size, blo
     path = build_mobilenet_tflite(
         str(tmp_path / "m.tflite"), width=width, image_size=size, block=block, num_classes=1001
     )
-    model = intpass.from_tflite(path)
+    model = integer.from_tflite(path)
     assert model.layer("Conv2d_13_pointwise").out_channels == int(1024 * width)
     config = _config(data_dir, model=path, limit=8, eval_batch_size=8, rounding="litert_x86")
     job.run(config, str(tmp_path))
@@ -77,7 +77,7 @@ def test_synthetic_family_members_bit_exact(data_dir, tmp_path, width, size, blo
 def test_int8_scheme_model_bit_exact(data_dir, tmp_path):
     # TFLite's current scheme: per-channel int8 weights, int8 activations (input: pixel - 128).
     path = build_int8_tflite(str(tmp_path / "int8.tflite"), image_size=32)
-    model = intpass.from_tflite(path)
+    model = integer.from_tflite(path)
     assert model.dtype == "int8" and len(set(model.layer("Conv2d_0").multiplier.tolist())) > 1
     # LiteRT's optimized int8 depthwise kernel rounds ties up, unlike its uint8 one.
     config = _config(data_dir, model=path, limit=8, eval_batch_size=8, rounding="litert_x86_int8")
@@ -98,6 +98,6 @@ def test_backbone_and_head_pair_bit_exact(data_dir, tmp_path):
 def test_malformed_model_is_a_clear_error(data_dir, tmp_path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"\x00" * 64)
-    with pytest.raises(intpass.TFLiteImportError, match="not a TensorFlow Lite flatbuffer"):
+    with pytest.raises(integer.TFLiteImportError, match="not a TensorFlow Lite flatbuffer"):
         job.run(_config(data_dir, model=str(bad)), str(tmp_path))
     assert not os.path.exists(tmp_path / "results.json")

@@ -18,6 +18,7 @@ from conftest import FLOAT_GRAPH, require
 
 from configs import smoke
 from qfsep_jax import checkpointing, train
+from qfsep_jax import quantized as quantized_lib
 from qfsep_jax.data import train_input
 from qfsep_jax.metrics_log import read_metrics
 
@@ -183,29 +184,30 @@ def _batch_moments(state, momentum=0.9997):
     return out
 
 
-def test_compare_command_quantizes_a_trained_run(float_runs, data_dir, tmp_path):
-    from qfsep_jax.intpass import compare
+def test_agreement_job_quantizes_a_trained_run(float_runs, data_dir, tmp_path):
+    from configs import agreement as agreement_config
+    from qfsep_jax.jobs import agreement as agreement_job
 
     run = str(float_runs[1])
-    config = train.load_run_config(run)
-    _, variables = train.load_trained(config, run)
+    config = checkpointing.load_run_config(run)
+    _, variables = checkpointing.load_trained(config, run)
     saved = checkpointing.load_variables(run)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves({k: saved[k] for k in variables}),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
-    out = tmp_path / "report.json"
-    compare.main(["--trained_run", run, "--recipe", "tf8_per_tensor", "--data_dir", data_dir,
-                  "--calibration_data", "folder:imagenette/train", "--calibration_images", "8",
-                  "--eval_data", "folder:imagenette/val", "--limit", "8", "--batch_size", "8",
-                  "--out", str(out)])  # fmt: skip
-    report = json.loads(out.read_text())
+    job = agreement_config.get_config("smoke")
+    job.source, job.recipe, job.data_dir = f"trained:{run}", "tf8_per_tensor", data_dir
+    job.calibration_data, job.eval_data = "folder:imagenette/train", "folder:imagenette/val"
+    job.image_size = job.label_space = None  # from the run's own config
+    agreement_job.run(job, str(tmp_path / "report"))
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["n"] == 8 and report["calibration_images"] == 8, report
     assert report["calibration_data"] == "folder:imagenette/train"
     # Image size and label space come from the run's own config.
     assert (report["image_size"], report["label_space"]) == (config.image_size, "imagenette")
     assert max(report["layerwise_max_lsb"].values()) <= 1, report["layerwise_max_lsb"]
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        train.load_run_config(str(tmp_path))
+        checkpointing.load_run_config(str(tmp_path))
 
 
 def test_metrics_file_has_one_record_per_logged_step(float_runs):
@@ -311,19 +313,19 @@ def test_qat_steps_change_the_weights(qat_runs):
 
 
 def test_qat_model_runs_integer_only_with_the_fake_quant_top1(qat_runs, data_dir):
-    import qfsep_jax.intpass as intpass
+    from qfsep_jax import integer
     from qfsep_jax.data import input as data_input
     from qfsep_jax.evaluation import topk_correct
     from qfsep_jax.ptq import fake_quant_logits_fn
 
-    quantized = train.load_quantized(str(qat_runs["full"] / "quantized_model"))
+    quantized = quantized_lib.load_quantized(str(qat_runs["full"] / "quantized_model"))
     assert quantized.model.bn_folded and quantized.model.quant is not None
     config = smoke_config(data_dir, **QAT)
     model, _ = train.create_model_and_variables(config, 10)
     qat_apply = jax.jit(lambda v, x: model.clone(axis_name=None).apply(v, x, quant_mode="qat"))
     qat_vars = checkpointing.load_variables(str(qat_runs["full"]))
     fake_fn = fake_quant_logits_fn(quantized)
-    int_fn = intpass.logits_fn(intpass.from_quantized(quantized))
+    int_fn = integer.logits_fn(integer.from_quantized(quantized))
     inp = data_input.eval_input(config, "folder:imagenette/val", limit=64, batch_size=32)
     same_as_qat, same_top1, hits = [], [], {"fake": 0.0, "int": 0.0}
     for batch in inp.make():
@@ -348,15 +350,15 @@ def test_qat_model_runs_integer_only_with_the_fake_quant_top1(qat_runs, data_dir
 
 
 def test_quantized_export_is_replaced_whole_or_not_at_all(qat_runs, tmp_path, monkeypatch):
-    quantized = train.load_quantized(str(qat_runs["full"] / "quantized_model"))
+    quantized = quantized_lib.load_quantized(str(qat_runs["full"] / "quantized_model"))
     target = tmp_path / "export"
-    train.save_quantized(quantized, str(target))
+    quantized_lib.save_quantized(quantized, str(target))
     doubled = dataclasses.replace(
         quantized, variables=jax.tree.map(lambda a: a * 2, quantized.variables)
     )
-    train.save_quantized(doubled, str(target))
+    quantized_lib.save_quantized(doubled, str(target))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    again = train.load_quantized(str(target))
+    again = quantized_lib.load_quantized(str(target))
     for a, b in zip(
         jax.tree.leaves(again.variables), jax.tree.leaves(doubled.variables), strict=True
     ):
@@ -367,8 +369,8 @@ def test_quantized_export_is_replaced_whole_or_not_at_all(qat_runs, tmp_path, mo
 
     monkeypatch.setattr(train, "write_json", crash)
     with pytest.raises(OSError, match="disk full"):
-        train.save_quantized(quantized, str(target))
-    kept = train.load_quantized(str(target))  # the previous export, intact
+        quantized_lib.save_quantized(quantized, str(target))
+    kept = quantized_lib.load_quantized(str(target))  # the previous export, intact
     for a, b in zip(
         jax.tree.leaves(kept.variables), jax.tree.leaves(doubled.variables), strict=True
     ):

@@ -13,26 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from qfsep_jax.models.mobilenet_v1 import layer_paths, tfslim_name
+from qfsep_jax import paper
+from qfsep_jax.models.names import layer_paths, tfslim_name
 from qfsep_jax.quant.fold import bn_alpha
+from qfsep_jax.tree_utils import subtree
 
-# The paper's Figure 3 (docs/paper.md §4): α of the 32 channels of Conv2d_1_depthwise of the
-# TF-slim float MobileNetV1 1.0/224, as printed (6 significant digits).
 _F32_SLACK = 4 * float(np.finfo(np.float32).eps)  # α is computed in float32
-PAPER_FIG3_LAYER = "Conv2d_1_depthwise"
-PAPER_FIG3_ALPHA = (
-    21.5191, 0.223199, 1.08687, 14.1944, 0.863097, 0.183423, 0.101928, 0.194357, 24.2374,
-    0.0637057, 0.113416, 1.48599, 0.299164, 0.6962, 0.932557, 3.70812, 14.8428, 0.0413136,
-    0.184471, 0.228431, 17.1846, 30.6505, 0.114515, 1.3315, 0.214905, 0.627026, 0.0899751,
-    0.199664, 0.0595126, 0.461869, 0.339099, 0.229413,
-)  # fmt: skip
-
-
-def get_path(tree: Mapping[str, Any], path: Sequence[str]) -> Mapping[str, Any]:
-    """The subtree of a nested dict at ``path``."""
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def bn_alphas(
@@ -60,10 +46,10 @@ def bn_alphas(
     stats = variables.get("batch_stats", {})
     out = {}
     for path in layer_paths(variables["params"]):
-        params = get_path(variables["params"], path)
+        params = subtree(variables["params"], path)
         if "bn_scale" not in params or (depthwise_only and path[-1] != "depthwise"):
             continue
-        var = np.asarray(get_path(stats, path)["bn_var"], np.float64)
+        var = np.asarray(subtree(stats, path)["bn_var"], np.float64)
         gamma = np.asarray(params["bn_scale"], np.float32)
         alpha = np.asarray(bn_alpha(gamma, np.asarray(var, np.float32), eps), np.float64)
         out[tfslim_name(path)] = {
@@ -93,8 +79,8 @@ def alpha_summary(alphas: Mapping[str, Mapping[str, Sequence]]) -> dict[str, dic
 
 def compare_to_paper(
     alphas: Mapping[str, Mapping[str, Sequence]],
-    layer: str = PAPER_FIG3_LAYER,
-    paper: Sequence[float] = PAPER_FIG3_ALPHA,
+    layer: str = paper.FIG3_LAYER,
+    paper: Sequence[float] = paper.FIG3_ALPHA,
 ) -> dict[str, Any]:
     """Compares the α of ``layer`` with the paper's printed Figure 3 values.
 

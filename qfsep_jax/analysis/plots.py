@@ -23,17 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qfsep_jax.io_utils import save_figure  # noqa: E402
-
-
-def short_layer_name(name: str) -> str:
-    """The paper's axis labels: ``Conv2d_0`` → ``conv0``, ``Conv2d_3_depthwise`` → ``dw3``."""
-    if name == "Logits":
-        return "logits"
-    parts = name.split("_")
-    if len(parts) == 2:
-        return f"conv{parts[1]}"
-    kind = {"depthwise": "dw", "pointwise": "pw"}.get(parts[2], parts[2])
-    return f"{kind}{parts[1]}"
+from qfsep_jax.models.names import short_layer_name  # noqa: E402
 
 
 def plot_alpha_channels(
@@ -157,7 +147,7 @@ def plot_accuracy(
 def plot_top2_margins(per_image: Mapping[str, Sequence], path: str, title: str = "") -> None:
     """Per image, the simulation's top-2 gap against the integer pass's error on that gap.
 
-    ``per_image`` is :func:`qfsep_jax.intpass.compare.agreement_report`'s ``per_image``: x is
+    ``per_image`` is :func:`qfsep_jax.analysis.agreement.agreement_report`'s ``per_image``: x is
     ``sim_top2_gap_lsb`` (log scale), y is ``|top2_pair_error_lsb|``; images whose fine top-1
     differs are drawn in red. Below the diagonal the error is smaller than the gap, so the top-1
     can only flip above it (or through a third class).

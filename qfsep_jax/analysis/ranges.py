@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from qfsep_jax.analysis.alpha import get_path
-from qfsep_jax.models.mobilenet_v1 import layer_paths, tfslim_name
-from qfsep_jax.quant.fake_quant import UINT8, IntRange, qparams
+from qfsep_jax.models.names import layer_paths, tfslim_name
+from qfsep_jax.quant.numerics import UINT8, IntRange, qparams
 from qfsep_jax.quant.scheme import QuantConfig, weight_range
+from qfsep_jax.tree_utils import find_nodes, subtree
 
 
 def weight_range_table(
@@ -31,7 +31,7 @@ def weight_range_table(
     quant = quant or QuantConfig()
     table = {}
     for path in layer_paths(params):
-        w = np.asarray(get_path(params, path)["kernel"], np.float32)
+        w = np.asarray(subtree(params, path)["kernel"], np.float32)
         per_channel = np.max(np.abs(w.reshape(-1, w.shape[-1])), axis=0)
         lo, hi = weight_range(w, quant)
         scale, _ = qparams(lo, hi, quant.weight_int_range)
@@ -57,18 +57,10 @@ def activation_range_table(
     The input quantizer is listed as ``input``; layer outputs by their TF-slim name, in network
     order. Ranges that were never calibrated (dynamic-range models) are skipped.
     """
-    rows: list[tuple[tuple[str, ...], Mapping[str, Any]]] = []
-
-    def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
-        for key, sub in node.items():
-            if not isinstance(sub, Mapping):
-                continue
-            if "min" in sub and "max" in sub:
-                rows.append((path if key == "act_quant" else path + (key,), sub))
-            else:
-                walk(sub, path + (key,))
-
-    walk(quant_ranges, ())
+    rows = [
+        (path[:-1] if path[-1] == "act_quant" else path, state)
+        for path, state in find_nodes(quant_ranges, lambda node: "min" in node and "max" in node)
+    ]
     order = {p: i for i, p in enumerate(layer_paths(_as_layer_tree(rows)))}
     table = {}
     for path, state in sorted(rows, key=lambda r: order.get(r[0], -1)):

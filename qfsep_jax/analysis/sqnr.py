@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from qfsep_jax.models.mobilenet_v1 import layer_paths, tfslim_name
-from qfsep_jax.quant.fake_quant import UINT8, IntRange, qparams
+from qfsep_jax.models.names import layer_paths, tfslim_name
+from qfsep_jax.quant.numerics import UINT8, IntRange, qparams
+from qfsep_jax.tree_utils import find_nodes
 
 SQNR_DEFINITION = (
     "sqnr_db: mean over images of per-image 10*log10(mean(x^2)/mean((x_q-x)^2)) per layer output, "
@@ -47,28 +48,6 @@ SQNR_DEFINITION = (
 
 Intermediates = dict[str, jax.Array]
 
-# The paper's Figure 4 (docs/paper.md §3), values read off the plot (±1 dB at best), dB.
-PAPER_FIG4_SQNR: dict[str, dict[str, float]] = {
-    "original": {
-        "Conv2d_0": 30, "Conv2d_1_depthwise": 12, "Conv2d_1_pointwise": 8,
-        "Conv2d_2_depthwise": 7, "Conv2d_2_pointwise": 7, "Conv2d_6_depthwise": 6,
-        "Conv2d_6_pointwise": 4, "Conv2d_12_depthwise": 7, "Conv2d_12_pointwise": 3,
-        "Conv2d_13_depthwise": 3,
-    },
-    "qf_relu6": {
-        "Conv2d_0": 28, "Conv2d_1_depthwise": 20, "Conv2d_1_pointwise": 12,
-        "Conv2d_2_depthwise": 12, "Conv2d_2_pointwise": 11, "Conv2d_6_depthwise": 9,
-        "Conv2d_6_pointwise": 8, "Conv2d_12_depthwise": 7, "Conv2d_12_pointwise": 4,
-        "Conv2d_13_depthwise": 5,
-    },
-    "qf_relu": {
-        "Conv2d_0": 30, "Conv2d_1_depthwise": 22, "Conv2d_1_pointwise": 20,
-        "Conv2d_2_depthwise": 20, "Conv2d_2_pointwise": 17, "Conv2d_6_depthwise": 13,
-        "Conv2d_6_pointwise": 13, "Conv2d_12_depthwise": 11, "Conv2d_12_pointwise": 8,
-        "Conv2d_13_depthwise": 10,
-    },
-}  # fmt: skip
-
 
 def uniform_noise_constant(int_range: IntRange = UINT8) -> float:
     """``10·log10(12·(2^b − 1)²)``: the 58.92 dB of the paper's 8-bit formula."""
@@ -78,20 +57,13 @@ def uniform_noise_constant(int_range: IntRange = UINT8) -> float:
 def flatten_intermediates(tree: Mapping[str, Any]) -> Intermediates:
     """The sown ``intermediates/.../out`` values of a model, keyed by TF-slim layer name."""
     found: Intermediates = {}
-
-    def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
-        for key, sub in node.items():
-            if key == "out" and isinstance(sub, tuple):
-                if len(sub) != 1:
-                    raise ValueError(
-                        f"layer {tfslim_name(path)} sowed {len(sub)} outputs; apply the model "
-                        "once per collection (one call per forward pass)"
-                    )
-                found[tfslim_name(path)] = sub[0]
-            elif isinstance(sub, Mapping):
-                walk(sub, path + (key,))
-
-    walk(tree, ())
+    for path, node in find_nodes(tree, lambda n: isinstance(n.get("out"), tuple)):
+        if len(node["out"]) != 1:
+            raise ValueError(
+                f"layer {tfslim_name(path)} sowed {len(node['out'])} outputs; apply the model "
+                "once per collection (one call per forward pass)"
+            )
+        found[tfslim_name(path)] = node["out"][0]
     return found
 
 
@@ -150,19 +122,11 @@ def activation_steps(
     Layers without a finite calibrated range (dynamic-range models) are left out.
     """
     steps: dict[str, float] = {}
-
-    def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
-        if "act_quant" in node and isinstance(node["act_quant"], Mapping):
-            state = node["act_quant"]
-            lo, hi = np.asarray(state["min"]), np.asarray(state["max"])
-            if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)):
-                scale, _ = qparams(lo, hi, int_range)
-                steps[tfslim_name(path)] = float(scale)
-        for key, sub in node.items():
-            if key != "act_quant" and isinstance(sub, Mapping) and "min" not in sub:
-                walk(sub, path + (key,))
-
-    walk(quant_ranges, ())
+    for path, node in find_nodes(quant_ranges, lambda n: isinstance(n.get("act_quant"), Mapping)):
+        lo, hi = np.asarray(node["act_quant"]["min"]), np.asarray(node["act_quant"]["max"])
+        if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)):
+            scale, _ = qparams(lo, hi, int_range)
+            steps[tfslim_name(path)] = float(scale)
     return steps
 
 
@@ -248,7 +212,7 @@ def measure_sqnr(
     integer_fn: IntegerFn | None = None,
     desc: str = "sqnr",
 ) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Per-layer SQNR of a :class:`~qfsep_jax.ptq.QuantizedModel` over masked image batches.
+    """Per-layer SQNR of a :class:`~qfsep_jax.quantized.QuantizedModel` over masked image batches.
 
     Args:
       qmodel: the PTQ result (folded model, variables with ``quant_ranges``).
@@ -305,17 +269,17 @@ def sqnr_curve(summary: Mapping[str, Mapping[str, Any]], key: str = "sqnr_db") -
 def integer_pass_fn(qmodel) -> IntegerFn:
     """Float images → ``{tfslim layer: dequantized output}`` of the integer-only pass.
 
-    Uses :mod:`qfsep_jax.intpass` (imported here: it is optional for the fake-quant analysis).
+    Uses :mod:`qfsep_jax.integer` (imported here: it is optional for the fake-quant analysis).
     """
-    from qfsep_jax import intpass
+    from qfsep_jax import integer
 
-    int_model = intpass.from_quantized(qmodel)
-    quantize_input = jax.jit(lambda images: intpass.quantize_input(int_model, images))
+    int_model = integer.from_quantized(qmodel)
+    quantize_input = jax.jit(lambda images: integer.quantize_input(int_model, images))
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
-        _, codes = intpass.run(int_model, quantize_input(images), return_intermediates=True)
+        _, codes = integer.run(int_model, quantize_input(images), return_intermediates=True)
         # The average pool has no float counterpart among the sown layer outputs.
-        codes = {k: v for k, v in codes.items() if k != intpass.POOL_NAME}
-        return intpass.dequantize_intermediates(int_model, codes)
+        codes = {k: v for k, v in codes.items() if k != integer.POOL_NAME}
+        return integer.dequantize_intermediates(int_model, codes)
 
     return run

@@ -11,13 +11,12 @@
 * ``ranges.json`` and ``ranges.md``: weight and activation range tables per pipeline;
 * PNGs: ``alpha_Conv2d_1_depthwise.png`` (Figure 3), ``alpha_layers.png``,
   ``sqnr_fake_quant.png`` (Figure 4), ``sqnr_integer.png`` (when the integer pass exists);
-* ``results.json``: the summary (what ``launch/collect_results.py`` turns into README tables).
+* ``results.json``: the summary (what ``tools/collect_results.py`` turns into README tables).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import time
@@ -29,40 +28,18 @@ from qfsep_jax import io_utils, ptq
 from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import ranges as ranges_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
-from qfsep_jax.data.input import eval_input, resolve_path
-from qfsep_jax.importers.tfslim import load_tfslim
-
-INTEGER_MODES = ("auto", "on", "off")
+from qfsep_jax.data.input import eval_input
+from qfsep_jax.jobs import common
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
     for name in config.pipelines:
         ptq.recipe_by_name(name)
-    if config.integer_sqnr not in INTEGER_MODES:
-        raise ValueError(
-            f"integer_sqnr must be one of {INTEGER_MODES}, got {config.integer_sqnr!r}"
-        )
+    if not isinstance(config.integer, bool):
+        raise ValueError(f"integer must be True or False, got {config.integer!r}")
     for field in ("num_calibration_images", "num_sqnr_images", "sqnr_batch_size"):
         if config[field] <= 0:
             raise ValueError(f"{field} must be positive, got {config[field]}")
-
-
-def integer_available() -> bool:
-    """Whether the integer-only pass (``qfsep_jax.intpass``) is installed."""
-    return importlib.util.find_spec("qfsep_jax.intpass") is not None
-
-
-def _integer_mode(setting: str) -> tuple[bool, str]:
-    """(use the integer pass, why not) for the ``integer_sqnr`` setting."""
-    if setting == "off":
-        return False, "disabled by config (integer_sqnr='off')"
-    if integer_available():
-        return True, ""
-    if setting == "on":
-        raise ValueError(
-            "integer_sqnr='on' but qfsep_jax.intpass (the integer-only pass) is absent"
-        )
-    return False, "qfsep_jax.intpass (the integer-only pass) is not available"
 
 
 def analyze_alpha(variables: dict, eps: float, threshold: float, workdir: str, plots: bool) -> dict:
@@ -112,10 +89,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the analysis on the official float model; writes the files listed in the docstring."""
     _validate(config)
     start = time.perf_counter()
-    use_integer, integer_note = _integer_mode(config.integer_sqnr)
-    imported = load_tfslim(resolve_path(config.data_dir, config.model_path))
-    model = imported.model(depthwise_impl=config.depthwise_impl, dropout_rate=0.0)
-    variables = imported.variables
+    use_integer = config.integer
+    integer_note = "" if use_integer else "disabled by config (integer=False)"
+    model, variables, source = common.load_official(config)
 
     alpha_out = analyze_alpha(
         variables, model.bn_epsilon, config.zero_variance_threshold, workdir, config.plots
@@ -128,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             cmp["matches_4_decimals"],
         )  # fmt: skip
 
-    calib = eval_input(config, config.calibration_data, limit=config.num_calibration_images)
+    calib = common.calibration_input(config)
     data = eval_input(
         config, config.sqnr_data, limit=config.num_sqnr_images, batch_size=config.sqnr_batch_size
     )
@@ -140,18 +116,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     detail, tables, range_tables, info, integer_skipped = {}, {}, {}, {}, {}
     for name in config.pipelines:
-        recipe = dataclasses.replace(ptq.recipe_by_name(name), observer=config.observer)
-        qmodel = ptq.quantize_post_training(
-            model, variables, recipe, calib.make, calib.num_batches,
-            zero_variance_threshold=config.zero_variance_threshold,
-        )  # fmt: skip
+        recipe = common.recipe_with_observer(name, config)
+        qmodel = common.quantize(model, variables, recipe, config, calib)
         integer_fn = None
         if use_integer and not recipe.dynamic_activation_ranges:
             try:
                 integer_fn = sqnr_lib.integer_pass_fn(qmodel)
             except ValueError as err:  # e.g. the int32 accumulator bound check
-                if config.integer_sqnr == "on":
-                    raise
                 integer_skipped[name] = f"the integer pass cannot convert this model: {err}"
                 logging.warning("%s: no integer-only SQNR: %s", name, integer_skipped[name])
         measured = sqnr_lib.measure_sqnr(
@@ -184,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     results = {
         "job": "analyze",
-        "model": imported.source,
+        "model": source,
         "sqnr_data": data.name,
         "num_sqnr_images": data.num_examples,
         "calibration_data": calib.name,

@@ -9,18 +9,9 @@ import os
 import jax
 import ml_collections
 
-from qfsep_jax import evaluation, intpass, io_utils, ptq
-from qfsep_jax.data.input import eval_input, resolve_path
-from qfsep_jax.importers.tfslim import load_tfslim
-
-# Published top-1 (%) on all 50k ImageNet val images, MobileNetV1 1.0/224 (see docs/paper.md).
-PAPER_TOP1 = {
-    "float": (70.50, "Sheng et al. 2018"),
-    "tf8_per_tensor": (1.80, "Sheng et al. 2018"),
-    "tf8_zero_variance_fix": (45.73, "Sheng et al. 2018"),
-    "per_channel": (70.3, "Krishnamoorthi 2018"),
-    "cle_per_tensor": (70.51, "Nagel et al. 2019, CLE + bias correction"),
-}
+from qfsep_jax import evaluation, integer, io_utils, paper, ptq
+from qfsep_jax.data.input import eval_input
+from qfsep_jax.jobs import common
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
@@ -38,8 +29,8 @@ def format_table(rows: list[dict]) -> str:
         "-" * 90,
     ]
     for r in rows:
-        paper = PAPER_TOP1.get(r["name"])
-        ptext = f"{paper[0]:6.2f} ({paper[1]})" if paper else "-"
+        published = paper.TABLE1_TOP1.get(r["name"])
+        ptext = f"{published[0]:6.2f} ({published[1]})" if published else "-"
         itext = f"{r['int_top1']:8.2f}" if "int_top1" in r else f"{'-':>8s}"
         lines.append(
             f"{r['name']:36s} {r['top1']:7.2f} {r['top5']:7.2f} {itext} {r['n']:5d}   {ptext}"
@@ -50,23 +41,20 @@ def format_table(rows: list[dict]) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates every row of ``config.rows``; writes ``workdir/results.json`` atomically.
 
-    With ``config.integer_pass``, each statically quantized row also gets ``int_top1``: the
-    top-1 of the integer-only pass (:func:`qfsep_jax.intpass.logits_fn`) on its *fine logits*,
+    With ``config.integer``, each statically quantized row also gets ``int_top1``: the
+    top-1 of the integer-only pass (:func:`qfsep_jax.integer.logits_fn`) on its *fine logits*,
     the classifier's int32 accumulators requantized onto one grid 2^16 finer than the 8-bit
     logit codes (integer ops only). The 8-bit codes tie often (1001 classes on 256 codes), and
     top-1 among tied codes would be the lowest class index, i.e. arbitrary. The row's ``top1``
     is the simulation's, on its own (8-bit fake-quantized) logits.
     """
     _validate(config)
-    imported = load_tfslim(resolve_path(config.data_dir, config.model_path))
-    model = imported.model(depthwise_impl=config.depthwise_impl, dropout_rate=0.0)
-    variables = imported.variables
+    model, variables, source = common.load_official(config)
     evaluate_data = eval_input(config, config.eval_data, limit=config.limit)
-    calib = eval_input(config, config.calibration_data, limit=config.num_calibration_images)
+    calib = common.calibration_input(config)
     logging.info(
-        "model %s (%s); eval %s: %d images; calibration %s: %d images",
-        imported.source, imported.model_kwargs, evaluate_data.name, evaluate_data.num_examples,
-        calib.name, calib.num_examples,
+        "eval %s: %d images; calibration %s: %d images", evaluate_data.name,
+        evaluate_data.num_examples, calib.name, calib.num_examples,
     )  # fmt: skip
 
     def score(logits_fn, name):
@@ -84,19 +72,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             result = score(ptq.float_logits_fn(relu_model, variables), name)
             rows.append({"name": name, **result})
         else:
-            recipe = dataclasses.replace(ptq.recipe_by_name(name), observer=config.observer)
-            qmodel = ptq.quantize_post_training(
-                model, variables, recipe, calib.make, calib.num_batches,
-                zero_variance_threshold=config.zero_variance_threshold,
-                cle_iterations=config.cle_iterations,
-            )  # fmt: skip
+            recipe = common.recipe_with_observer(name, config)
+            qmodel = common.quantize(model, variables, recipe, config, calib)
             result = score(ptq.fake_quant_logits_fn(qmodel), name)
             row = {"name": name, **result, "recipe": dataclasses.asdict(recipe)}
-            if config.get("integer_pass", False) and not recipe.dynamic_activation_ranges:
+            if config.integer and not recipe.dynamic_activation_ranges:
                 # The same preprocessed images, quantized with the model's input qparams;
                 # top-1 on the fine logits (see the docstring), not on tied 8-bit codes.
-                int_model = intpass.from_quantized(qmodel)
-                row["int_top1"] = score(intpass.logits_fn(int_model), name + "/int")["top1"]
+                int_model = integer.from_quantized(qmodel)
+                row["int_top1"] = score(integer.logits_fn(int_model), name + "/int")["top1"]
             if "zero_variance_channels" in qmodel.info:
                 row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
             rows.append(row)
@@ -105,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.clear_caches()
     out = {
         "rows": rows,
-        "model": imported.source,
+        "model": source,
         "eval_data": evaluate_data.name,
         "calibration_data": calib.name,
         "num_calibration_images": calib.num_examples,

@@ -25,9 +25,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from qfsep_jax import intpass, io_utils
+from qfsep_jax import integer, io_utils
 from qfsep_jax.data.input import eval_input, resolve_path
-from qfsep_jax.intpass.reference import LiteRTRunner, expected_rounding
+from qfsep_jax.integer.reference import LiteRTRunner, expected_rounding
 
 
 def _compare(int_model, ints: dict, ref: dict, i: int, runner) -> dict | None:
@@ -68,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the check; writes ``workdir/results.json``; exits non-zero unless all are exact."""
     model_path = resolve_path(config.data_dir, config.model)
     head_path = resolve_path(config.data_dir, config.head) if config.head else None
-    int_model = intpass.from_tflite(model_path, head_path)
+    int_model = integer.from_tflite(model_path, head_path)
     paths = [model_path] + ([head_path] if head_path else [])
     runner = LiteRTRunner(int_model, paths, config.op_resolver, config.num_threads)
     _, height, width, _ = runner.input_shape
@@ -88,8 +88,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         valid = int(first["mask"].sum())
         images = _to_model_input(first["image"][:valid], runner.input_dtype)
         refs = [runner(img) for img in images]
-        for preset in intpass.ROUNDING_PRESETS:
-            _, ints = intpass.run(int_model.with_rounding(preset), images, True)
+        for preset in integer.ROUNDING_PRESETS:
+            _, ints = integer.run(int_model.with_rounding(preset), images, True)
             candidates[preset] = _count_differences(int_model, ints, refs)
         expected = expected_rounding(config.op_resolver, int_model.dtype)
         rounding = min(candidates, key=lambda k: (candidates[k], k != expected))
@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if valid == 0:
             continue
         images = _to_model_input(batch["image"][:valid], runner.input_dtype)
-        logits, ints = intpass.run(int_model, images, True)
+        logits, ints = integer.run(int_model, images, True)
         logits = np.asarray(logits)
         for i in range(valid):
             ref = runner(images[i])

@@ -1,13 +1,8 @@
 """MobileNetV1 models with the original and the quantization-friendly separable blocks."""
 
 from qfsep_jax.models.layers import ActQuant, ConvLayer
-from qfsep_jax.models.mobilenet_v1 import (
-    MobileNetV1,
-    QFSeparableBlock,
-    SeparableBlock,
-    layer_paths,
-    tfslim_name,
-)
+from qfsep_jax.models.mobilenet_v1 import MobileNetV1, QFSeparableBlock, SeparableBlock
+from qfsep_jax.models.names import layer_path, layer_paths, tfslim_name
 
 __all__ = [
     "ActQuant",
@@ -15,6 +10,7 @@ __all__ = [
     "MobileNetV1",
     "QFSeparableBlock",
     "SeparableBlock",
+    "layer_path",
     "layer_paths",
     "tfslim_name",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 
 from qfsep_jax.models import depthwise, native
 from qfsep_jax.quant import observers
-from qfsep_jax.quant.fake_quant import fake_quant, move_rounding_threshold, qparams
+from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.fold import fold_bn
 from qfsep_jax.quant.scheme import QuantConfig, fake_quant_weights
 
@@ -271,11 +271,7 @@ class ActQuant(nn.Module):
     """Activation quantizer: an observed range in the ``quant_ranges`` collection.
 
     Variables ``min``, ``max`` and ``count`` hold the observer state (see
-    :mod:`qfsep_jax.quant.observers`). ``quant`` None makes it the identity. Variables given in
-    an optional ``requant_rounding`` collection (``positive``, ``negative``: per-channel offsets
-    in output LSBs; ``multiplier_ratio``, per channel; never created here) make the static-range
-    quantization round as an integer model's requantization does
-    (:func:`qfsep_jax.intpass.model.with_rounding_offsets`).
+    :mod:`qfsep_jax.quant.observers`). ``quant`` None makes it the identity.
     """
 
     quant: QuantConfig | None = None
@@ -311,16 +307,6 @@ class ActQuant(nn.Module):
             hi = jax.lax.stop_gradient(jnp.max(x, axis=axes))
             return fake_quant(x, lo, hi, self.quant.act_int_range, axis=0)
         lo, hi = state["min"].value, state["max"].value
-        if self.has_variable("requant_rounding", "positive"):
-            # An integer model's requantization rounding as a moved threshold, in output LSBs
-            # per channel (qfsep_jax.intpass.model.rounding_offsets); evaluation only.
-            if x.dtype == jnp.float64:  # the stored multiplier: within float32's resolution
-                x = x * self.get_variable("requant_rounding", "multiplier_ratio")
-            x = move_rounding_threshold(
-                x, qparams(lo, hi, self.quant.act_int_range)[0],
-                self.get_variable("requant_rounding", "positive"),
-                self.get_variable("requant_rounding", "negative"),
-            )  # fmt: skip
         return _where(quant_active, fake_quant(x, lo, hi, self.quant.act_int_range), x)
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode, _where
-from qfsep_jax.quant.fake_quant import fake_quant, move_rounding_threshold, qparams
+from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.scheme import QuantConfig
 
 # (output depth, stride) of the 13 separable blocks (paper's Table 2, last block stride 1).
@@ -135,25 +135,18 @@ class MobileNetV1(nn.Module):
     axis_name: str | None = None
     depthwise_impl: str = "auto"
 
-    def _pool_tie_rule(self, pooled: jax.Array, last_range: dict, window: int) -> jax.Array:
-        """The pooled values moved so that exact ties round as TFLite's integer pool does.
+    def _requantize_pool(
+        self, pooled: jax.Array, lo: jax.Array, hi: jax.Array, window: int
+    ) -> jax.Array:
+        """The pooled means rounded to the last layer's output grid ``[lo, hi]``.
 
-        The integer pool rounds ``sum / window`` of the codes, ties away from code 0; the
-        simulation's float mean sits on such a tie give or take float32 error. The offsets
-        (``requant_rounding``: ``pool_positive`` where the code is >= 0, ``pool_negative``
-        below, :func:`qfsep_jax.intpass.model.rounding_offsets`) are a small fixed fraction of
-        an LSB: far above float32 error and, for windows of up to 1024 values, far below the
-        1/window gap to the nearest value that is not a tie.
+        TFLite's integer average pool keeps its input's scale and zero point, so the simulation
+        re-rounds there. ``window`` (values averaged per output) is for callers that intercept
+        this method to model the integer pool's tie rule
+        (:func:`qfsep_jax.integer.align.aligned`).
         """
-        if window > 1024:
-            raise ValueError(f"the pool's tie rule is modelled for windows of up to 1024 values, "
-                             f"got {window}")  # fmt: skip
-        scale, zero_point = qparams(last_range["min"], last_range["max"], self.quant.act_int_range)
-        return move_rounding_threshold(
-            pooled, scale, self.get_variable("requant_rounding", "pool_positive"),
-            self.get_variable("requant_rounding", "pool_negative"),
-            sign_of=pooled / scale + zero_point.astype(pooled.dtype),
-        )  # fmt: skip
+        del window
+        return fake_quant(pooled, lo, hi, self.quant.act_int_range)
 
     @nn.compact
     def __call__(
@@ -196,10 +189,7 @@ class MobileNetV1(nn.Module):
         if quant_mode in ("fake", "qat") and not self.is_initializing():
             # TFLite's integer average pool keeps the input's (scale, zero point): re-round.
             last = blk.variables["quant_ranges"]["pointwise"]["act_quant"]
-            to_round = x
-            if self.has_variable("requant_rounding", "pool_positive"):
-                to_round = self._pool_tie_rule(x, last, window)
-            pooled_q = fake_quant(to_round, last["min"], last["max"], self.quant.act_int_range)
+            pooled_q = self._requantize_pool(x, last["min"], last["max"], window)
             pooled_q = x + jax.lax.stop_gradient(pooled_q - x) if train else pooled_q
             x = _where(quant_active, pooled_q, x)  # no rounding during a QAT quant delay
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -208,32 +198,3 @@ class MobileNetV1(nn.Module):
             name="Logits", **common,
         )(x, **kw)  # fmt: skip
         return jnp.reshape(x, (x.shape[0], self.num_classes))
-
-
-def tfslim_name(path: tuple[str, ...]) -> str:
-    """TF-slim name of a module path: ``("Conv2d_3", "pointwise")`` → ``Conv2d_3_pointwise``."""
-    return "_".join(path)
-
-
-def layer_paths(tree: dict) -> list[tuple[str, ...]]:
-    """Paths of the conv layers (dicts holding a ``kernel``) of a params tree, in network order."""
-    found = []
-
-    def walk(node, path):
-        if "kernel" in node:
-            found.append(path)
-            return
-        for key, sub in node.items():
-            if isinstance(sub, dict):
-                walk(sub, path + (key,))
-
-    walk(tree, ())
-    return sorted(found, key=_layer_order)
-
-
-def _layer_order(path: tuple[str, ...]) -> tuple[int, int]:
-    head = path[0]
-    if head == "Logits":
-        return (len(BLOCK_SPECS) + 1, 0)
-    index = int(head.split("_")[1])
-    return (index, 0 if len(path) == 1 or path[1] == "depthwise" else 1)

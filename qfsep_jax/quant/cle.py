@@ -18,13 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qfsep_jax.models.mobilenet_v1 import layer_paths
-
-
-def _get(tree: dict, path: tuple[str, ...]) -> dict:
-    for p in path:
-        tree = tree[p]
-    return tree
+from qfsep_jax.tree_utils import subtree
 
 
 def _out_range(layer: dict) -> np.ndarray:
@@ -43,14 +37,18 @@ def _in_range(layer: dict, depthwise: bool) -> np.ndarray:
 
 def equalize(
     folded_params: dict,
+    layer_order: list[tuple[str, ...]],
     iterations: int = 20,
     tolerance: float = 1e-6,
     dead_fraction: float = 1e-6,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Equalizes every consecutive layer pair of a BN-folded MobileNetV1 params tree.
+    """Equalizes every consecutive layer pair of a BN-folded chain of conv layers.
 
     Args:
       folded_params: ``params`` of a folded model (every layer has ``kernel`` and ``bias``).
+      layer_order: the paths of the chain's layers in network order (for MobileNetV1,
+        :func:`qfsep_jax.models.names.layer_paths`); a path ending in ``depthwise`` is a
+        depthwise layer.
       iterations: maximum sweeps over the chain.
       tolerance: stop when every scale of a sweep is within ``1 ± tolerance``.
       dead_fraction: layer-1 channels whose weight range is below this fraction of the
@@ -62,9 +60,9 @@ def equalize(
       The equalized params (new arrays) and, per layer pair ``"A->B"``, the accumulated scales.
     """
     params = _copy(folded_params)
-    paths = layer_paths(params)
+    paths = list(layer_order)
     for path in paths:
-        if "bias" not in _get(params, path):
+        if "bias" not in subtree(params, path):
             raise ValueError(
                 f"equalize needs folded params with a bias in every layer; {path} has none "
                 "(fold batch norm first)"
@@ -73,7 +71,7 @@ def equalize(
     for _ in range(iterations):
         worst = 0.0
         for first, second in zip(paths[:-1], paths[1:], strict=True):
-            l1, l2 = _get(params, first), _get(params, second)
+            l1, l2 = subtree(params, first), subtree(params, second)
             depthwise2 = second[-1] == "depthwise"
             r1, r2 = _out_range(l1), _in_range(l2, depthwise2)
             # A dead layer-1 channel (constant output) is never scaled up; a channel that layer 2

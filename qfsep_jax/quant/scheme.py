@@ -13,7 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qfsep_jax.quant.fake_quant import INT8, INT8_NARROW, UINT8, IntRange, fake_quant
+from qfsep_jax.quant.fake_quant import fake_quant
+from qfsep_jax.quant.numerics import INT8, INT8_NARROW, UINT8, IntRange
 
 SCHEMES = ("tf8", "int8")
 OBSERVERS = ("minmax", "ema", "percentile")

@@ -1,6 +1,6 @@
 """Benchmark: the jitted integer-only pass vs the float pass vs LiteRT, same model and inputs.
 
-    python launch/bench_intpass.py [--model M.tflite] [--batch_sizes 1,50] [--threads 0]
+    python tools/bench_integer.py [--model M.tflite] [--batch_sizes 1,50] [--threads 0]
                                    [--out results.json]
 
 The model is a uint8 MobileNetV1-family ``.tflite`` (default: the official 0.25/128). The float
@@ -53,12 +53,12 @@ def main() -> None:
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from qfsep_jax import intpass, io_utils
-    from qfsep_jax.intpass.model import float_variables
+    from qfsep_jax import integer, io_utils
+    from qfsep_jax.integer.convert import float_variables
     from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 
     threads = args.threads or os.cpu_count()
-    int_model = intpass.from_tflite(args.model, rounding="litert_x86")
+    int_model = integer.from_tflite(args.model, rounding="litert_x86")
     kwargs, fvars = float_variables(int_model)
     float_model = MobileNetV1(**kwargs)
     first = int_model.layers[0]
@@ -90,7 +90,7 @@ def main() -> None:
         )
         times = {
             "int_pass": _best(
-                lambda q_dev=q_dev: intpass.run(int_model, q_dev).block_until_ready(),
+                lambda q_dev=q_dev: integer.run(int_model, q_dev).block_until_ready(),
                 args.repeats,
             ),
             "float_pass": _best(

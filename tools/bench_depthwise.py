@@ -1,8 +1,8 @@
 """Benchmark: the depthwise implementations against each other, per layer and per training step.
 
-    python launch/bench_depthwise.py [--impls shift,native] [--threads 2] [--reps 7]
+    python tools/bench_depthwise.py [--impls shift,native] [--threads 2] [--reps 7]
                                      [--steps_rows large,small] [--modes float,qat]
-                                     [--out runs/bench/depthwise.json]
+                                     [--out results/bench/depthwise.json]
 
 Not a test. One process, both (or all) implementations compiled side by side and timed in
 interleaved reps, so that they see the same machine load (this machine's timings move by
@@ -12,7 +12,7 @@ interleaved reps, so that they see the same machine load (this machine's timings
   forward plus the input and kernel gradients through ``jax.vjp``), best of ``--reps``; and
   its RGB stem conv (``layers.conv2d`` with the same ``impl``: forward, and forward plus the
   kernel gradient, which is all the stem's backward pass computes in training);
-* per step: the project's training step (``launch/bench_train.py``'s rows and modes) with each
+* per step: the project's training step (``launch/benchlib.py``'s rows and modes) with each
   implementation, median over reps of the per-rep time ratio to the first implementation.
   The impl is the model's ``depthwise_impl``, so with ``native`` the step also runs the stem's
   native kernel gradient and BN's native training sums (``shift`` uses XLA's for both).
@@ -31,9 +31,8 @@ import statistics
 import sys
 import time
 
-import bench_train  # same folder: rows, thread pinning, the JAX step
-
-from qfsep_jax import runtime
+from qfsep_jax import malloc_tuning
+from tools import benchlib
 
 # (input H = W, channels, stride) of MobileNetV1 1.0/224's depthwise layers, in order.
 LAYERS_1_0_224 = (
@@ -58,8 +57,8 @@ def _parse(argv=None) -> argparse.Namespace:
     if bad or len(impls) < 2:
         p.error(f"--impls needs two or more of lax, shift, native (got {args.impls!r})")
     for row in filter(None, args.steps_rows.split(",")):
-        if row not in bench_train.ROWS:
-            p.error(f"unknown row {row!r}; choose from {sorted(bench_train.ROWS)}")
+        if row not in benchlib.ROWS:
+            p.error(f"unknown row {row!r}; choose from {sorted(benchlib.ROWS)}")
     if args.threads < 1 or args.reps < 1:
         p.error("--threads and --reps must be positive")
     return args
@@ -147,7 +146,7 @@ def step_table(impls: list[str], rows: list[str], modes: list[str], reps: int) -
     out = []
     for row in rows:
         for mode in modes:
-            runners = {impl: bench_train.jax_runner(row, mode, impl) for impl in impls}
+            runners = {impl: benchlib.jax_runner(row, mode, impl) for impl in impls}
             for run in runners.values():
                 run()
                 run()  # compile and warm up
@@ -167,8 +166,8 @@ def step_table(impls: list[str], rows: list[str], modes: list[str], reps: int) -
 
 def main(argv=None) -> None:
     args = _parse(argv)
-    cpus = bench_train.pin_threads(args.threads)
-    runtime.tune_malloc()
+    cpus = benchlib.pin_threads(args.threads)
+    malloc_tuning.tune_malloc()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
 

@@ -1,10 +1,10 @@
 """Profile: where one training step spends its time on CPU, per op kind and layer type.
 
-    python launch/profile_train.py [--row small|large] [--mode float|qat] [--threads 1]
+    python tools/profile_train.py [--row small|large] [--mode float|qat] [--threads 1]
                                    [--steps 3] [--top 25] [--depthwise_impl auto]
                                    [--framework jax|torch] [--out F.json]
 
-Times the same step as ``launch/bench_train.py`` (``qfsep_jax.train.train_step`` under pmap, one
+Times the same step as ``launch/benchlib.py`` (``qfsep_jax.train.train_step`` under pmap, one
 CPU device, SGD momentum) inside ``jax.profiler.trace`` and attributes every executed XLA op
 (fusion, library call) to its compiled HLO: the kind of work inside it (``dot``, ``reduce``,
 ``convolution``, elementwise ops such as ``pad``/``slice``/``floor``/``divide``), the direction
@@ -13,7 +13,7 @@ CPU device, SGD momentum) inside ``jax.profiler.trace`` and attributes every exe
 op name. Prints the op time per step by category, with its share, and the top single ops.
 ``--threads 1`` (default) pins the process to one CPU, so that op times add up to the step
 time; with more threads XLA runs ops partitioned or concurrently and the sum exceeds it.
-Process-wide malloc tuning as in the benchmark (:func:`qfsep_jax.runtime.tune_malloc`).
+Process-wide malloc tuning as in the benchmark (:func:`qfsep_jax.malloc_tuning.tune_malloc`).
 
 On any thread count it also splits the wall time of the profiled steps among the ops: each
 instant is shared equally by the XLA ops running then, and instants with none running are
@@ -44,10 +44,9 @@ import sys
 import tempfile
 import time
 
-import bench_train  # same folder: the benchmark's rows, step and malloc tuning
-
-from qfsep_jax import runtime
+from qfsep_jax import malloc_tuning
 from qfsep_jax.models import native
+from tools import benchlib
 
 # Ops whose presence inside a fusion names its kind (the rest are plain elementwise work).
 MARKER_OPS = (
@@ -59,7 +58,7 @@ LAYER_TYPES = ("depthwise", "pointwise", "Conv2d_0", "Logits", "input_quant")
 
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--row", default="small", choices=sorted(bench_train.ROWS))
+    p.add_argument("--row", default="small", choices=sorted(benchlib.ROWS))
     p.add_argument("--mode", default="float", choices=["float", "qat"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed and profiled steps each")
@@ -241,7 +240,7 @@ def profile_torch(args: argparse.Namespace) -> dict:
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-    run = bench_train.torch_runner(args.row, args.mode, args.threads)
+    run = benchlib.torch_runner(args.row, args.mode, args.threads)
     model = run.model
     for _ in range(args.warmup):
         run()
@@ -333,7 +332,7 @@ def profile_jax(args: argparse.Namespace) -> dict:
 
     from qfsep_jax.models.depthwise import resolve_impl
 
-    step, state, batch = bench_train.jax_step(args.row, args.mode, args.depthwise_impl)
+    step, state, batch = benchlib.jax_step(args.row, args.mode, args.depthwise_impl)
     instructions = hlo_instructions(step.lower(state, batch).compile().as_text())
     holder = {"state": state}
 
@@ -380,11 +379,11 @@ def profile_jax(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> None:
     args = _parse(argv)
-    cpus = bench_train.pin_threads(args.threads)
-    runtime.tune_malloc()
+    cpus = benchlib.pin_threads(args.threads)
+    malloc_tuning.tune_malloc()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     result = profile_torch(args) if args.framework == "torch" else profile_jax(args)
-    width, size, stem, bsz = bench_train.ROWS[args.row]
+    width, size, stem, bsz = benchlib.ROWS[args.row]
     print(
         f"# {result['framework']}: {args.row} (w={width} px={size} stem={stem} batch={bsz}) "
         f"{args.mode}, CPUs {cpus}: unprofiled steps "

@@ -1,6 +1,6 @@
 """Figure 5 at small scale: train the four core-layer variants, PTQ them, score and analyse.
 
-    python launch/figure5.py --config configs/figure5.py --workdir runs/figure5
+    python launch/main.py --config configs/figure5.py --workdir results/figure5
 
 Steps, per variant and seed, each skipped when its result file exists (rerun to resume; the
 training step itself resumes from its newest checkpoint):
@@ -11,17 +11,17 @@ training step itself resumes from its newest checkpoint):
    on the variant's eval data → ``<variant>/seed<k>/results.json``;
 3. ``sqnr``: per-layer SQNR (fake-quant and integer-only) → ``<variant>/seed<k>/sqnr.json``;
 4. ``summary`` (always rerun, cheap): ``<variant>/results.json`` (over seeds),
-   ``summary.json`` (what ``launch/collect_results.py`` turns into the README table) and the
+   ``summary.json`` (what ``tools/collect_results.py`` turns into the README table) and the
    plots ``figure5_accuracy.png``, ``figure5_sqnr.png`` (and ``figure5_sqnr_integer.png``).
 
-A variant's training config comes from ``config.variant_configs`` with
-``config.train_overrides`` applied and ``seed``/``data_dir`` set.
+A variant's training config is ``config.train_configs[variant]`` (composed in
+``configs/figure5.py`` from the Imagenette training configs) with ``config.train_overrides``
+applied and ``seed``/``data_dir`` set.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import time
@@ -32,38 +32,24 @@ import jax
 import ml_collections
 import numpy as np
 
-from qfsep_jax import evaluation, io_utils, ptq, runtime
+from qfsep_jax import checkpointing, evaluation, integer, io_utils, paper, ptq, train
+from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input
+from qfsep_jax.quantized import QuantizedModel
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("train", "evaluate", "sqnr", "summary")
-INTEGER_MODES = ("auto", "on", "off")
 
-# The paper's Figure 5 / Table 3 (ImageNet2012 val top-1 %, float and 8-bit), docs/paper.md §6.
-VARIANT_INFO: dict[str, dict[str, Any]] = {
-    "original": {"label": "DW→BN→ReLU6→PW→BN→ReLU6", "paper": {"float": 70.50, "8bit": 1.80}},
-    "qf_relu6": {"label": "DW→PW→BN→ReLU6", "paper": {"float": 70.55, "8bit": 61.50}},
-    "qf_relu": {"label": "DW→PW→BN→ReLU", "paper": {"float": 70.80, "8bit": 67.80}},
-    "qf_relu_l2dw": {
-        "label": "DW→PW→BN→ReLU, L2 on DW weights",
-        "paper": {"float": 70.77, "8bit": 68.03},
-    },
+# How each variant's core layer computes (for tables and plots).
+VARIANT_LABELS = {
+    "original": "DW→BN→ReLU6→PW→BN→ReLU6",
+    "qf_relu6": "DW→PW→BN→ReLU6",
+    "qf_relu": "DW→PW→BN→ReLU",
+    "qf_relu_l2dw": "DW→PW→BN→ReLU, L2 on DW weights",
 }
 
 
 # ---------------------------------------------------------------- configs
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of a config file (``path`` relative to the repo root, or absolute)."""
-    full = path if os.path.isabs(path) else os.path.join(REPO, path)
-    if not os.path.isfile(full):
-        raise FileNotFoundError(f"training config not found: {full}")
-    spec = importlib.util.spec_from_file_location(f"_figure5_cfg_{abs(hash(full))}", full)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where=""):
@@ -81,9 +67,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
 def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int):
     """The training config of one run: the variant's file, the overrides, seed and data_dir."""
-    if variant not in config.variant_configs:
-        raise KeyError(f"no training config for variant {variant!r} in config.variant_configs")
-    c = load_config_file(config.variant_configs[variant])
+    if variant not in config.train_configs:
+        raise KeyError(f"no training config for variant {variant!r} in config.train_configs")
+    c = ml_collections.ConfigDict(config.train_configs[variant].to_dict())
     apply_overrides(c, config.train_overrides.to_dict())
     c.seed = int(seed)
     c.data_dir = config.data_dir
@@ -95,11 +81,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(config.steps) - set(STEPS))
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {STEPS}")
-    if config.integer not in INTEGER_MODES:
-        raise ValueError(f"integer must be one of {INTEGER_MODES}, got {config.integer!r}")
+    if not isinstance(config.integer, bool):
+        raise ValueError(f"integer must be True or False, got {config.integer!r}")
     ptq.recipe_by_name(config.ptq_recipe)
     if not config.variants or not config.seeds:
         raise ValueError("config.variants and config.seeds must not be empty")
+    missing = [v for v in config.variants if v not in config.train_configs]
+    if missing:
+        raise KeyError(f"no training config for variant {missing[0]!r} in config.train_configs")
     for field in ("num_calibration_images", "num_sqnr_images", "sqnr_batch_size"):
         if config[field] <= 0:
             raise ValueError(f"{field} must be positive, got {config[field]}")
@@ -123,19 +112,15 @@ def train_done(train_dir: str) -> bool:
 
 def step_train(train_config, train_dir: str) -> dict:
     """Trains (or resumes) one variant; returns the training summary."""
-    from qfsep_jax import train
-
     return train.train_and_evaluate(train_config, train_dir)
 
 
-def quantize_trained(train_config, train_dir: str, config) -> tuple[ptq.QuantizedModel, Any, dict]:
+def quantize_trained(train_config, train_dir: str, config) -> tuple[QuantizedModel, Any, dict]:
     """The trained model post-training quantized per ``config``: ``(qmodel, float model, vars)``.
 
     The float model and variables come from the newest checkpoint of ``train_dir``.
     """
-    from qfsep_jax import train
-
-    model, variables = train.load_trained(train_config, train_dir)
+    model, variables = checkpointing.load_trained(train_config, train_dir)
     calib = eval_input(train_config, config.calibration_data, limit=config.num_calibration_images)
     recipe = ptq.recipe_by_name(config.ptq_recipe)
     qmodel = ptq.quantize_post_training(model, variables, recipe, calib.make, calib.num_batches)
@@ -143,14 +128,6 @@ def quantize_trained(train_config, train_dir: str, config) -> tuple[ptq.Quantize
         {"calibration_data": calib.name, "num_calibration_images": calib.num_examples}
     )
     return qmodel, model, variables
-
-
-def use_integer(setting: str) -> bool:
-    """Whether to run the integer-only pass (``auto``: when ``qfsep_jax.intpass`` exists)."""
-    available = importlib.util.find_spec("qfsep_jax.intpass") is not None
-    if setting == "on" and not available:
-        raise ValueError("integer='on' but qfsep_jax.intpass (the integer-only pass) is absent")
-    return setting != "off" and available
 
 
 def step_evaluate(train_config, qmodel, model, variables, config) -> dict:
@@ -169,18 +146,14 @@ def step_evaluate(train_config, qmodel, model, variables, config) -> dict:
         "calibration_data": qmodel.info["calibration_data"],
         "num_calibration_images": qmodel.info["num_calibration_images"],
     }
-    if use_integer(config.integer):
-        from qfsep_jax import intpass
-
+    if config.integer:
         try:
-            int_model = intpass.from_quantized(qmodel)
+            int_model = integer.from_quantized(qmodel)
         except ValueError as err:  # e.g. the int32 accumulator bound check
-            if config.integer == "on":
-                raise
             out["integer_error"] = str(err)
             logging.warning("no integer-only evaluation: %s", err)
         else:
-            out["integer"] = score(intpass.logits_fn(int_model), "integer")
+            out["integer"] = score(integer.logits_fn(int_model), "integer")
     return out
 
 
@@ -191,12 +164,10 @@ def step_sqnr(train_config, qmodel, config) -> dict:
         batch_size=config.sqnr_batch_size,
     )  # fmt: skip
     integer_fn, integer_error = None, None
-    if use_integer(config.integer):
+    if config.integer:
         try:
             integer_fn = sqnr_lib.integer_pass_fn(qmodel)
         except ValueError as err:  # e.g. the int32 accumulator bound check
-            if config.integer == "on":
-                raise
             integer_error = str(err)
     measured = sqnr_lib.measure_sqnr(
         qmodel, data.make(), data.num_batches, integer_fn=integer_fn, desc="sqnr"
@@ -240,7 +211,10 @@ def summarize_variant(variant: str, runs: Mapping[int, Mapping[str, Any]]) -> di
 
     ``runs`` maps seed → ``{"results": evaluate-step output, "sqnr": sqnr-step output | None}``.
     """
-    info = VARIANT_INFO.get(variant, {"label": variant, "paper": {}})
+    info = {
+        "label": VARIANT_LABELS.get(variant, variant),
+        "paper": paper.FIG5_TOP1.get(variant, {}),
+    }
 
     def top1(kind):
         return [r["results"][kind]["top1"] for r in runs.values() if r["results"].get(kind)]
@@ -294,9 +268,6 @@ def zero_variance_channels(train_dir: str) -> int | None:
 
     The count depends on the moving variances only, not on the epsilon passed for α.
     """
-    from qfsep_jax import checkpointing
-    from qfsep_jax.analysis import alpha as alpha_lib
-
     loaded = checkpointing.load_variables(train_dir)
     variables = {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}
     summary = alpha_lib.alpha_summary(alpha_lib.bn_alphas(variables, eps=1e-3))
@@ -422,34 +393,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 actions[f"{key}/{step}"] = "ran"
             jax.clear_caches()
     summary = step_summary(config, workdir) if "summary" in config.steps else None
+    for key, action in actions.items():
+        logging.info("%s: %s", key, action)
+    if summary:
+        print(format_summary(summary))
     return {"actions": actions, "summary": summary}
 
 
-def main(argv):
-    from absl import app
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    runtime.tune_malloc()
-    result = run(_CONFIG.value, _WORKDIR.value)
-    for key, action in result["actions"].items():
-        print(f"{key}: {action}")
-    if result["summary"]:
-        for v, s in result["summary"]["variants"].items():
-            cells = [
-                f"{k} {s[k]['mean']:.2f}±{s[k]['std']:.2f}"
-                for k in ("float_top1", "fake_quant_top1", "integer_top1")
-                if s[k]
-            ]
-            print(f"{v:12s} " + ", ".join(cells))
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/figure5.py[:tiny]")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs and results go.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """One line per variant: mean ± std top-1 in float, fake-quant and integer-only."""
+    lines = []
+    for v, s in summary["variants"].items():
+        cells = [
+            f"{k} {s[k]['mean']:.2f}±{s[k]['std']:.2f}"
+            for k in ("float_top1", "fake_quant_top1", "integer_top1")
+            if s[k]
+        ]
+        lines.append(f"{v:12s} " + ", ".join(cells))
+    return "\n".join(lines)

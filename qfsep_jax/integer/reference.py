@@ -22,7 +22,7 @@ import warnings
 
 import numpy as np
 
-from qfsep_jax.intpass.model import IntModel
+from qfsep_jax.integer.types import IntModel
 
 OP_RESOLVERS = ("builtin", "reference", "xnnpack")
 

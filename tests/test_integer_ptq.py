@@ -1,7 +1,7 @@
 """Our own quantized models through the integer pass: PTQ of the official float graph, QAT-style.
 
 Small on purpose (128 px, 16 calibration and 16 evaluation images); the full imagenet_val500 run
-is ``python -m qfsep_jax.intpass.compare`` (see its docstring and the README).
+is the ``agreement`` job (``configs/agreement.py``; see the README).
 """
 
 import dataclasses
@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FLOAT_GRAPH, require
-from test_intpass import float_ops
+from test_integer import float_ops
 
 from configs import base
-from qfsep_jax import intpass, ptq
+from qfsep_jax import integer, ptq
+from qfsep_jax.analysis import agreement
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.importers.tfslim import load_tfslim
-from qfsep_jax.intpass import compare
+from qfsep_jax.integer import align
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.quant.fold import folded
 from qfsep_jax.quant.scheme import QuantConfig
@@ -47,12 +48,12 @@ def _ptq(setup, recipe):
 @pytest.fixture(scope="module")
 def tf8(setup):
     qmodel = _ptq(setup, "tf8_zero_variance_fix")
-    return qmodel, intpass.from_quantized(qmodel)
+    return qmodel, integer.from_quantized(qmodel)
 
 
 def test_tf8_layers_agree_within_one_lsb(setup, tf8):
     qmodel, int_model = tf8
-    lw = compare.layerwise_agreement(qmodel.model, qmodel.variables, int_model, setup[3])
+    lw = agreement.layerwise_agreement(qmodel.model, qmodel.variables, int_model, setup[3])
     assert list(lw) == int_model.layer_names
     assert max(v["max_lsb"] for v in lw.values()) == 1, lw
     assert all(v["frac_differing"] < 0.1 for v in lw.values()), lw
@@ -60,32 +61,31 @@ def test_tf8_layers_agree_within_one_lsb(setup, tf8):
 
 def test_simulation_modelling_int32_biases_and_the_rounding_agrees_to_float_error(setup, tf8):
     # The plain simulation differs from TFLite's double rounding on a few % of a layer's codes;
-    # with the int32 biases and the rounding modelled (intpass.rounding_offsets), only float32
+    # with the int32 biases and the rounding modelled (align.rounding_offsets), only float32
     # rounding is left: measured 0.036 % of codes summed over the layers against 36 % (16
     # images at 96 px), and no depthwise code differs.
     qmodel, int_model = tf8
     images = setup[3]
 
-    def total(model, variables, int_model=int_model):
-        lw = compare.layerwise_agreement(model, variables, int_model, images)
+    def total(model, variables, int_model=int_model, alignment=None):
+        lw = agreement.layerwise_agreement(model, variables, int_model, images, alignment=alignment)
         assert max(v["max_lsb"] for v in lw.values()) <= 1, lw
         return sum(v["frac_differing"] for v in lw.values())
 
     plain = total(qmodel.model, qmodel.variables)
-    snapped = intpass.snap_biases(qmodel.model, qmodel.variables, int_model)
-    modelled = intpass.with_rounding_offsets(*snapped, int_model)
-    assert "requant_rounding" in modelled[1] and "requant_rounding" not in qmodel.variables
-    both = total(*modelled)
+    snapped = align.snap_biases(qmodel.model, qmodel.variables, int_model)
+    alignment = align.rounding_alignment(int_model)
+    both = total(*snapped, alignment=alignment)
     assert both < plain / 100, (both, plain)
-    rounding_only = total(*intpass.with_rounding_offsets(qmodel.model, qmodel.variables, int_model))
+    rounding_only = total(qmodel.model, qmodel.variables, alignment=alignment)
     assert rounding_only < plain / 2, (rounding_only, plain)
     # Negative control: the same offsets against the single-rounding variant, which rounds once
     # (its conv offsets are all zero; the pool's tie rule is the same), disagree far more.
     single = int_model.with_rounding("single")
-    offsets = intpass.rounding_offsets(single)
-    assert offsets.pop(intpass.POOL_NAME) == intpass.rounding_offsets(int_model)[intpass.POOL_NAME]
+    offsets = align.rounding_offsets(single)
+    assert offsets.pop(integer.POOL_NAME) == align.rounding_offsets(int_model)[integer.POOL_NAME]
     assert all(not np.any(p) and not np.any(n) for p, n in offsets.values())
-    assert total(*modelled, int_model=single) > 20 * both
+    assert total(*snapped, int_model=single, alignment=alignment) > 20 * both
 
 
 def test_float64_simulation_modelling_the_integer_arithmetic_is_exact_layer_by_layer(setup, tf8):
@@ -94,12 +94,12 @@ def test_float64_simulation_modelling_the_integer_arithmetic_is_exact_layer_by_l
     # pass does; the plain simulation in float64 does not.
     qmodel, int_model = tf8
     images = setup[3]
-    modelled = intpass.with_rounding_offsets(
-        *intpass.snap_biases(qmodel.model, qmodel.variables, int_model), int_model
-    )
-    exact = compare.layerwise_agreement(*modelled, int_model, images, float64=True)
+    snapped = align.snap_biases(qmodel.model, qmodel.variables, int_model)
+    alignment = align.rounding_alignment(int_model)
+    exact = agreement.layerwise_agreement(*snapped, int_model, images, float64=True,
+                                          alignment=alignment)  # fmt: skip
     assert all(v["frac_differing"] == 0.0 for v in exact.values()), exact
-    plain = compare.layerwise_agreement(qmodel.model, qmodel.variables, int_model, images,
+    plain = agreement.layerwise_agreement(qmodel.model, qmodel.variables, int_model, images,
                                         float64=True)  # fmt: skip
     assert sum(v["frac_differing"] for v in plain.values()) > 0.1, plain
     assert jnp.zeros(1).dtype == jnp.float32  # x64 is off again
@@ -107,33 +107,34 @@ def test_float64_simulation_modelling_the_integer_arithmetic_is_exact_layer_by_l
     # up to their own resolution (rounded to 2**-FINE_LOGIT_BITS LSB: rms 2**-16 / sqrt(12)),
     # and the same codes in every layer.
     batch = {"image": images, "label": np.zeros(16, np.int32), "mask": np.ones(16)}
-    f64 = compare.agreement_report(*modelled, int_model, [batch], float64_check=True)["sim_float64"]
+    f64 = agreement.agreement_report(*snapped, int_model, [batch], float64_check=True,
+                                     alignment=alignment)["sim_float64"]  # fmt: skip
     assert f64["top1_agreement_fine_with_int"] == 1.0, f64
-    assert f64["int_logit_error_lsb_rms"] < 2.0**-intpass.model.FINE_LOGIT_BITS, f64
+    assert f64["int_logit_error_lsb_rms"] < 2.0**-integer.FINE_LOGIT_BITS, f64
     assert set(f64["layerwise_frac_differing"]) == set(int_model.layer_names), f64
     assert max(f64["layerwise_frac_differing"].values()) == 0.0, f64
 
 
 def test_float64_exactness_needs_the_exact_scales(setup, tf8, monkeypatch):
     # Negative control for the test above: give the simulation XLA:CPU's reciprocal-multiply
-    # scales again (what fake_quant.divide_exactly fixed; the integer model keeps its exact ones)
+    # scales again (what numerics.divide_exactly fixed; the integer model keeps its exact ones)
     # and some codes differ even in float64 (measured: 3 layers, 8e-5 of codes summed).
     import sys
 
-    fake_quant_module = sys.modules["qfsep_jax.quant.fake_quant"]
+    numerics = sys.modules["qfsep_jax.quant.numerics"]
     qmodel, int_model = tf8
-    modelled = intpass.with_rounding_offsets(
-        *intpass.snap_biases(qmodel.model, qmodel.variables, int_model), int_model
-    )
-    monkeypatch.setattr(fake_quant_module, "divide_exactly",
+    snapped = align.snap_biases(qmodel.model, qmodel.variables, int_model)
+    alignment = align.rounding_alignment(int_model)
+    monkeypatch.setattr(numerics, "divide_exactly",
                         lambda n, d: jnp.asarray(n, jnp.float32) / jnp.float32(d))  # fmt: skip
-    compare._CACHE.clear()
+    agreement._CACHE.clear()
     jax.clear_caches()  # traces of the fake-quant primitive are cached by function identity
     try:
-        lw = compare.layerwise_agreement(*modelled, int_model, setup[3], float64=True)
+        lw = agreement.layerwise_agreement(*snapped, int_model, setup[3], float64=True,
+                                           alignment=alignment)  # fmt: skip
     finally:
         monkeypatch.undo()
-        compare._CACHE.clear()
+        agreement._CACHE.clear()
         jax.clear_caches()
     assert sum(v["frac_differing"] for v in lw.values()) > 0, lw
 
@@ -146,16 +147,14 @@ def test_simulation_models_the_integer_pools_ties(setup, tf8, data_dir):
     config = base.data_config()
     config.data_dir, config.image_size = data_dir, 128
     images = next(iter(eval_input(config, "folder:imagenet_val500", limit=16).make()))["image"]
-    model, variables = intpass.with_rounding_offsets(
-        *intpass.snap_biases(qmodel.model, qmodel.variables, int_model), int_model
-    )
-    assert variables["requant_rounding"]["pool_positive"] == intpass.model.POOL_TIE_OFFSET
-    pool = intpass.POOL_NAME
-    lw = compare.layerwise_agreement(model, variables, int_model, images)
+    model, variables = align.snap_biases(qmodel.model, qmodel.variables, int_model)
+    alignment = align.rounding_alignment(int_model)
+    assert alignment["pool"]["positive"] == align.POOL_TIE_OFFSET
+    pool = integer.POOL_NAME
+    lw = agreement.layerwise_agreement(model, variables, int_model, images, alignment=alignment)
     assert lw[pool]["frac_differing"] == 0.0, lw[pool]
-    rounding = {k: v for k, v in variables["requant_rounding"].items() if not k.startswith("pool")}
-    without = compare.layerwise_agreement(model, {**variables, "requant_rounding": rounding},
-                                          int_model, images)  # fmt: skip
+    without = agreement.layerwise_agreement(model, variables, int_model, images,
+                                            alignment={**alignment, "pool": {}})  # fmt: skip
     # Ties that float32 rounding put on the wrong side: 0.3 % of the pooled codes here (49).
     assert without[pool]["frac_differing"] > 0.001, without[pool]
 
@@ -167,22 +166,22 @@ def test_layerwise_comparison_detects_a_wrong_layer(setup, tf8):
     k = int_model.layer_names.index("Conv2d_5_pointwise")
     layers[k] = dataclasses.replace(layers[k], shift=np.asarray(layers[k].shift) + 1)
     broken = dataclasses.replace(int_model, layers=tuple(layers))
-    lw = compare.layerwise_agreement(qmodel.model, qmodel.variables, broken, setup[3])
+    lw = agreement.layerwise_agreement(qmodel.model, qmodel.variables, broken, setup[3])
     assert lw["Conv2d_5_pointwise"]["max_lsb"] > 1
     assert lw["Conv2d_5_depthwise"]["max_lsb"] <= 1 and lw["Conv2d_6_depthwise"]["max_lsb"] <= 1
     # The top-1 disagreements it causes are attributed to that layer.
-    found = compare.locate_disagreements(qmodel.model, qmodel.variables, broken, setup[3])
+    found = agreement.locate_disagreements(qmodel.model, qmodel.variables, broken, setup[3])
     culprits = [f["culprit"] for f in found if f["culprit"] is not None]
     assert len(culprits) >= 8 and set(culprits) == {"Conv2d_5_pointwise"}, found
 
 
 def test_tf8_end_to_end_top1(setup, tf8):
     qmodel, int_model = tf8
-    e2e = compare.end_to_end_agreement(qmodel.model, qmodel.variables, int_model, setup[3])
+    e2e = agreement.end_to_end_agreement(qmodel.model, qmodel.variables, int_model, setup[3])
     assert e2e["n"] == 16
     assert e2e["layers"]["Conv2d_0"]["max_lsb"] <= 1  # first layer: same input, same codes
     batch = {"image": setup[3], "label": np.zeros(16, np.int32), "mask": np.ones(16)}
-    report = compare.agreement_report(qmodel.model, qmodel.variables, int_model, [batch],
+    report = agreement.agreement_report(qmodel.model, qmodel.variables, int_model, [batch],
                                       reorder_check=True, float64_check=True)  # fmt: skip
     assert jnp.zeros(1).dtype == jnp.float32  # float64_check leaves x64 off again
     # Full imagenet_val500 numbers: README / report. Disagreements are 8-bit logit ties.
@@ -218,33 +217,40 @@ def test_tf8_end_to_end_top1(setup, tf8):
     assert max(f64["layerwise_frac_differing"].values()) > 0, f64  # plain: TFLite's rounding
 
 
-def test_compare_command_on_an_exported_model(setup, tf8, data_dir, tmp_path, capsys):
-    from qfsep_jax.train import save_quantized
+def test_agreement_job_on_an_exported_model(setup, tf8, data_dir, tmp_path, capsys):
+    from configs import agreement as agreement_config
+    from qfsep_jax.jobs import agreement as agreement_job
+    from qfsep_jax.quantized import save_quantized
 
     qmodel, _ = tf8
     save_quantized(qmodel, str(tmp_path / "exported"))
-    out = tmp_path / "report.json"
-    compare.main(["--quantized_model", str(tmp_path / "exported"), "--data_dir", data_dir,
-                  "--image_size", str(SIZE), "--limit", "8", "--batch_size", "8",
-                  "--out", str(out)])  # fmt: skip
-    report = json.loads(out.read_text())
+    config = agreement_config.get_config()
+    config.source = f"quantized:{tmp_path / 'exported'}"
+    config.data_dir, config.image_size, config.limit, config.eval_batch_size = (
+        data_dir, SIZE, 8, 8)  # fmt: skip
+    config.locate = config.reorder_check = config.float64_check = False
+    workdir = tmp_path / "report"
+    agreement_job.run(config, str(workdir))
+    report = json.loads((workdir / "report.json").read_text())
     assert report["n"] == 8 and report["model"] == str(tmp_path / "exported"), report
     assert report["recipe"]["zero_variance_fix"] and report["calibration_images"] is None
     assert report["eval_data"] == "folder:imagenet_val500"
     assert report["label_space"] == "imagenet1001"  # no training run's config next to the export
-    png = (tmp_path / "report_margins.png").read_bytes()
+    png = (workdir / "report_margins.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "wrote " in capsys.readouterr().out
-    summary = tmp_path / "summary.json"
-    compare.main(["--summarize", str(out), str(out), "--out", str(summary)])
-    rows = json.loads(summary.read_text())["rows"]
-    assert len(rows) == 2 and rows[0]["recipe"] == "exported (QAT)" and rows[0]["n"] == 8, rows
+    assert "fine logits: top-1 integer" in capsys.readouterr().out
+    summary = agreement_config.get_config("summary")
+    summary.reports = (str(workdir / "report.json"), str(tmp_path / "*" / "report.json"))
+    agreement_job.run(summary, str(tmp_path / "summary"))
+    rows = json.loads((tmp_path / "summary" / "summary.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["recipe"] == "exported (QAT)" and rows[0]["n"] == 8, rows
     assert rows[0]["top1_agreement_fine"] == report["top1_agreement_fine"]
     assert rows[0]["run"]["cores"] >= 1
     with pytest.raises(ValueError, match="not an agreement report"):
-        compare.summarize_reports([str(tmp_path / "exported" / "model.json")])
-    with pytest.raises(SystemExit):  # a PTQ recipe and an exported model exclude each other
-        compare.main(["--quantized_model", str(tmp_path / "exported"), "--recipe", "per_channel"])
+        agreement_job.summarize_reports([str(tmp_path / "exported" / "model.json")])
+    config.source = "exported:somewhere"
+    with pytest.raises(ValueError, match="'trained:...', 'quantized:...'"):
+        agreement_job.run(config, str(tmp_path / "bad"))
 
 
 def test_float64_simulation_is_free_of_summation_order(setup, tf8):
@@ -253,12 +259,12 @@ def test_float64_simulation_is_free_of_summation_order(setup, tf8):
     # op of the float64 simulation silently ran in float32.
     qmodel, int_model = tf8
     model, variables = folded(qmodel.model, qmodel.variables)
-    scale = intpass.output_qparams(int_model)[int_model.layer_names[-1]][0]
-    variables64 = compare._float64_variables(variables)
-    codes = intpass.quantize_input(int_model, setup[3])
+    scale = integer.output_qparams(int_model)[int_model.layer_names[-1]][0]
+    variables64 = agreement._float64_tree(variables)
+    codes = integer.quantize_input(int_model, setup[3])
     shift, lax_ = (
-        compare._sim_pre_quant_float64(model.clone(depthwise_impl=impl), variables64, int_model,
-                                       codes)
+        agreement._sim_pre_quant_float64(model.clone(depthwise_impl=impl), variables64, None,
+                                         int_model, codes)
         for impl in ("shift", "lax")
     )  # fmt: skip
     assert shift.dtype == np.float64
@@ -267,21 +273,21 @@ def test_float64_simulation_is_free_of_summation_order(setup, tf8):
 
 def test_int8_per_channel_scheme(setup):
     qmodel = _ptq(setup, "int8_per_channel")
-    int_model = intpass.from_quantized(qmodel)
+    int_model = integer.from_quantized(qmodel)
     assert int_model.dtype == "int8"
     first = int_model.layer("Conv2d_0")
     assert first.weight.dtype == np.int8 and int(np.abs(first.weight).max()) <= 127
     assert np.all(np.asarray(first.weight_zero_point) == 0)
     assert len(set(np.asarray(first.multiplier).tolist())) > 1  # per-channel multipliers
     batch = {"image": setup[3], "mask": np.ones(16)}
-    report = compare.agreement_report(qmodel.model, qmodel.variables, int_model, [batch],
+    report = agreement.agreement_report(qmodel.model, qmodel.variables, int_model, [batch],
                                       labels=False)  # fmt: skip
     assert max(report["layerwise_max_lsb"].values()) == 1, report
     # Per-class accumulator scales, one fine-logit grid: the classifier alone agrees exactly.
     assert report["top1_agreement_fine_same_input"] == 1.0, report
     assert report["fine_logit_error_same_input_lsb"] < 0.01, report
     x = jnp.zeros((1, SIZE, SIZE, 3), jnp.int8)
-    assert float_ops(jax.make_jaxpr(lambda m, x: intpass.forward(m, x, True))(int_model, x)) == []
+    assert float_ops(jax.make_jaxpr(lambda m, x: integer.forward(m, x, True))(int_model, x)) == []
 
 
 def test_unfolded_qat_style_model(setup):
@@ -309,13 +315,13 @@ def test_unfolded_qat_style_model(setup):
     )
     new = calibrate(variables, images)
     variables = {**variables, **new}
-    int_model = intpass.from_variables(model, variables)
+    int_model = integer.from_variables(model, variables)
     assert int_model.layer("Conv2d_1_depthwise").activation == "none"
-    lw = compare.layerwise_agreement(model, variables, int_model, images)
+    lw = agreement.layerwise_agreement(model, variables, int_model, images)
     assert max(v["max_lsb"] for v in lw.values()) <= 1, lw
     with pytest.raises(ValueError, match="quant_ranges"):
-        intpass.from_variables(model, {k: v for k, v in variables.items()
+        integer.from_variables(model, {k: v for k, v in variables.items()
                                        if k != "quant_ranges"})  # fmt: skip
     with pytest.raises(ValueError, match="dynamic"):
-        intpass.from_variables(model.clone(quant=QuantConfig(dynamic_activation_ranges=True)),
+        integer.from_variables(model.clone(quant=QuantConfig(dynamic_activation_ranges=True)),
                                variables)  # fmt: skip

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TFLITE_MODEL, require
+from fixtures.synthetic_tflite import split_tflite
 
-from qfsep_jax import intpass
-from qfsep_jax.intpass import kernels
-from qfsep_jax.intpass.synthetic import split_tflite
+from qfsep_jax import integer
+from qfsep_jax.integer import align, kernels
 
 RNG = np.random.default_rng(1234)
 
@@ -148,9 +148,9 @@ def test_two_step_rounding_is_one_rounding_with_a_moved_threshold(rule):
     acc = RNG.integers(-(2**20), 2**20, n).astype(np.int32)
     m0 = RNG.integers(2**30, 2**31, n).astype(np.int32)
     shift = RNG.integers(-12, 1, n).astype(np.int32)
-    layer = intpass.IntLayer(None, None, None, None, shift, name="c")
-    int_model = intpass.IntModel((layer,), 1.0, 0, rounding=intpass.Rounding(rule, rule))
-    pos, neg = intpass.rounding_offsets(int_model)["c"]
+    layer = integer.IntLayer(None, None, None, None, shift, name="c")
+    int_model = integer.IntModel((layer,), 1.0, 0, rounding=integer.Rounding(rule, rule))
+    pos, neg = align.rounding_offsets(int_model)["c"]
     right = np.maximum(-shift, 0)
     np.testing.assert_array_equal(pos, np.where((right > 0) & (rule != "single"),
                                                 0.5 ** (right + 1), 0.0))  # fmt: skip
@@ -290,12 +290,12 @@ def _classifier(per_channel: bool, activation: str, cin=64, classes=400, seed=7)
         kernels.conv_multiplier(s_in, w_scale, s_out, per_channel)
     )
     act_min, act_max = kernels.activation_range(activation, s_out, z_out, 0, 255)
-    layer = intpass.IntLayer(
+    layer = integer.IntLayer(
         w, w_zp, bias, m0, shift, name="Logits", kind="conv", input_zero_point=0,
         output_zero_point=z_out, act_min=act_min, act_max=act_max, activation=activation,
         input_scale=s_in, output_scale=s_out, weight_scale=tuple(map(float, w_scale)),
     )  # fmt: skip
-    model = intpass.IntModel((layer,), s_in, 0)
+    model = integer.IntModel((layer,), s_in, 0)
     q = rng.integers(0, 256, (48, 1, 1, cin)).astype(np.uint8)
     return model, q
 
@@ -305,10 +305,10 @@ def _classifier(per_channel: bool, activation: str, cin=64, classes=400, seed=7)
 def test_fine_logits_match_accumulators(per_channel, activation):
     model, q = _classifier(per_channel, activation)
     layer = model.layers[0]
-    bits = intpass.FINE_LOGIT_BITS
-    fine, inter = intpass.run(model, q, True, fine_logits=True)
+    bits = integer.FINE_LOGIT_BITS
+    fine, inter = integer.run(model, q, True, fine_logits=True)
     assert fine.dtype == jnp.int32 and fine.shape == (48, 400)
-    codes = np.asarray(intpass.run(model, q), np.int64)
+    codes = np.asarray(integer.run(model, q), np.int64)
     # The 8-bit codes (TFLite's output) are untouched by the fine path.
     np.testing.assert_array_equal(np.asarray(inter["Logits"]).reshape(48, 400), codes)
     # Exactly the definition: round(acc * M0 * 2^(shift + bits) / 2^31) of the int32 accumulators.
@@ -345,21 +345,21 @@ def test_fine_logits_match_accumulators(per_channel, activation):
     np.testing.assert_array_equal(np.argmax(fine, -1)[clear], np.argmax(real, -1)[clear])
     # logits_fn (evaluation, Table 1's int_top1) scores the fine logits unless told otherwise.
     images = (q.astype(np.float32) - model.input_zero_point) * np.float32(model.input_scale)
-    np.testing.assert_array_equal(intpass.logits_fn(model)(images), fine)
-    np.testing.assert_array_equal(intpass.logits_fn(model, fine=False)(images), codes)
-    deq = np.asarray(intpass.dequantize_fine_logits(model, fine))
-    np.testing.assert_allclose(deq, fine * intpass.fine_logit_scale(model), rtol=1e-6)
-    assert intpass.fine_logit_scale(model) == np.float32(0.13) / 2**bits
+    np.testing.assert_array_equal(integer.logits_fn(model)(images), fine)
+    np.testing.assert_array_equal(integer.logits_fn(model, fine=False)(images), codes)
+    deq = np.asarray(integer.dequantize_fine_logits(model, fine))
+    np.testing.assert_allclose(deq, fine * integer.fine_logit_scale(model), rtol=1e-6)
+    assert integer.fine_logit_scale(model) == np.float32(0.13) / 2**bits
 
 
 def test_fine_logits_need_a_classifier_in_range():
     model, q = _classifier(True, "none")
-    pool = intpass.IntLayer(None, None, None, None, None, name="AvgPool_1a", kind="avgpool")
+    pool = integer.IntLayer(None, None, None, None, None, name="AvgPool_1a", kind="avgpool")
     with pytest.raises(ValueError, match="conv layer"):
-        intpass.run(dataclasses.replace(model, layers=model.layers + (pool,)), q, fine_logits=True)
+        integer.run(dataclasses.replace(model, layers=model.layers + (pool,)), q, fine_logits=True)
     big = dataclasses.replace(model.layers[0], shift=np.full(400, 15, np.int32))
     with pytest.raises(ValueError, match="fine logits"):
-        intpass.run(dataclasses.replace(model, layers=(big,)), q, fine_logits=True)
+        integer.run(dataclasses.replace(model, layers=(big,)), q, fine_logits=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -404,18 +404,18 @@ def test_float_op_walker_catches_floats():
 
 @pytest.fixture(scope="module")
 def official():
-    return intpass.from_tflite(require(TFLITE_MODEL))
+    return integer.from_tflite(require(TFLITE_MODEL))
 
 
-@pytest.mark.parametrize("rounding", list(intpass.ROUNDING_PRESETS))
+@pytest.mark.parametrize("rounding", list(integer.ROUNDING_PRESETS))
 def test_integer_body_has_no_float_op(official, rounding):
     model = official.with_rounding(rounding)
     x = jnp.zeros((2, 128, 128, 3), jnp.uint8)
-    jaxpr = jax.make_jaxpr(lambda m, x: intpass.forward(m, x, True))(model, x)
+    jaxpr = jax.make_jaxpr(lambda m, x: integer.forward(m, x, True))(model, x)
     assert float_ops(jaxpr) == []
     assert len(jaxpr.jaxpr.eqns) > 100  # the walk saw the whole network
     # The fine-logit path (the classifier's accumulators, requantized in 64 bits) as well.
-    fine = jax.make_jaxpr(lambda m, x: intpass.forward(m, x, True, fine_logits=True))(model, x)
+    fine = jax.make_jaxpr(lambda m, x: integer.forward(m, x, True, fine_logits=True))(model, x)
     assert float_ops(fine) == []
     assert fine.out_avals[0].dtype == jnp.int32 and fine.out_avals[0].shape == (2, 1001)
     assert len(fine.jaxpr.eqns) > len(jaxpr.jaxpr.eqns) + 10  # ... and saw the extra ops
@@ -437,7 +437,7 @@ def test_official_model_structure(official):
     assert first.weight.shape == (3, 3, 3, 8) and first.weight.dtype == np.uint8
     assert official.layer("Logits").out_channels == 1001
     assert official.layer("AvgPool_1a").window == (4, 4)
-    logits, inter = intpass.run(official, np.zeros((2, 128, 128, 3), np.uint8), True)
+    logits, inter = integer.run(official, np.zeros((2, 128, 128, 3), np.uint8), True)
     assert logits.shape == (2, 1001) and logits.dtype == jnp.uint8
     assert list(inter) == names
 
@@ -445,14 +445,14 @@ def test_official_model_structure(official):
 def test_bad_files_give_clear_errors(tmp_path):
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(os.urandom(2000))
-    with pytest.raises(intpass.TFLiteImportError, match="not a TensorFlow Lite flatbuffer"):
-        intpass.from_tflite(str(garbage))
+    with pytest.raises(integer.TFLiteImportError, match="not a TensorFlow Lite flatbuffer"):
+        integer.from_tflite(str(garbage))
     truncated = tmp_path / "truncated.tflite"
     truncated.write_bytes(open(require(TFLITE_MODEL), "rb").read()[:5000])
-    with pytest.raises(intpass.TFLiteImportError, match="malformed|not a TensorFlow Lite"):
-        intpass.from_tflite(str(truncated))
+    with pytest.raises(integer.TFLiteImportError, match="malformed|not a TensorFlow Lite"):
+        integer.from_tflite(str(truncated))
     with pytest.raises(FileNotFoundError):
-        intpass.from_tflite(str(tmp_path / "missing.tflite"))
+        integer.from_tflite(str(tmp_path / "missing.tflite"))
 
 
 def test_unrelated_float_model_is_rejected(tmp_path):
@@ -461,8 +461,8 @@ def test_unrelated_float_model_is_rejected(tmp_path):
     model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3)])
     path = tmp_path / "float.tflite"
     path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    with pytest.raises(intpass.TFLiteImportError, match="float32"):
-        intpass.from_tflite(str(path))
+    with pytest.raises(integer.TFLiteImportError, match="float32"):
+        integer.from_tflite(str(path))
 
 
 def test_head_must_fit_backbone(tmp_path):
@@ -470,35 +470,35 @@ def test_head_must_fit_backbone(tmp_path):
     path = require(TFLITE_MODEL)
     bb, hd = str(tmp_path / "bb.tflite"), str(tmp_path / "hd.tflite")
     split_tflite(path, bb, hd, "MobilenetV1/Logits/AvgPool_1a/AvgPool")
-    pair = intpass.from_tflite(bb, hd)
-    whole = intpass.from_tflite(path)
+    pair = integer.from_tflite(bb, hd)
+    whole = integer.from_tflite(path)
     assert pair.layer_names == whole.layer_names
     assert [t[1] for t in pair.tensor_map] == [0] * 28 + [1, 1]  # the head holds the logits
     for a, b in zip(pair.layers, whole.layers, strict=True):
         assert a.name == b.name and (a.weight is None or np.array_equal(a.weight, b.weight))
-    with pytest.raises(intpass.TFLiteImportError, match="does not match the backbone"):
-        intpass.from_tflite(bb, bb)  # a backbone is no head for itself
-    with pytest.raises(intpass.TFLiteImportError, match="cannot take a head"):
-        intpass.from_tflite(path, hd)
+    with pytest.raises(integer.TFLiteImportError, match="does not match the backbone"):
+        integer.from_tflite(bb, bb)  # a backbone is no head for itself
+    with pytest.raises(integer.TFLiteImportError, match="cannot take a head"):
+        integer.from_tflite(path, hd)
 
 
 def test_quantize_and_dequantize_helpers(official):
     images = np.linspace(-1, 1, 2 * 128 * 128 * 3, dtype=np.float32).reshape(2, 128, 128, 3)
-    q = intpass.quantize_input(official, images)
+    q = integer.quantize_input(official, images)
     assert q.dtype == jnp.uint8 and int(q.min()) == 0 and int(q.max()) == 255
-    assert int(intpass.quantize_input(official, np.zeros((1, 1, 1, 1)))[0, 0, 0, 0]) == 128
-    logits, inter = intpass.run(official, q, True)
-    real = intpass.dequantize_logits(official, logits)
-    scale, zp = intpass.output_qparams(official)["Logits"]
+    assert int(integer.quantize_input(official, np.zeros((1, 1, 1, 1)))[0, 0, 0, 0]) == 128
+    logits, inter = integer.run(official, q, True)
+    real = integer.dequantize_logits(official, logits)
+    scale, zp = integer.output_qparams(official)["Logits"]
     np.testing.assert_allclose(real, scale * (np.asarray(logits, np.float32) - zp))
-    deq = intpass.dequantize_intermediates(official, inter)
+    deq = integer.dequantize_intermediates(official, inter)
     assert set(deq) == set(inter) and deq["Conv2d_0"].dtype == jnp.float32
     # Fine logits: every layer's codes unchanged; within half an LSB (and the codes' first
     # rounding) of the dequantized codes where they are not clamped.
-    fine, inter_fine = intpass.run(official, q, True, fine_logits=True)
+    fine, inter_fine = integer.run(official, q, True, fine_logits=True)
     assert all(np.array_equal(inter_fine[k], inter[k]) for k in inter)
     unclamped = (np.asarray(logits) > 0) & (np.asarray(logits) < 255)
-    real_fine = np.asarray(intpass.dequantize_fine_logits(official, fine))
+    real_fine = np.asarray(integer.dequantize_fine_logits(official, fine))
     assert np.all(np.abs(real_fine - np.asarray(real))[unclamped] <= scale * (0.5 + 2**-8))
     with pytest.raises(ValueError, match="uint8 codes"):
-        intpass.run(official, images)
+        integer.run(official, images)

@@ -23,8 +23,9 @@ import os
 import jax
 import numpy as np
 
-from qfsep_jax.intpass import kernels
-from qfsep_jax.intpass.model import POOL_NAME, IntLayer, IntModel, Rounding, forward, parse_rounding
+from qfsep_jax.integer import kernels
+from qfsep_jax.integer.inference import forward
+from qfsep_jax.integer.types import POOL_NAME, IntLayer, IntModel, Rounding, parse_rounding
 
 _ACTIVATIONS = {0: "none", 1: "relu", 2: "relu_n1_to_1", 3: "relu6"}
 _PADDINGS = {0: "SAME", 1: "VALID"}

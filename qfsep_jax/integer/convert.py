@@ -1,0 +1,291 @@
+"""Conversion of this project's quantized MobileNetV1 (PTQ or QAT) to an :class:`IntModel`.
+
+:func:`from_variables` / :func:`from_quantized` quantize the weights with the very ranges and
+primitives the ``fake`` simulation uses, biases to int32 and multipliers as TFLite forms them;
+:func:`float_variables` goes back (the float network the integer model computes, for
+benchmarks). ``.tflite`` files convert with :func:`qfsep_jax.integer.tflite_import.from_tflite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qfsep_jax.integer import kernels
+from qfsep_jax.integer.types import POOL_NAME, IntLayer, IntModel, Rounding, parse_rounding
+from qfsep_jax.models.layers import ConvLayer
+from qfsep_jax.models.names import layer_path
+from qfsep_jax.quant.fold import folded
+from qfsep_jax.quant.numerics import check_range, qparams, quantize, round_half_away_from_zero
+from qfsep_jax.quant.scheme import weight_range
+from qfsep_jax.tree_utils import subtree
+
+
+@dataclasses.dataclass
+class _ConvRecord:
+    path: tuple[str, ...]
+    module: Any
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...] | None = None
+
+
+def _trace_conv_layers(model, variables, image_size: int = 64) -> list[_ConvRecord]:
+    """Every ConvLayer call of the model's ``fake`` pass, in execution order (shapes only)."""
+    records: list[_ConvRecord] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, ConvLayer) and context.method_name == "__call__":
+            rec = _ConvRecord(tuple(context.module.path), context.module, tuple(args[0].shape))
+            out = next_fun(*args, **kwargs)
+            rec.out_shape = tuple(out.shape)
+            records.append(rec)
+            return out
+        return next_fun(*args, **kwargs)
+
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda v, x: model.apply(v, x, quant_mode="fake"), variables, images)
+    return records
+
+
+def _act_qparams(ranges: dict, path: tuple[str, ...], int_range) -> tuple[float, int]:
+    node = subtree(ranges, path, "quant_ranges")
+    name = "/".join(path)
+    check_range(name, node["min"], node["max"])
+    scale, zp = qparams(node["min"], node["max"], int_range)
+    return float(scale), int(zp)
+
+
+def from_variables(
+    model, variables: dict, rounding: str | Rounding = "reference", check: bool = True
+) -> IntModel:
+    """Converts a quantized :class:`~qfsep_jax.models.mobilenet_v1.MobileNetV1` to an IntModel.
+
+    Works for post-training-quantized and QAT models alike: ``variables`` must hold
+    ``quant_ranges`` (calibrated activation ranges); an unfolded model (``bn_folded=False``) has
+    its BN folded with :func:`qfsep_jax.quant.fold.fold_batch_norm` first. Weights are quantized
+    with the very ranges and primitives the ``fake`` pass uses (:func:`weight_range`,
+    :func:`qparams`, :func:`quantize`), biases to int32 with scale ``S_in * S_w``, multipliers as
+    TFLite forms them (:func:`kernels.conv_multiplier`, :func:`kernels.quantize_multiplier`).
+    The layer structure (strides, activations, order) is read from the model's own ``fake`` pass.
+    A channel whose int32 bias would not fit (tiny weights, e.g. a dead channel under per-channel
+    scales) gets a wider weight scale, as TFLite's converter does (logged; its weights were ~0).
+    ``rounding``: see :data:`ROUNDING_PRESETS` (default ``reference``: TFLite's gemmlowp rounding).
+    """
+    quant = model.quant
+    if quant is None:
+        raise ValueError("from_variables needs a model built with quant=QuantConfig(...)")
+    if quant.dynamic_activation_ranges:
+        raise ValueError(
+            "dynamic_activation_ranges models quantize each input with its own range; an "
+            "integer-only model needs static (calibrated) activation ranges"
+        )
+    if "quant_ranges" not in variables:
+        raise ValueError("variables have no 'quant_ranges': calibrate (PTQ) or train (QAT) first")
+    model, variables = folded(model, variables)
+    variables = jax.tree.map(np.asarray, variables)
+    params, ranges = variables["params"], variables["quant_ranges"]
+    act_range, w_range = quant.act_int_range, quant.weight_int_range
+    dtype = "uint8" if act_range.qmin == 0 else "int8"
+    w_dtype = np.uint8 if w_range.qmin == 0 else np.int8
+
+    records = _trace_conv_layers(model, variables)
+    kernels_f = [np.asarray(subtree(params, rec.path, "params")["kernel"], np.float32)
+                 for rec in records]  # fmt: skip
+    w_codes, w_scales, w_zps = _quantize_kernels(kernels_f, quant)
+    in_scale, in_zp = _act_qparams(ranges, ("input_quant",), act_range)
+    layers: list[IntLayer] = []
+    prev_scale, prev_zp, prev_shape = in_scale, in_zp, None
+    for k, rec in enumerate(records):
+        mod = rec.module
+        name = "_".join(rec.path)
+        if prev_shape is not None and rec.in_shape[1:3] != prev_shape[1:3]:
+            if rec.in_shape[1:3] != (1, 1):
+                raise ValueError(f"unexpected spatial change before {name}: {prev_shape}")
+            # MobileNetV1 global-average-pools and re-rounds to the last layer's grid.
+            layers.append(
+                IntLayer(
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    name=POOL_NAME,
+                    kind="avgpool",
+                    window=None,
+                    padding="VALID",
+                    input_zero_point=prev_zp,
+                    output_zero_point=prev_zp,
+                    act_min=act_range.qmin,
+                    act_max=act_range.qmax,
+                    input_scale=prev_scale,
+                    output_scale=prev_scale,
+                )  # fmt: skip
+            )
+        if not mod.quantize_output:
+            raise ValueError(f"layer {name} has no output quantizer; cannot run integer-only")
+        out_scale, out_zp = _act_qparams(ranges, rec.path + ("act_quant",), act_range)
+        kernel = kernels_f[k]
+        cout = kernel.shape[-1]
+        node = subtree(params, rec.path, "params")
+        bias = np.asarray(node.get("bias", np.zeros(cout)), np.float32)
+        w_q = np.asarray(w_codes[k]).astype(w_dtype)
+        w_scale = np.broadcast_to(np.asarray(w_scales[k], np.float32), (cout,))
+        w_zp = np.broadcast_to(np.asarray(w_zps[k], np.int32), (cout,)).copy()
+        w_scale, w_q, w_zp, widened = _fit_bias(kernel, bias, w_scale, w_q, w_zp, prev_scale,
+                                                w_range)  # fmt: skip
+        if widened:
+            logging.warning("%s: widened the weight scale of channels %s so that their int32 "
+                            "bias fits (as TFLite's converter does)", name, widened)  # fmt: skip
+        bias_scale = (np.float32(prev_scale) * w_scale).astype(np.float64)
+        bias_q = round_half_away_from_zero(bias.astype(np.float64) / bias_scale).astype(np.int32)
+        real_m = kernels.conv_multiplier(
+            prev_scale, w_scale, out_scale, per_channel=quant.per_channel_weights or widened != []
+        )
+        m0, shift = kernels.quantize_multiplier(real_m)
+        act_min, act_max = kernels.activation_range(
+            mod.activation, out_scale, out_zp, act_range.qmin, act_range.qmax
+        )
+        kind = "depthwise" if mod.depthwise else "conv"
+        if mod.depthwise:
+            w_q = w_q.reshape(kernel.shape[0], kernel.shape[1], cout)
+        layers.append(
+            IntLayer(
+                w_q,
+                w_zp,
+                bias_q,
+                m0,
+                shift,
+                name=name,
+                kind=kind,
+                stride=int(mod.stride),
+                padding="SAME",
+                input_zero_point=prev_zp,
+                output_zero_point=out_zp,
+                act_min=act_min,
+                act_max=act_max,
+                activation=mod.activation,
+                input_scale=prev_scale,
+                output_scale=out_scale,
+                weight_scale=tuple(float(s) for s in w_scale),
+            )  # fmt: skip
+        )
+        prev_scale, prev_zp, prev_shape = out_scale, out_zp, rec.out_shape
+    int_model = IntModel(
+        tuple(layers), in_scale, in_zp, dtype, parse_rounding(rounding),
+        source=f"MobileNetV1(width={model.width_multiplier}, block={model.block}, "
+        f"scheme={quant.scheme}, per_channel={quant.per_channel_weights})",
+    )  # fmt: skip
+    if check:
+        check_accumulator_range(int_model)
+    return int_model
+
+
+_BIAS_LIMIT = 2**30  # int32 bias codes stay within ±2^30, leaving headroom for the sum
+
+
+def _fit_bias(kernel, bias, w_scale, w_q, w_zp, input_scale, w_range):
+    """Widens per-channel weight scales whose int32 bias ``b / (S_in S_w)`` would not fit.
+
+    A near-dead channel (tiny weights after BN folding) gets a tiny weight scale, and its bias
+    code can exceed int32. Like TFLite's converter, the channel's weight scale is raised until
+    ``|bias| / (S_in S_w) <= 2^30`` and its weights are re-quantized (to ~0: they were tiny).
+    Returns ``(w_scale, w_q, w_zp, widened channel indices)``.
+    """
+    need = np.abs(bias.astype(np.float64)) / (np.float64(input_scale) * _BIAS_LIMIT)
+    widen = np.flatnonzero(w_scale.astype(np.float64) < need)
+    if widen.size == 0:
+        return w_scale, w_q, w_zp, []
+    w_scale, w_q, w_zp = w_scale.copy(), w_q.copy(), w_zp.copy()
+    flat = kernel.reshape(-1, kernel.shape[-1])
+    codes = w_q.reshape(-1, w_q.shape[-1])
+    for c in widen:
+        # A larger scale with the same zero point covers the old range (and keeps 0 exact).
+        scale = np.float32(need[c] * 1.001)
+        q = round_half_away_from_zero(flat[:, c].astype(np.float64) / np.float64(scale)) + w_zp[c]
+        codes[:, c] = np.clip(q, w_range.qmin, w_range.qmax)
+        w_scale[c] = scale
+    return w_scale, codes.reshape(w_q.shape), w_zp, widen.tolist()
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_kernels(kernels_f: list, quant) -> tuple[list, list, list]:
+    """Weight codes, scales and zero points of every kernel, as ``fake_quant_weights`` rounds.
+
+    One jitted call for all layers (eager per-layer calls would compile per shape).
+    """
+    codes, scales, zps = [], [], []
+    for kernel in kernels_f:
+        lo, hi = weight_range(kernel, quant)
+        scale, zp = qparams(lo, hi, quant.weight_int_range)
+        codes.append(quantize(kernel, scale, zp, quant.weight_int_range))
+        scales.append(scale)
+        zps.append(zp)
+    return codes, scales, zps
+
+
+def from_quantized(qmodel, rounding: str | Rounding = "reference") -> IntModel:
+    """Converts a :class:`qfsep_jax.quantized.QuantizedModel` (see :func:`from_variables`)."""
+    return from_variables(qmodel.model, qmodel.variables, rounding)
+
+
+def check_accumulator_range(int_model: IntModel) -> None:
+    """Raises if some layer's int32 accumulator could overflow for some input.
+
+    The bound is ``Σ|q_w - Z_w| * max|q_in - Z_in| + |bias|`` per output channel.
+    """
+    for layer in int_model.layers:
+        if layer.weight is None:
+            continue
+        w = np.asarray(layer.weight, np.int64) - np.asarray(layer.weight_zero_point, np.int64)
+        w = w.reshape(-1, w.shape[-1])
+        lo, hi = int_model.int_range
+        x_max = max(hi - layer.input_zero_point, layer.input_zero_point - lo)
+        bound = np.abs(w).sum(axis=0) * x_max + np.abs(np.asarray(layer.bias, np.int64))
+        if np.any(bound >= 2**31):
+            raise ValueError(
+                f"layer {layer.name}: int32 accumulator may overflow (bound {bound.max()})"
+            )
+
+
+def float_variables(int_model: IntModel) -> tuple[dict, dict]:
+    """Dequantized weights of a 13-block MobileNetV1 IntModel, for the same network in float.
+
+    Returns ``(model_kwargs, variables)`` for a BN-folded float
+    :class:`~qfsep_jax.models.mobilenet_v1.MobileNetV1` (kernel ``S_w (q_w - Z_w)``, bias
+    ``S_in S_w q_b``): the float pass of the very model the integer pass runs (benchmarks).
+    """
+    params: dict = {}
+    for layer in int_model.layers:
+        if layer.kind == "avgpool":
+            continue
+        path = layer_path(layer.name)
+        w_scale = np.asarray(layer.weight_scale, np.float32)
+        w = (np.asarray(layer.weight, np.float32) - np.asarray(layer.weight_zero_point)) * w_scale
+        if layer.kind == "depthwise":
+            w = w.reshape(w.shape[0], w.shape[1], 1, w.shape[2])
+        bias = np.asarray(layer.bias, np.float32) * np.float32(layer.input_scale) * w_scale
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = {"kernel": w, "bias": bias}
+    names = set(int_model.layer_names)
+    needed = {"Conv2d_0", "Conv2d_13_pointwise", "Logits"}
+    if not needed <= names:
+        raise ValueError(f"float_variables needs a 13-block MobileNetV1, missing {needed - names}")
+    kwargs = {
+        "num_classes": int_model.layer("Logits").out_channels,
+        "width_multiplier": int_model.layer("Conv2d_13_pointwise").out_channels / 1024,
+        "activation": int_model.layer("Conv2d_0").activation,
+        "block": "original" if int_model.layer("Conv2d_1_depthwise").activation != "none" else "qf",
+        "bn_folded": True,
+        "dropout_rate": 0.0,
+    }
+    return kwargs, {"params": params}

@@ -1,0 +1,77 @@
+"""What several jobs share: the official float model, quantized models from a source string."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import ml_collections
+
+from qfsep_jax import checkpointing, ptq
+from qfsep_jax.data.input import EvalInput, eval_input, resolve_path
+from qfsep_jax.importers.tfslim import load_tfslim
+from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+from qfsep_jax.quantized import PTQRecipe, QuantizedModel
+
+OFFICIAL_MODEL = "models/mobilenet_v1_1.0_224_retrained_graph.pb"  # relative to data_dir
+
+
+def load_official(
+    config: ml_collections.ConfigDict,
+) -> tuple[MobileNetV1, dict[str, Any], str]:
+    """The paper's float MobileNetV1 (TF-slim graph at ``config.model_path`` under ``data_dir``)
+    in inference mode: ``(model, variables, source)``."""
+    imported = load_tfslim(resolve_path(config.data_dir, config.get("model_path", OFFICIAL_MODEL)))
+    impl = config.get("depthwise_impl", "auto")
+    model = imported.model(depthwise_impl=impl, dropout_rate=0.0)
+    logging.info("model %s (%s)", imported.source, imported.model_kwargs)
+    return model, imported.variables, imported.source
+
+
+def calibration_input(config: ml_collections.ConfigDict) -> EvalInput:
+    """The first ``num_calibration_images`` of ``config.calibration_data`` (eval preprocessing)."""
+    return eval_input(config, config.calibration_data, limit=config.num_calibration_images)
+
+
+def quantize(
+    model: MobileNetV1,
+    variables: dict[str, Any],
+    recipe: PTQRecipe,
+    config: ml_collections.ConfigDict,
+    calib: EvalInput | None = None,
+) -> QuantizedModel:
+    """``recipe`` applied to a float model, calibrated on ``calib`` (default
+    :func:`calibration_input`)."""
+    calib = calib or calibration_input(config)
+    return ptq.quantize_post_training(
+        model, variables, recipe, calib.make, calib.num_batches,
+        zero_variance_threshold=config.get("zero_variance_threshold", 1e-10),
+        cle_iterations=config.get("cle_iterations", 20),
+    )  # fmt: skip
+
+
+def recipe_with_observer(name: str, config: ml_collections.ConfigDict) -> PTQRecipe:
+    """The named PTQ recipe with the config's activation range ``observer`` (if it sets one)."""
+    recipe = ptq.recipe_by_name(name)
+    observer = config.get("observer")
+    return dataclasses.replace(recipe, observer=observer) if observer else recipe
+
+
+def parse_source(source: str, kinds: tuple[str, ...]) -> tuple[str, str]:
+    """``"kind:value"`` → ``(kind, value)``, with an error that lists the allowed kinds."""
+    kind, sep, value = source.partition(":")
+    if not sep or kind not in kinds or not value:
+        raise ValueError(
+            f"source {source!r}: use one of " + ", ".join(f"'{k}:...'" for k in kinds)
+        )
+    return kind, value
+
+
+def run_config_of(directory: str) -> ml_collections.ConfigDict | None:
+    """The training config in ``directory`` or the run directory above an export in it."""
+    for d in (directory, os.path.dirname(os.path.abspath(directory))):
+        if os.path.isfile(os.path.join(d, "config.json")):
+            return checkpointing.load_run_config(d)
+    return None

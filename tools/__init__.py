@@ -1,0 +1,1 @@
+"""Benchmarks, profiles and the README's result collector (scripts, not library code)."""
