@@ -9,8 +9,8 @@ newest checkpoint, PTQ'd), ``--config.source=quantized:DIR`` (an exported model,
 ``quantized_model``). ``--config.snap_biases --config.sim_rounding`` compare against the
 simulation aligned with the integer arithmetic (int32 biases, TFLite's double rounding). The
 README's table comes from ``configs/agreement.py:summary`` over the reports in
-``results/agreement``. About 2 minutes per report with all checks on the 2-core CPU machine (500
-images of ``imagenet_val500``).
+``results/agreement``. About 4 minutes per report at 224 px with all checks on the 2-core CPU
+machine (500 images of ``imagenet_val500``).
 """
 
 import ml_collections
@@ -34,7 +34,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # None: the training run's (trained/quantized sources), else 224 px and imagenet1001
     c.image_size = ml_collections.config_dict.placeholder(int)
     c.label_space = ml_collections.config_dict.placeholder(str)
-    c.rounding = "reference"  # the integer pass's requantization rounding (integer.ROUNDING_PRESETS)
+    c.rounding = "reference"  # requantization rounding: integer.ROUNDING_PRESETS
     c.snap_biases = False  # simulation with the integer model's int32 biases
     c.sim_rounding = False  # simulation with the integer model's requantization rounding
     c.locate = True  # attribute each top-1 disagreement to a layer
@@ -44,7 +44,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.depthwise_impl = "auto"
     c.reports = ()  # with :summary: globs of report JSONs to collect into workdir/summary.json
     if variant == "summary":
-        c.reports = ("results/agreement/*.json", "results/agreement/*/report.json")
+        tags = ["qat_tfslim", "per_channel", "tf8_zero_variance_fix", "qat_imagenette_original"]
+        variants = ("original", "qf_relu6", "qf_relu_l2dw", "qf_relu")
+        tags += [f"figure5_{v}_seed{seed}" for v in variants for seed in (0, 1)]
+        c.reports = tuple(f"results/agreement/{tag}{kind}/report.json"
+                          for kind in ("", "_modelled") for tag in tags)  # fmt: skip
     if variant == "smoke":
         c.limit = 8
         c.num_calibration_images = 8

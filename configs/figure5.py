@@ -12,11 +12,17 @@ preprocessing) and evaluated in float, 8-bit fake-quant and 8-bit integer-only o
 ``eval_data`` (Imagenette val), and its per-layer SQNR is measured on the first
 ``num_sqnr_images`` val images. ``--config.seeds='(0,1)'`` adds seeds.
 
-Expected (trained 2026-11-27, PTQ and evaluation rerun 2026-11-28, seed 0, on the 2-core CPU
-machine): about 20 min of training per variant when the machine is otherwise idle (~80 min for
-all four, plus under a minute per variant for PTQ, evaluation and SQNR); top-1 float / 8-bit
-fake-quant / 8-bit integer: original 70.75 / 63.85 / 64.08, qf_relu6 78.62 / 78.57 / 78.62,
-qf_relu 77.63 / 77.78 / 77.48, qf_relu_l2dw 77.91 / 77.58 / 78.01 (README, Figure 5).
+Expected time: about 20 min of training per variant and seed on the 2-core CPU machine when it
+runs alone, plus under a minute per variant for PTQ, evaluation and SQNR. Expected result:
+<!-- results:figure5_expected -->
+Expected (results/figure5/summary.json, measured 2026-11-28 06:50 UTC on AMD EPYC (2 cores)):
+original top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std over 2 seeds): 71.06 ±
+0.31 / 66.66 ± 2.82 / 66.78 ± 2.70; qf_relu6 top-1 % (float / 8-bit fake-quant / 8-bit integer,
+mean ± std over 2 seeds): 78.11 ± 0.51 / 78.03 ± 0.55 / 78.09 ± 0.54; qf_relu top-1 % (float /
+8-bit fake-quant / 8-bit integer, mean ± std over 2 seeds): 77.69 ± 0.06 / 77.87 ± 0.09 / 77.69
+± 0.22; qf_relu_l2dw top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std over 2
+seeds): 77.83 ± 0.08 / 77.80 ± 0.22 / 78.01 ± 0.00.
+<!-- /results:figure5_expected -->
 
 ``configs/figure5.py:tiny`` is the test-scale version (1 training step at 32 px, width 0.25, a
 few images): it checks the pipeline, its numbers mean nothing.

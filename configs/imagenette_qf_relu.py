@@ -14,9 +14,13 @@ Command:
 
 Expected time on the 2-core CPU machine: about 270-280 training images/s when it runs alone
 (about 20 min for the 30 epochs plus evaluation), 90-220 while other jobs share the machine.
-Expected accuracy (measured 2026-11-27 by the figure5 job, seed 0, all 3,925 val images):
-77.63 % float top-1; after TF8 per-tensor PTQ 77.73 % (fake-quant),
-77.45 % (integer-only). See README, Figure 5.
+Expected accuracy (the figure5 job, TF8 per-tensor PTQ):
+<!-- results:figure5_expected_qf_relu -->
+Expected (results/figure5/summary.json, measured 2026-11-28 06:50 UTC on AMD EPYC (2 cores)):
+qf_relu top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std over 2 seeds): 77.69 ±
+0.06 / 77.87 ± 0.09 / 77.69 ± 0.22.
+<!-- /results:figure5_expected_qf_relu -->
+See docs/figure5.md.
 """
 
 import ml_collections

@@ -9,11 +9,14 @@ Evaluates the official TF-slim float model on the 500 ImageNet validation images
 simulation for each PTQ row, with activation ranges calibrated (min/max) on the 1000 images of
 ``imagenet_calib1000``. Writes ``workdir/results.json``.
 
-Expected (measured 2026-11-28 on the 2-core AMD EPYC CPU machine): about 2 minutes when it runs
-alone (110 s), 4 with a training job sharing the machine; top-1 (fake-quant / integer-only)
-float 67.0, float_relu 54.0, tf8_per_tensor 5.6 / 5.6, tf8_zero_variance_fix 58.0 / 56.8,
-per_channel 66.8 / 66.4, cle_per_tensor 52.2 / 53.2, tf8_dynamic_ranges 6.4 (README: the table
-and what it means).
+Expected: about 2 minutes on the 2-core CPU machine when it runs alone (4 with a training job
+sharing it); docs/table1.md says what the rows mean.
+<!-- results:table1_expected -->
+Expected (results/table1/results.json, measured 2026-11-28 05:47 UTC on AMD EPYC (2 cores)):
+top-1 % (fake-quant / integer-only) on 500 images: float 67.0, float_relu 54.0, tf8_per_tensor
+5.6 / 5.6, tf8_zero_variance_fix 58.0 / 56.8, per_channel 66.8 / 66.4, cle_per_tensor 52.2 /
+53.2, tf8_dynamic_ranges 6.4.
+<!-- /results:table1_expected -->
 ``configs/reproduce_table1.py:smoke`` is a one-minute check (20 images, rows float and
 tf8_per_tensor); its numbers mean nothing.
 """

@@ -1,4 +1,4 @@
-"""Bit-exactness of the JAX integer-only pass against LiteRT (issue 3).
+"""Bit-exactness of the JAX integer-only pass against LiteRT, tensor by tensor.
 
     python launch/main.py --config configs/tflite_check.py --workdir /tmp/tflite_check
 

@@ -21,6 +21,8 @@ JOBS = {
     "train": "qfsep_jax.train:train_and_evaluate",
     "tflite_check": "qfsep_jax.jobs.tflite_check:run",
     "analyze": "qfsep_jax.jobs.analyze:run",
+    "figure5": "qfsep_jax.jobs.figure5:run",
+    "agreement": "qfsep_jax.jobs.agreement:run",
 }
 
 

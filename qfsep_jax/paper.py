@@ -6,7 +6,7 @@ Sheng et al. 2018). Figure values read off a plot carry that plot's precision.
 
 from __future__ import annotations
 
-# Published top-1 (%) on all 50k ImageNet val images, MobileNetV1 1.0/224 (see docs/paper.md).
+# Published top-1 (%) on all 50k ImageNet val images, MobileNetV1 1.0/224 (../shared/docs/paper.md).
 TABLE1_TOP1 = {
     "float": (70.50, "Sheng et al. 2018"),
     "tf8_per_tensor": (1.80, "Sheng et al. 2018"),
@@ -15,7 +15,7 @@ TABLE1_TOP1 = {
     "cle_per_tensor": (70.51, "Nagel et al. 2019, CLE + bias correction"),
 }
 
-# The paper's Figure 3 (docs/paper.md §4): α of the 32 channels of Conv2d_1_depthwise of the
+# The paper's Figure 3 (../shared/docs/paper.md §4): α of the 32 channels of Conv2d_1_depthwise of the
 # TF-slim float MobileNetV1 1.0/224, as printed (6 significant digits).
 FIG3_LAYER = "Conv2d_1_depthwise"
 FIG3_ALPHA = (
@@ -25,7 +25,7 @@ FIG3_ALPHA = (
     0.199664, 0.0595126, 0.461869, 0.339099, 0.229413,
 )  # fmt: skip
 
-# The paper's Figure 4 (docs/paper.md §3), values read off the plot (±1 dB at best), dB.
+# The paper's Figure 4 (../shared/docs/paper.md §3), values read off the plot (±1 dB at best), dB.
 FIG4_SQNR: dict[str, dict[str, float]] = {
     "original": {
         "Conv2d_0": 30, "Conv2d_1_depthwise": 12, "Conv2d_1_pointwise": 8,
@@ -48,7 +48,7 @@ FIG4_SQNR: dict[str, dict[str, float]] = {
 }  # fmt: skip
 
 # The paper's Figure 5 / Table 3: ImageNet2012 val top-1 (%) of MobileNetV1 1.0/224 with each
-# core-layer design, in float and after 8-bit post-training quantization (docs/paper.md §6).
+# core-layer design, in float and after 8-bit post-training quantization (../shared/docs/paper.md §6).
 FIG5_TOP1: dict[str, dict[str, float]] = {
     "original": {"float": 70.50, "8bit": 1.80},
     "qf_relu6": {"float": 70.55, "8bit": 61.50},

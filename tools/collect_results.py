@@ -27,6 +27,7 @@ import glob
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -117,6 +118,13 @@ def _measured(results: Mapping[str, Any]) -> str:
     return f" Measured {run['date']} on {run['cpu']} ({run['cores']} cores, {run['devices']})."
 
 
+def _expected(path: str, results: Mapping[str, Any], text: str) -> str:
+    """A config docstring's expected-result paragraph: where it comes from, then ``text``."""
+    run = results.get("run")
+    when = f", measured {run['date']} on {run['cpu']} ({run['cores']} cores)" if run else ""
+    return textwrap.fill(f"Expected ({path}{when}): {text}", width=96)
+
+
 def format_table1(results: Mapping[str, Any], path: str) -> dict[str, str]:
     """Table 1 rows (top-1/top-5, integer top-1 where measured) with the published numbers."""
     from qfsep_jax.paper import TABLE1_TOP1
@@ -138,7 +146,16 @@ def format_table1(results: Mapping[str, Any], path: str) -> dict[str, str]:
         f"{results['crop_fraction']}. Published numbers are on all 50,000 ImageNet val images."
         + _measured(results)
     )
-    return {"table1": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
+    scores = ", ".join(
+        f"{r['name']} {r['top1']:.1f}" + (f" / {r['int_top1']:.1f}" if "int_top1" in r else "")
+        for r in rows
+    )
+    expected = _expected(path, results, f"top-1 % (fake-quant / integer-only) on "
+                         f"{rows[0]['n']} images: {scores}.")  # fmt: skip
+    return {
+        "table1": "\n".join([_provenance(path), markdown_table(header, body), "", note]),
+        "table1_expected": expected,
+    }
 
 
 def format_analyze(results: Mapping[str, Any], path: str) -> dict[str, str]:
@@ -227,6 +244,15 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
     ]  # fmt: skip
     note = f"{summary['description']} Spread: ± population std over seeds." + _measured(summary)
     acc_md = "\n".join([_provenance(path), markdown_table(header, body), "", note])
+    expected = {}
+    for name, v in summary["variants"].items():
+        cells = [_mean_pm(v[k]) for k in ("float_top1", "fake_quant_top1", "integer_top1")
+                 if v.get(k)]  # fmt: skip
+        expected[name] = (f"{name} top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std "
+                          f"over {v['num_seeds']} seeds): " + " / ".join(cells))  # fmt: skip
+    tables = {"figure5_expected": _expected(path, summary, "; ".join(expected.values()) + ".")}
+    tables.update({f"figure5_expected_{n}": _expected(path, summary, t + ".")
+                   for n, t in expected.items()})  # fmt: skip
 
     sqnr = summary["sqnr"]
     variants = list(sqnr)
@@ -237,7 +263,7 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
         markdown_table(["layer"] + [f"`{v}`" for v in variants], body, digits=1),
         "", "Fake-quant SQNR in dB (mean over seeds), definition as in the analysis table.",
     ])  # fmt: skip
-    return {"figure5": acc_md, "figure5_sqnr": sqnr_md}
+    return {"figure5": acc_md, "figure5_sqnr": sqnr_md, **tables}
 
 
 def format_tflite_check(results: Mapping[str, Any], path: str) -> dict[str, str]:
@@ -365,7 +391,7 @@ def format_bench_depthwise(results: Mapping[str, Any], path: str) -> dict[str, s
     return {"bench_depthwise": "\n".join(parts + [note])}
 
 
-def format_qat(results: Mapping[str, Any], path: str) -> dict[str, str]:
+def format_qat(results: Mapping[str, Any], path: str, name: str = "qat") -> dict[str, str]:
     """One line: a QAT run's final fake-quant (QAT inference) and integer-only top-1."""
     if "eval_top1" not in results:
         raise ValueError(f"{path}: the QAT run has no final evaluation (eval_every_steps < 0?)")
@@ -376,7 +402,10 @@ def format_qat(results: Mapping[str, Any], path: str) -> dict[str, str]:
     if "eval_int_top1" in results:
         text += f", {results['eval_int_top1']:.2f} % in the integer-only pass"
     text += f", on {results['eval_images']} images."
-    return {"qat": "\n".join([_provenance(path), text + _measured(results)])}
+    return {
+        name: "\n".join([_provenance(path), text + _measured(results)]),
+        f"{name}_expected": _expected(path, results, text),
+    }
 
 
 def _pct(v: float | None, digits: int = 1) -> str:
@@ -441,6 +470,10 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
     "bench_train": ("bench/train.json", format_bench_train),
     "bench_depthwise": ("bench/depthwise.json", format_bench_depthwise),
     "qat": ("qat_imagenette_original_eval/results.json", format_qat),
+    "qat_tfslim": (
+        "qat_tfslim/results.json",
+        lambda results, path: format_qat(results, path, "qat_tfslim"),
+    ),
     "agreement": ("agreement/summary.json", format_agreement),
 }
 
@@ -483,9 +516,11 @@ def collect(
 
 
 def default_documents() -> list[str]:
-    """README.md and every page under docs/ (relative to the working directory)."""
+    """README.md, every page under docs/ and the config files, whose docstrings carry the
+    expected results (relative to the working directory)."""
     docs = sorted(glob.glob(os.path.join("docs", "*.md")))
-    return (["README.md"] if os.path.isfile("README.md") else []) + docs
+    configs = sorted(glob.glob(os.path.join("configs", "*.py")))
+    return (["README.md"] if os.path.isfile("README.md") else []) + docs + configs
 
 
 def main(argv: list[str] | None = None) -> int:

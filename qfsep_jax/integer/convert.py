@@ -21,7 +21,7 @@ import numpy as np
 from qfsep_jax.integer import kernels
 from qfsep_jax.integer.types import POOL_NAME, IntLayer, IntModel, Rounding, parse_rounding
 from qfsep_jax.models.layers import ConvLayer
-from qfsep_jax.models.names import layer_path
+from qfsep_jax.models.names import layer_path, tfslim_name
 from qfsep_jax.quant.fold import folded
 from qfsep_jax.quant.numerics import check_range, qparams, quantize, round_half_away_from_zero
 from qfsep_jax.quant.scheme import weight_range
@@ -79,23 +79,12 @@ def from_variables(
     scales) gets a wider weight scale, as TFLite's converter does (logged; its weights were ~0).
     ``rounding``: see :data:`ROUNDING_PRESETS` (default ``reference``: TFLite's gemmlowp rounding).
     """
+    _check_convertible(model, variables)
     quant = model.quant
-    if quant is None:
-        raise ValueError("from_variables needs a model built with quant=QuantConfig(...)")
-    if quant.dynamic_activation_ranges:
-        raise ValueError(
-            "dynamic_activation_ranges models quantize each input with its own range; an "
-            "integer-only model needs static (calibrated) activation ranges"
-        )
-    if "quant_ranges" not in variables:
-        raise ValueError("variables have no 'quant_ranges': calibrate (PTQ) or train (QAT) first")
     model, variables = folded(model, variables)
     variables = jax.tree.map(np.asarray, variables)
     params, ranges = variables["params"], variables["quant_ranges"]
-    act_range, w_range = quant.act_int_range, quant.weight_int_range
-    dtype = "uint8" if act_range.qmin == 0 else "int8"
-    w_dtype = np.uint8 if w_range.qmin == 0 else np.int8
-
+    act_range = quant.act_int_range
     records = _trace_conv_layers(model, variables)
     kernels_f = [np.asarray(subtree(params, rec.path, "params")["kernel"], np.float32)
                  for rec in records]  # fmt: skip
@@ -104,88 +93,97 @@ def from_variables(
     layers: list[IntLayer] = []
     prev_scale, prev_zp, prev_shape = in_scale, in_zp, None
     for k, rec in enumerate(records):
-        mod = rec.module
-        name = "_".join(rec.path)
+        name = tfslim_name(rec.path)
         if prev_shape is not None and rec.in_shape[1:3] != prev_shape[1:3]:
             if rec.in_shape[1:3] != (1, 1):
                 raise ValueError(f"unexpected spatial change before {name}: {prev_shape}")
             # MobileNetV1 global-average-pools and re-rounds to the last layer's grid.
-            layers.append(
-                IntLayer(
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    name=POOL_NAME,
-                    kind="avgpool",
-                    window=None,
-                    padding="VALID",
-                    input_zero_point=prev_zp,
-                    output_zero_point=prev_zp,
-                    act_min=act_range.qmin,
-                    act_max=act_range.qmax,
-                    input_scale=prev_scale,
-                    output_scale=prev_scale,
-                )  # fmt: skip
-            )
-        if not mod.quantize_output:
+            layers.append(_pool_layer(prev_scale, prev_zp, act_range))
+        if not rec.module.quantize_output:
             raise ValueError(f"layer {name} has no output quantizer; cannot run integer-only")
         out_scale, out_zp = _act_qparams(ranges, rec.path + ("act_quant",), act_range)
-        kernel = kernels_f[k]
-        cout = kernel.shape[-1]
-        node = subtree(params, rec.path, "params")
-        bias = np.asarray(node.get("bias", np.zeros(cout)), np.float32)
-        w_q = np.asarray(w_codes[k]).astype(w_dtype)
-        w_scale = np.broadcast_to(np.asarray(w_scales[k], np.float32), (cout,))
-        w_zp = np.broadcast_to(np.asarray(w_zps[k], np.int32), (cout,)).copy()
-        w_scale, w_q, w_zp, widened = _fit_bias(kernel, bias, w_scale, w_q, w_zp, prev_scale,
-                                                w_range)  # fmt: skip
-        if widened:
-            logging.warning("%s: widened the weight scale of channels %s so that their int32 "
-                            "bias fits (as TFLite's converter does)", name, widened)  # fmt: skip
-        bias_scale = (np.float32(prev_scale) * w_scale).astype(np.float64)
-        bias_q = round_half_away_from_zero(bias.astype(np.float64) / bias_scale).astype(np.int32)
-        real_m = kernels.conv_multiplier(
-            prev_scale, w_scale, out_scale, per_channel=quant.per_channel_weights or widened != []
-        )
-        m0, shift = kernels.quantize_multiplier(real_m)
-        act_min, act_max = kernels.activation_range(
-            mod.activation, out_scale, out_zp, act_range.qmin, act_range.qmax
-        )
-        kind = "depthwise" if mod.depthwise else "conv"
-        if mod.depthwise:
-            w_q = w_q.reshape(kernel.shape[0], kernel.shape[1], cout)
-        layers.append(
-            IntLayer(
-                w_q,
-                w_zp,
-                bias_q,
-                m0,
-                shift,
-                name=name,
-                kind=kind,
-                stride=int(mod.stride),
-                padding="SAME",
-                input_zero_point=prev_zp,
-                output_zero_point=out_zp,
-                act_min=act_min,
-                act_max=act_max,
-                activation=mod.activation,
-                input_scale=prev_scale,
-                output_scale=out_scale,
-                weight_scale=tuple(float(s) for s in w_scale),
-            )  # fmt: skip
-        )
+        bias = subtree(params, rec.path, "params").get("bias")
+        weights = _LayerWeights(kernels_f[k], bias, w_codes[k], w_scales[k], w_zps[k])
+        layers.append(_conv_layer(rec, weights, quant, (prev_scale, prev_zp), (out_scale, out_zp)))
         prev_scale, prev_zp, prev_shape = out_scale, out_zp, rec.out_shape
     int_model = IntModel(
-        tuple(layers), in_scale, in_zp, dtype, parse_rounding(rounding),
+        tuple(layers), in_scale, in_zp, "uint8" if act_range.qmin == 0 else "int8",
+        parse_rounding(rounding),
         source=f"MobileNetV1(width={model.width_multiplier}, block={model.block}, "
         f"scheme={quant.scheme}, per_channel={quant.per_channel_weights})",
     )  # fmt: skip
     if check:
         check_accumulator_range(int_model)
     return int_model
+
+
+def _check_convertible(model, variables: dict) -> None:
+    """Clear errors for models the integer pass cannot run."""
+    if model.quant is None:
+        raise ValueError("from_variables needs a model built with quant=QuantConfig(...)")
+    if model.quant.dynamic_activation_ranges:
+        raise ValueError(
+            "dynamic_activation_ranges models quantize each input with its own range; an "
+            "integer-only model needs static (calibrated) activation ranges"
+        )
+    if "quant_ranges" not in variables:
+        raise ValueError("variables have no 'quant_ranges': calibrate (PTQ) or train (QAT) first")
+
+
+def _pool_layer(scale: float, zero_point: int, act_range) -> IntLayer:
+    """The global average pool, which keeps its input's scale and zero point."""
+    return IntLayer(
+        None, None, None, None, None, name=POOL_NAME, kind="avgpool", window=None,
+        padding="VALID", input_zero_point=zero_point, output_zero_point=zero_point,
+        act_min=act_range.qmin, act_max=act_range.qmax, input_scale=scale, output_scale=scale,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerWeights:
+    """A layer's float kernel and bias, and its weight codes, scales and zero points."""
+
+    kernel: np.ndarray
+    bias: np.ndarray | None
+    codes: Any
+    scale: Any
+    zero_point: Any
+
+
+def _conv_layer(rec: _ConvRecord, w: _LayerWeights, quant, qin: tuple, qout: tuple) -> IntLayer:
+    """One conv or depthwise layer: int32 bias, TFLite's multiplier and clamp, given the input
+    ``qin`` and output ``qout`` ``(scale, zero point)``."""
+    mod, name = rec.module, tfslim_name(rec.path)
+    (in_scale, in_zp), (out_scale, out_zp) = qin, qout
+    w_range, act_range = quant.weight_int_range, quant.act_int_range
+    cout = w.kernel.shape[-1]
+    bias = np.asarray(np.zeros(cout) if w.bias is None else w.bias, np.float32)
+    w_q = np.asarray(w.codes).astype(np.uint8 if w_range.qmin == 0 else np.int8)
+    w_scale = np.broadcast_to(np.asarray(w.scale, np.float32), (cout,))
+    w_zp = np.broadcast_to(np.asarray(w.zero_point, np.int32), (cout,)).copy()
+    w_scale, w_q, w_zp, widened = _fit_bias(w.kernel, bias, w_scale, w_q, w_zp, in_scale,
+                                            w_range)  # fmt: skip
+    if widened:
+        logging.warning("%s: widened the weight scale of channels %s so that their int32 "
+                        "bias fits (as TFLite's converter does)", name, widened)  # fmt: skip
+    bias_scale = (np.float32(in_scale) * w_scale).astype(np.float64)
+    bias_q = round_half_away_from_zero(bias.astype(np.float64) / bias_scale).astype(np.int32)
+    real_m = kernels.conv_multiplier(
+        in_scale, w_scale, out_scale, per_channel=quant.per_channel_weights or widened != []
+    )
+    m0, shift = kernels.quantize_multiplier(real_m)
+    act_min, act_max = kernels.activation_range(
+        mod.activation, out_scale, out_zp, act_range.qmin, act_range.qmax
+    )
+    if mod.depthwise:
+        w_q = w_q.reshape(w.kernel.shape[0], w.kernel.shape[1], cout)
+    return IntLayer(
+        w_q, w_zp, bias_q, m0, shift, name=name, kind="depthwise" if mod.depthwise else "conv",
+        stride=int(mod.stride), padding="SAME", input_zero_point=in_zp,
+        output_zero_point=out_zp, act_min=act_min, act_max=act_max, activation=mod.activation,
+        input_scale=in_scale, output_scale=out_scale,
+        weight_scale=tuple(float(s) for s in w_scale),
+    )  # fmt: skip
 
 
 _BIAS_LIMIT = 2**30  # int32 bias codes stay within ±2^30, leaving headroom for the sum

@@ -2,7 +2,7 @@
 
 Every function here takes and returns integer arrays (int8/uint8 codes, int32 accumulators, and
 uint32 limbs inside the 64-bit emulation); no floating-point op runs in them. The arithmetic is
-TensorFlow Lite's (see ``docs/numerics.md``):
+TensorFlow Lite's (see ``../shared/docs/numerics.md``):
 
 * accumulators are exact int32 sums of ``(q_in - Z_in) * (q_w - Z_w)`` plus the int32 bias;
 * the real multiplier ``M = S_in * S_w / S_out`` is stored as ``M0 * 2**shift / 2**31`` with

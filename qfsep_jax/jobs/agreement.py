@@ -256,10 +256,14 @@ def summarize_reports(paths: list[str]) -> dict:
 
 
 def summarize(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """``workdir/summary.json`` from every report that ``config.reports`` (globs) names."""
+    """``workdir/summary.json`` from every report that ``config.reports`` (globs) names, in the
+    order of the globs."""
     out = os.path.abspath(os.path.join(workdir, SUMMARY))
-    paths = sorted({p for pattern in config.reports for p in glob.glob(pattern)
-                    if os.path.abspath(p) != out})  # fmt: skip
+    paths: list[str] = []  # in the order of the patterns, each pattern's matches sorted
+    for pattern in config.reports:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.abspath(path) != out and path not in paths:
+                paths.append(path)
     if not paths:
         raise FileNotFoundError(f"no agreement reports match {list(config.reports)}")
     summary = summarize_reports(paths)

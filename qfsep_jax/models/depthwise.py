@@ -22,9 +22,8 @@ too).
 ``impl="native"`` runs 3x3 float32 depthwise layers on XLA:CPU as two C++ custom calls
 (:mod:`qfsep_jax.models.native`, ``csrc/cpu_kernels.cc``): the forward pass reads the input
 once (padding is a bounds check); the backward pass writes the input gradient as a gather and
-sums the kernel gradient along each output row in registers. Per layer of MobileNetV1 1.0/224
-it was 1.05-2.5x faster than ``shift`` forward and 1.4-4.5x forward plus backward in four runs
-(``tools/bench_depthwise.py``, 27-28 Nov). First-order gradients only (its backward pass is
+sums the kernel gradient along each output row in registers (speed against the others:
+``tools/bench_depthwise.py``, docs/performance.md). First-order gradients only (its backward pass is
 itself a custom call); for higher-order derivatives use ``shift`` or ``lax``.
 
 The same library holds batch norm's training sums (:func:`qfsep_jax.models.layers.native_bn_sums`,

@@ -15,7 +15,9 @@ How a forward pass treats quantization is chosen per call by ``quant_mode``:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,7 +50,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "lax") -> j
 
     A 1×1 stride-1 conv (pointwise, classifier) is the matmul ``[N*H*W, Cin] @ [Cin, Cout]``:
     XLA:CPU then runs forward and both gradients as plain matmuls, where its convolution path
-    transposes activations for the kernel gradient (issue 6); same result up to summation order.
+    transposes activations for the kernel gradient ; same result up to summation order.
     Larger kernels use XLA's convolution; with ``impl`` resolving to ``shift`` or ``native``
     (the CPU choices of ``auto``, as for depthwise layers) a conv with at most 8 input channels
     (the RGB stem) runs its forward pass as shifted multiply-adds, and with ``native`` its
@@ -190,7 +192,7 @@ def batch_norm_train(
     The VJP gives the gradients that autodiff of this forward gives (up to float rounding) in
     two reductions (sum of ``g * w`` and of ``g * w * y``, ``w`` the activation's derivative
     recomputed from ``y``) and one elementwise pass, where autodiff materializes ``y - mean``
-    and ``g * w`` and needs more reductions and passes (issue 6: BN fusion).
+    and ``g * w`` and needs more reductions and passes.
 
     ``native_sums`` (see :func:`native_bn_sums`): the moments, and the two gradient sums, each
     in one pass of a C++ custom call (``csrc/cpu_kernels.cc``); XLA reads its inputs once per
@@ -310,6 +312,17 @@ class ActQuant(nn.Module):
         return _where(quant_active, fake_quant(x, lo, hi, self.quant.act_int_range), x)
 
 
+@dataclasses.dataclass
+class _BatchNorm:
+    """A layer's BN parameters, moving statistics (Flax variables), whether to update them."""
+
+    gamma: jax.Array
+    beta: jax.Array
+    mean: Any  # flax.core.scope.Variable
+    var: Any
+    update: bool
+
+
 class ConvLayer(nn.Module):
     """Conv (regular or depthwise) → [BN] → activation → [activation quantizer].
 
@@ -362,6 +375,64 @@ class ConvLayer(nn.Module):
             mean, mean_sq = _raw_moments(y, self.axis_name, impl)
         return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
+    def _float_forward(
+        self, x: jax.Array, kernel: jax.Array, bias, bn: _BatchNorm | None, train: bool
+    ) -> tuple[jax.Array, bool]:
+        """The float layer (BN in batch or moving statistics); whether the activation ran."""
+        y = self._conv(x, kernel)
+        if bias is not None:
+            y = y + bias
+        if bn is None:
+            return y, False
+        if not train:
+            alpha = bn.gamma * jax.lax.rsqrt(bn.var.value + self.bn_epsilon)
+            return (y - bn.mean.value) * alpha + bn.beta, False
+        y, mean, var = batch_norm_train(
+            y, bn.gamma, bn.beta, self.bn_epsilon, self.axis_name, self.activation,
+            native_bn_sums(self.depthwise_impl, y),
+        )  # fmt: skip
+        if bn.update:
+            m = self.bn_momentum
+            bn.mean.value = m * bn.mean.value + (1 - m) * mean
+            bn.var.value = m * bn.var.value + (1 - m) * var
+        return y, True
+
+    def _qat_forward(
+        self, x: jax.Array, kernel: jax.Array, bias, bn: _BatchNorm, bn_frozen, quant_active
+    ) -> jax.Array:
+        """QAT with BN folding simulated by correction-and-freeze (Krishnamoorthi 2018, 3.2.2)."""
+        mean_b, var_b = self._batch_moments(x, kernel, bias)  # of the float conv
+        sigma_b = jnp.sqrt(var_b + self.bn_epsilon)
+        sigma_m = jnp.sqrt(bn.var.value + self.bn_epsilon)
+        w_fold, b_frozen = fold_bn(
+            kernel, bias, bn.gamma, bn.beta, bn.mean.value, bn.var.value, self.bn_epsilon
+        )
+        w_q = _where(quant_active, fake_quant_weights(w_fold, self.quant), w_fold)
+        y_q = self._conv(x, w_q)
+        conv_bias = 0.0 if bias is None else bias
+        b_batch = bn.beta + bn.gamma * (conv_bias - mean_b) / sigma_b
+        y = _where(bn_frozen, y_q + b_frozen, y_q * (sigma_m / sigma_b) + b_batch)
+        if bn.update:
+            m = self.bn_momentum
+            keep = jnp.asarray(bn_frozen, bool)
+            bn.mean.value = jnp.where(keep, bn.mean.value, m * bn.mean.value + (1 - m) * mean_b)
+            bn.var.value = jnp.where(keep, bn.var.value, m * bn.var.value + (1 - m) * var_b)
+        return y
+
+    def _folded_forward(
+        self, x: jax.Array, kernel: jax.Array, bias, bn: _BatchNorm | None, quant_active
+    ) -> jax.Array:
+        """Inference with BN folded into the kernel and bias, weights fake-quantized."""
+        if bn is not None:
+            w, b = fold_bn(
+                kernel, bias, bn.gamma, bn.beta, bn.mean.value, bn.var.value, self.bn_epsilon
+            )
+        else:
+            w, b = kernel, bias
+        w_q = _where(quant_active, fake_quant_weights(w, self.quant), w)
+        y = self._conv(x, w_q)
+        return y if b is None else y + b
+
     @nn.compact
     def __call__(
         self,
@@ -388,64 +459,23 @@ class ConvLayer(nn.Module):
         has_bn = self.use_bn and not self.bn_folded
         has_bias = self.use_bias or (self.use_bn and self.bn_folded)
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if has_bias else None
+        bn = None
         if has_bn:
-            gamma = self.param("bn_scale", nn.initializers.ones, (self.features,))
-            beta = self.param("bn_bias", nn.initializers.zeros, (self.features,))
-            ra_mean = self.variable("batch_stats", "bn_mean", jnp.zeros, (self.features,))
-            ra_var = self.variable("batch_stats", "bn_var", jnp.ones, (self.features,))
-
-        quantizing = quant_mode in ("fake", "qat")
-        update_stats = train and has_bn and not self.is_initializing()
-
-        activated = False  # whether the activation ran already (fused into BN's training VJP)
-        if not quantizing:
-            y = self._conv(x, kernel)
-            if bias is not None:
-                y = y + bias
-            if has_bn:
-                if train:
-                    y, mean, var = batch_norm_train(
-                        y, gamma, beta, self.bn_epsilon, self.axis_name, self.activation,
-                        native_bn_sums(self.depthwise_impl, y),
-                    )  # fmt: skip
-                    activated = True
-                    if update_stats:
-                        m = self.bn_momentum
-                        ra_mean.value = m * ra_mean.value + (1 - m) * mean
-                        ra_var.value = m * ra_var.value + (1 - m) * var
-                else:
-                    alpha = gamma * jax.lax.rsqrt(ra_var.value + self.bn_epsilon)
-                    y = (y - ra_mean.value) * alpha + beta
-        elif has_bn and train:
-            # QAT with BN folding simulated by correction-and-freeze (Krishnamoorthi 2018, 3.2.2).
-            mean_b, var_b = self._batch_moments(x, kernel, bias)  # of the float conv
-            sigma_b = jnp.sqrt(var_b + self.bn_epsilon)
-            sigma_m = jnp.sqrt(ra_var.value + self.bn_epsilon)
-            w_fold, b_frozen = fold_bn(
-                kernel, bias, gamma, beta, ra_mean.value, ra_var.value, self.bn_epsilon
+            bn = _BatchNorm(
+                self.param("bn_scale", nn.initializers.ones, (self.features,)),
+                self.param("bn_bias", nn.initializers.zeros, (self.features,)),
+                self.variable("batch_stats", "bn_mean", jnp.zeros, (self.features,)),
+                self.variable("batch_stats", "bn_var", jnp.ones, (self.features,)),
+                update=train and not self.is_initializing(),
             )
-            w_q = _where(quant_active, fake_quant_weights(w_fold, self.quant), w_fold)
-            y_q = self._conv(x, w_q)
-            conv_bias = 0.0 if bias is None else bias
-            b_batch = beta + gamma * (conv_bias - mean_b) / sigma_b
-            y = _where(bn_frozen, y_q + b_frozen, y_q * (sigma_m / sigma_b) + b_batch)
-            if update_stats:
-                m = self.bn_momentum
-                keep = jnp.asarray(bn_frozen, bool)
-                ra_mean.value = jnp.where(keep, ra_mean.value, m * ra_mean.value + (1 - m) * mean_b)
-                ra_var.value = jnp.where(keep, ra_var.value, m * ra_var.value + (1 - m) * var_b)
-        else:
-            if has_bn:
-                w, b = fold_bn(
-                    kernel, bias, gamma, beta, ra_mean.value, ra_var.value, self.bn_epsilon
-                )
-            else:
-                w, b = kernel, bias
-            w_q = _where(quant_active, fake_quant_weights(w, self.quant), w)
-            y = self._conv(x, w_q)
-            if b is not None:
-                y = y + b
 
+        # ``activated``: the activation ran already (fused into BN's training VJP).
+        if quant_mode not in ("fake", "qat"):
+            y, activated = self._float_forward(x, kernel, bias, bn, train)
+        elif bn is not None and train:
+            y, activated = self._qat_forward(x, kernel, bias, bn, bn_frozen, quant_active), False
+        else:
+            y, activated = self._folded_forward(x, kernel, bias, bn, quant_active), False
         if not activated:
             y = activation_fn(self.activation, y)
         if self.quantize_output:
