@@ -15,8 +15,8 @@ TABLE1_TOP1 = {
     "cle_per_tensor": (70.51, "Nagel et al. 2019, CLE + bias correction"),
 }
 
-# The paper's Figure 3 (../shared/docs/paper.md §4): α of the 32 channels of Conv2d_1_depthwise of the
-# TF-slim float MobileNetV1 1.0/224, as printed (6 significant digits).
+# The paper's Figure 3 (../shared/docs/paper.md §4): α of the 32 channels of Conv2d_1_depthwise
+# of the TF-slim float MobileNetV1 1.0/224, as printed (6 significant digits).
 FIG3_LAYER = "Conv2d_1_depthwise"
 FIG3_ALPHA = (
     21.5191, 0.223199, 1.08687, 14.1944, 0.863097, 0.183423, 0.101928, 0.194357, 24.2374,
@@ -48,7 +48,8 @@ FIG4_SQNR: dict[str, dict[str, float]] = {
 }  # fmt: skip
 
 # The paper's Figure 5 / Table 3: ImageNet2012 val top-1 (%) of MobileNetV1 1.0/224 with each
-# core-layer design, in float and after 8-bit post-training quantization (../shared/docs/paper.md §6).
+# core-layer design, in float and after 8-bit post-training quantization
+# (../shared/docs/paper.md §6).
 FIG5_TOP1: dict[str, dict[str, float]] = {
     "original": {"float": 70.50, "8bit": 1.80},
     "qf_relu6": {"float": 70.55, "8bit": 61.50},

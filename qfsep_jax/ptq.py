@@ -20,7 +20,7 @@ from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.models.names import layer_paths
 from qfsep_jax.quant import cle as cle_lib
 from qfsep_jax.quant import observers
-from qfsep_jax.quant.fold import fix_zero_variance, fold_batch_norm
+from qfsep_jax.quant.fold import fix_zero_variance, folded
 from qfsep_jax.quant.numerics import check_all_ranges
 from qfsep_jax.quantized import PTQRecipe, QuantizedModel
 
@@ -62,19 +62,19 @@ def prepare_folded(
     if recipe.zero_variance_fix:
         variables, fixed = fix_zero_variance(variables, zero_variance_threshold)
         info["zero_variance_channels"] = fixed
-    folded = fold_batch_norm(variables, model.bn_epsilon)
+    qmodel, folded_vars = folded(model, variables)
     activation = model.activation
     if recipe.cross_layer_equalization:
         folded_params, scales = cle_lib.equalize(
-            folded["params"], layer_paths(folded["params"]), iterations=cle_iterations
+            folded_vars["params"], layer_paths(folded_vars["params"]), iterations=cle_iterations
         )
-        folded = {**folded, "params": folded_params}
+        folded_vars = {**folded_vars, "params": folded_params}
         activation = "relu"
         info["cle_max_scale"] = float(max(np.max(s) for s in scales.values()))
         info["cle_min_scale"] = float(min(np.min(s) for s in scales.values()))
-    qmodel = model.clone(bn_folded=True, activation=activation, quant=recipe.quant_config())
-    folded = {k: v for k, v in folded.items() if k != "quant_ranges"}
-    return qmodel, jax.tree.map(np.asarray, folded), info
+    qmodel = qmodel.clone(activation=activation, quant=recipe.quant_config())
+    folded_vars = {k: v for k, v in folded_vars.items() if k != "quant_ranges"}
+    return qmodel, jax.tree.map(np.asarray, folded_vars), info
 
 
 def calibrate(

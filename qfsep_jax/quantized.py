@@ -19,7 +19,7 @@ import numpy as np
 
 from qfsep_jax.io_utils import write_json
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
-from qfsep_jax.quant.fold import fold_batch_norm
+from qfsep_jax.quant.fold import folded
 from qfsep_jax.quant.numerics import check_all_ranges
 from qfsep_jax.quant.scheme import QuantConfig
 
@@ -82,14 +82,16 @@ def from_qat(model: MobileNetV1, variables: Variables) -> QuantizedModel:
     for path, count in jax.tree_util.tree_leaves_with_path(ranges):
         if jax.tree_util.keystr(path).endswith("['count']") and count <= 0:
             raise ValueError(f"quant range {jax.tree_util.keystr(path)} was never observed")
-    folded = fold_batch_norm(
-        {k: v for k, v in variables.items() if k in ("params", "batch_stats")}, model.bn_epsilon
+    qmodel, folded_vars = folded(
+        model, {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     )
-    folded = jax.tree.map(np.asarray, folded)
-    qmodel = model.clone(bn_folded=True, axis_name=None)
+    folded_vars = jax.tree.map(np.asarray, folded_vars)
+    qmodel = qmodel.clone(axis_name=None)
     q = model.quant
     recipe = PTQRecipe(scheme=q.scheme, per_channel_weights=q.per_channel_weights, observer="ema")
-    return QuantizedModel(qmodel, {**folded, "quant_ranges": ranges}, recipe, {"source": "qat"})
+    return QuantizedModel(
+        qmodel, {**folded_vars, "quant_ranges": ranges}, recipe, {"source": "qat"}
+    )
 
 
 def model_kwargs(model: MobileNetV1) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import FLOAT_GRAPH, REPO, require
 
-from qfsep_jax import ptq
+from qfsep_jax import paper, ptq
 from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import plots
 from qfsep_jax.analysis import ranges as ranges_lib
@@ -314,7 +314,7 @@ def test_analyze_job_on_official_model(tmp_path, data_dir):
     with open(tmp_path / "alpha.json") as f:
         alpha = json.load(f)
     assert list(alpha) == [f"Conv2d_{i}_depthwise" for i in range(1, 14)]
-    np.testing.assert_allclose(alpha["Conv2d_1_depthwise"], alpha_lib.PAPER_FIG3_ALPHA, atol=5e-5)
+    np.testing.assert_allclose(alpha["Conv2d_1_depthwise"], paper.FIG3_ALPHA, atol=5e-5)
     cmp = results["alpha"]["paper_fig3_comparison"]
     assert cmp["matches_4_decimals"] and cmp["max_abs_diff"] < 5e-5
 

@@ -13,6 +13,7 @@ import pytest
 from qfsep_jax.models import depthwise, layers, native
 from qfsep_jax.models.depthwise import depthwise_conv2d, direct_conv2d, resolve_impl
 from qfsep_jax.models.layers import ConvLayer, activation_fn, batch_norm_train, conv2d
+from qfsep_jax.padding import same_padding
 from qfsep_jax.quant import QuantConfig
 from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.numerics import UINT8
@@ -122,9 +123,9 @@ def _dw(x, k, stride, impl):
 
 def test_tf_same_puts_the_odd_pad_after():
     # Stride 2 on an even size: 0 rows/columns before, 1 after (TF), not 1/0 (PyTorch-style).
-    assert depthwise.same_padding(8, 3, 2) == (0, 1)
-    assert depthwise.same_padding(7, 3, 2) == (1, 1)
-    assert depthwise.same_padding(8, 3, 1) == (1, 1)
+    assert same_padding(8, 3, 2) == (0, 1)
+    assert same_padding(7, 3, 2) == (1, 1)
+    assert same_padding(8, 3, 1) == (1, 1)
     x = np.zeros((1, 8, 8, 1), np.float32)
     x[0, 0, 0, 0] = 1.0  # only the first pixel is on; tap (0, 0) sees it at output (0, 0)
     k = np.zeros((3, 3, 1, 1), np.float32)

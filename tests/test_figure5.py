@@ -88,8 +88,11 @@ def test_readme_table_from_the_summary(tiny_run):
     _, workdir, _ = tiny_run
     summary_path = os.path.join(workdir, "summary.json")
     tables = collect_results.format_figure5(_read(summary_path), summary_path)
-    assert set(tables) == {"figure5", "figure5_sqnr"}
+    assert set(tables) == {
+        "figure5", "figure5_sqnr", "figure5_expected", "figure5_expected_qf_relu_l2dw",
+    }  # fmt: skip
     assert "| `qf_relu_l2dw` | DW→PW→BN→ReLU, L2 on DW weights | 1 |" in tables["figure5"]
+    assert "qf_relu_l2dw top-1 %" in tables["figure5_expected_qf_relu_l2dw"]
     assert "| `Conv2d_0` |" in tables["figure5_sqnr"]
 
 
@@ -135,8 +138,8 @@ def test_bad_configs_fail_clearly(tmp_path, data_dir):
         figure5.run(config, str(tmp_path))
     with pytest.raises(RuntimeError, match="needs a finished training run"):
         figure5.run(tiny_config(data_dir, steps=("evaluate",)), str(tmp_path))
-    with pytest.raises(ValueError, match="integer must be True or False"):
-        figure5.run(tiny_config(data_dir, integer="maybe"), str(tmp_path))
+    with pytest.raises(TypeError, match="integer"):  # the ConfigDict refuses a non-bool
+        tiny_config(data_dir, integer="maybe")
     assert not figure5.train_done(str(tmp_path / "nothing"))
     halted = tmp_path / "halted"
     halted.mkdir()

@@ -16,6 +16,7 @@ PACKAGE = os.path.join(REPO, "qfsep_jax")
 LEVELS = {
     "qfsep_jax.io_utils": 0,
     "qfsep_jax.tree_utils": 0,
+    "qfsep_jax.padding": 0,
     "qfsep_jax.paper": 0,
     "qfsep_jax.malloc_tuning": 0,
     "qfsep_jax.distributed": 0,

@@ -367,7 +367,7 @@ def test_quantized_export_is_replaced_whole_or_not_at_all(qat_runs, tmp_path, mo
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train, "write_json", crash)
+    monkeypatch.setattr(quantized_lib, "write_json", crash)
     with pytest.raises(OSError, match="disk full"):
         quantized_lib.save_quantized(quantized, str(target))
     kept = quantized_lib.load_quantized(str(target))  # the previous export, intact

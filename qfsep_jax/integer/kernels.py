@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qfsep_jax.models.depthwise import same_padding
+from qfsep_jax.padding import same_padding
 
 Array = jax.Array
 

@@ -8,8 +8,8 @@ Op resolvers (``OP_RESOLVERS``):
 
 * ``builtin``: LiteRT's built-in optimized kernels without the default XNNPACK delegate
   (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``): TFLite's integer kernels, the arithmetic of
-  ``../shared/docs/numerics.md``; matches rounding preset ``litert_x86`` (``litert_x86_int8`` for int8
-  models) on x86.
+  ``../shared/docs/numerics.md``; matches rounding preset ``litert_x86`` (``litert_x86_int8``
+  for int8 models) on x86.
 * ``reference``: TFLite's reference kernels (``BUILTIN_REF``); matches preset ``reference``.
 * ``xnnpack``: LiteRT's default (``AUTO``): the XNNPACK delegate takes the quantized ops and
   requantizes in float32 ("fp32" requantization), so its results differ from the fixed-point

@@ -24,7 +24,7 @@ import time
 import jax
 import ml_collections
 
-from qfsep_jax import io_utils, ptq
+from qfsep_jax import io_utils, paper, ptq
 from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import ranges as ranges_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
@@ -47,7 +47,7 @@ def analyze_alpha(variables: dict, eps: float, threshold: float, workdir: str, p
     alphas = alpha_lib.bn_alphas(variables, eps, zero_variance_threshold=threshold)
     summary = alpha_lib.alpha_summary(alphas)
     comparison = None
-    if alpha_lib.PAPER_FIG3_LAYER in alphas:
+    if paper.FIG3_LAYER in alphas:
         comparison = alpha_lib.compare_to_paper(alphas)
     io_utils.write_json(
         os.path.join(workdir, "alpha.json"), {k: v["alpha"] for k, v in alphas.items()}
@@ -66,10 +66,10 @@ def analyze_alpha(variables: dict, eps: float, threshold: float, workdir: str, p
         from qfsep_jax.analysis import plots as plots_lib
 
         first = next(iter(alphas))
-        paper = alpha_lib.PAPER_FIG3_ALPHA if first == alpha_lib.PAPER_FIG3_LAYER else None
+        published = paper.FIG3_ALPHA if first == paper.FIG3_LAYER else None
         plots_lib.plot_alpha_channels(
             alphas[first]["alpha"], os.path.join(workdir, f"alpha_{first}.png"),
-            zero_variance=alphas[first]["zero_variance"], paper=paper,
+            zero_variance=alphas[first]["zero_variance"], paper=published,
             title=f"{first}: folded BN scale α per channel (red: zero variance)",
         )  # fmt: skip
         plots_lib.plot_alpha_layers(alphas, os.path.join(workdir, "alpha_layers.png"))
@@ -170,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "alpha": alpha_out,
         "pipelines": info,
         "sqnr": tables,
-        "paper_fig4_original_db": sqnr_lib.PAPER_FIG4_SQNR["original"],
+        "paper_fig4_original_db": paper.FIG4_SQNR["original"],
         "seconds": round(time.perf_counter() - start, 1),
         "run": io_utils.run_info(),
     }
@@ -233,7 +233,7 @@ def format_summary(results: dict) -> str:
     names = list(results["sqnr"])
     header = f"{'layer':22s} {'paper':>6s} " + " ".join(f"{n[:24]:>24s}" for n in names)
     lines.append(header)
-    for layer, paper_db in sqnr_lib.PAPER_FIG4_SQNR["original"].items():
+    for layer, paper_db in paper.FIG4_SQNR["original"].items():
         cells = []
         for n in names:
             t = results["sqnr"][n]

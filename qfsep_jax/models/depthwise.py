@@ -44,15 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qfsep_jax.models import native
+from qfsep_jax.padding import same_padding
 
 IMPLS = ("auto", "lax", "shift", "native")
-
-
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TF "SAME" padding (before, after) along one spatial axis."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
