@@ -1,6 +1,5 @@
 """The analysis tools: SQNR definitions and plumbing, α per channel, range tables, plots, job."""
 
-import importlib.util
 import json
 import math
 import os
@@ -8,7 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import FLOAT_GRAPH, REPO, require
+from conftest import FLOAT_GRAPH, require
 
 from qfsep_jax import paper, ptq
 from qfsep_jax.analysis import alpha as alpha_lib
@@ -340,11 +339,8 @@ def test_analyze_job_on_official_model(tmp_path, data_dir):
     json.dumps(results, allow_nan=False)
 
     # the README tables made from this results.json
-    spec = importlib.util.spec_from_file_location(
-        "collect_results", os.path.join(REPO, "launch", "collect_results.py")
-    )
-    collect_results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect_results)
+    from tools import collect_results
+
     tables = collect_results.format_analyze(results, "results.json")
     assert "equal to 4 decimals: **yes**" in tables["analyze_alpha"]
     assert "| `Conv2d_1_depthwise` | 32 | 7 |" in tables["analyze_alpha"]
