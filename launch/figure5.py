@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qfsep_jax import evaluation, io_utils, ptq, runtime
+from qfsep_jax import config_validation, evaluation, io_utils, ptq, runtime
 from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input
 
@@ -103,6 +103,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("num_calibration_images", "num_sqnr_images", "sqnr_batch_size"):
         if config[field] <= 0:
             raise ValueError(f"{field} must be positive, got {config[field]}")
+    # Every run's training config too, so that a bad override fails now, not after hours.
+    for variant in config.variants:
+        for seed in config.seeds:
+            config_validation.validate(variant_config(config, variant, seed), "train")
 
 
 def run_dir(workdir: str, variant: str, seed: int) -> str:

@@ -46,7 +46,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qfsep_jax import checkpointing, distributed, metrics_log
+from qfsep_jax import checkpointing, config_validation, distributed, metrics_log
+from qfsep_jax.config_validation import OPTIMIZERS, SCHEDULES
 from qfsep_jax.data import input as data_input
 from qfsep_jax.data import labels as labels_lib
 from qfsep_jax.data import sources, train_input
@@ -58,8 +59,6 @@ from qfsep_jax.quant.fold import fold_batch_norm
 from qfsep_jax.quant.scheme import QuantConfig
 
 AXIS = "batch"
-OPTIMIZERS = ("sgd", "momentum", "rmsprop")
-SCHEDULES = ("exponential", "cosine", "constant")
 Variables = dict[str, Any]
 
 
@@ -515,7 +514,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     Resumes from the newest checkpoint in ``workdir/checkpoints``. Writes
     ``workdir/metrics.jsonl`` (and TensorBoard events), ``workdir/results.json`` at the end and,
     for QAT, the exported quantized model (``workdir/quantized_model``). Returns the summary.
+
+    The config is validated before anything else (:mod:`qfsep_jax.config_validation`); a restart
+    whose config changes a field that changes results is refused, other changes are recorded in
+    ``workdir/config_history.json``. A checkpoint is saved before each evaluation; if an
+    evaluation (or the QAT export) fails, the run saves the state it has, writes
+    ``results.json`` with the ``error`` and re-raises. Restarting a finished run evaluates it
+    again.
     """
+    config_validation.validate(config, "train")
     distributed.maybe_initialize(config.distributed)
     _hide_accelerators_from_tf()
     pi, pc = jax.process_index(), jax.process_count()
@@ -571,6 +578,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 )
         start_step = int(state.step)
         skipped = np.asarray(meta["skipped_corrupt"], np.int64)
+        changes = config_validation.restart_changes(workdir, config)  # refuses, writes nothing
+        if pi == 0 and changes:
+            config_validation.record_restart(workdir, start_step, changes)
+            logging.info("restart with changed fields (config_history.json): %s", changes)
         logging.info("resuming from step %d (examples seen %d)", start_step, meta["examples_seen"])
 
     is_main = pi == 0

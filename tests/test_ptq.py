@@ -100,9 +100,9 @@ def test_table1_job_end_to_end(tmp_path):
 
 def test_table1_job_rejects_bad_config(tmp_path):
     proc = _main(tmp_path, "--config.no_such_field=1")
-    assert proc.returncode != 0 and "no_such_field" in proc.stderr
+    assert proc.returncode == 2 and "no_such_field" in proc.stderr
     proc = _main(tmp_path, "--config.rows=('float', 'tf3')", "--config.limit=2")
-    assert proc.returncode != 0 and "unknown PTQ recipe 'tf3'" in proc.stderr
+    assert proc.returncode == 2 and "config.rows=('float', 'tf3'): 'tf3' is not" in proc.stderr
     proc = _main(tmp_path, "--config.data_dir=/nonexistent/data")
-    assert proc.returncode != 0 and "/nonexistent/data" in proc.stderr
+    assert proc.returncode == 2 and "/nonexistent/data" in proc.stderr
     assert not os.path.exists(tmp_path / "results.json")

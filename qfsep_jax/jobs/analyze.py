@@ -25,26 +25,12 @@ import time
 import jax
 import ml_collections
 
-from qfsep_jax import io_utils, ptq
+from qfsep_jax import config_validation, io_utils, ptq
 from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import ranges as ranges_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.importers.tfslim import load_tfslim
-
-INTEGER_MODES = ("auto", "on", "off")
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-    for name in config.pipelines:
-        ptq.recipe_by_name(name)
-    if config.integer_sqnr not in INTEGER_MODES:
-        raise ValueError(
-            f"integer_sqnr must be one of {INTEGER_MODES}, got {config.integer_sqnr!r}"
-        )
-    for field in ("num_calibration_images", "num_sqnr_images", "sqnr_batch_size"):
-        if config[field] <= 0:
-            raise ValueError(f"{field} must be positive, got {config[field]}")
 
 
 def integer_available() -> bool:
@@ -110,7 +96,7 @@ def _sqnr_table(measured: dict[str, dict]) -> dict[str, dict[str, float | None]]
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the analysis on the official float model; writes the files listed in the docstring."""
-    _validate(config)
+    config_validation.validate(config, "analyze")
     start = time.perf_counter()
     use_integer, integer_note = _integer_mode(config.integer_sqnr)
     imported = load_tfslim(resolve_path(config.data_dir, config.model_path))

@@ -9,7 +9,7 @@ import os
 import jax
 import ml_collections
 
-from qfsep_jax import evaluation, intpass, io_utils, ptq
+from qfsep_jax import config_validation, evaluation, intpass, io_utils, ptq
 from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.importers.tfslim import load_tfslim
 
@@ -21,14 +21,6 @@ PAPER_TOP1 = {
     "per_channel": (70.3, "Krishnamoorthi 2018"),
     "cle_per_tensor": (70.51, "Nagel et al. 2019, CLE + bias correction"),
 }
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-    for row in config.rows:
-        if row != "float" and row != "float_relu":
-            ptq.recipe_by_name(row)
-    if config.num_calibration_images <= 0:
-        raise ValueError("num_calibration_images must be positive")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -57,7 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     top-1 among tied codes would be the lowest class index, i.e. arbitrary. The row's ``top1``
     is the simulation's, on its own (8-bit fake-quantized) logits.
     """
-    _validate(config)
+    config_validation.validate(config, "table1")
     imported = load_tfslim(resolve_path(config.data_dir, config.model_path))
     model = imported.model(depthwise_impl=config.depthwise_impl, dropout_rate=0.0)
     variables = imported.variables

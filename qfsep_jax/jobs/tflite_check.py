@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qfsep_jax import intpass, io_utils
+from qfsep_jax import config_validation, intpass, io_utils
 from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.intpass.reference import LiteRTRunner, expected_rounding
 
@@ -66,6 +66,7 @@ def _to_model_input(pixels: np.ndarray, dtype) -> np.ndarray:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the check; writes ``workdir/results.json``; exits non-zero unless all are exact."""
+    config_validation.validate(config, "tflite_check")
     model_path = resolve_path(config.data_dir, config.model)
     head_path = resolve_path(config.data_dir, config.head) if config.head else None
     int_model = intpass.from_tflite(model_path, head_path)
