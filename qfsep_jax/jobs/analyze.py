@@ -174,7 +174,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "sqnr_data": data.name,
         "num_sqnr_images": data.num_examples,
         "calibration_data": calib.name,
-        "num_calibration_images": calib.num_examples,
+        # What decoded (corrupt files skipped), not what was asked for; 0: no pipeline calibrated.
+        "num_calibration_images": max(
+            [i["calibration_images"] for i in info.values() if "calibration_images" in i],
+            default=0,
+        ),
         "observer": config.observer,
         "image_size": config.image_size,
         "crop_fraction": config.crop_fraction,

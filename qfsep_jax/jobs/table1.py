@@ -66,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logits_fn, evaluate_data.make(), evaluate_data.num_batches, desc=name
         )
 
-    rows = []
+    rows, calibrated = [], {}
     for name in config.rows:
         if name == "float":
             result = score(ptq.float_logits_fn(model, variables), name)
@@ -89,6 +89,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # top-1 on the fine logits (see the docstring), not on tied 8-bit codes.
                 int_model = intpass.from_quantized(qmodel)
                 row["int_top1"] = score(intpass.logits_fn(int_model), name + "/int")["top1"]
+            if "calibration_images" in qmodel.info:  # what decoded, not what was asked for
+                calibrated = {
+                    "num_calibration_images": qmodel.info["calibration_images"],
+                    "calibration_skipped_corrupt": qmodel.info["calibration_skipped_corrupt"],
+                }
             if "zero_variance_channels" in qmodel.info:
                 row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
             rows.append(row)
@@ -100,7 +105,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "model": imported.source,
         "eval_data": evaluate_data.name,
         "calibration_data": calib.name,
-        "num_calibration_images": calib.num_examples,
+        "num_calibration_images": 0,  # no row calibrated
+        **calibrated,
         "crop_fraction": config.crop_fraction,
         "image_size": config.image_size,
         "run": io_utils.run_info(),
