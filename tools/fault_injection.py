@@ -5,12 +5,12 @@
 
 Not a test (``tests/test_train.py`` keeps a one-kill version). It trains one run uninterrupted
 (the reference) and the same run in another workdir while killing it ``--kills`` times with
-SIGKILL, each time restarting the same command, which resumes from the newest checkpoint. Each
-kill picks a step at random between the newest checkpoint and the end, waits until the run has
-logged that step, then waits a random delay and kills the process. Every other kill aims at an
-asynchronous checkpoint save: its step is a checkpoint step and the delay is short, so the kill
-lands while Orbax writes the checkpoint in its background thread (the kill record says whether a
-partial save, an ``*.orbax-checkpoint-tmp-*`` folder, was left behind).
+SIGKILL, each time restarting the same command, which resumes from the newest checkpoint. The
+kill steps are drawn at random (distinct, ascending); for each, it waits until the run has
+logged that step, then waits a random delay and kills the process. Half of the kills aim at an
+asynchronous checkpoint save: the step is a checkpoint step and the delay short (under 30 ms),
+so the kill lands while Orbax writes the checkpoint in its background thread (the kill record
+says whether the kill left a partial save, an ``*.orbax-checkpoint-tmp*`` folder).
 
 Then it compares the two runs: every logged training metric of every step (losses, accuracy,
 gradient norm, learning rate, corrupt-image count; not the timings), the final evaluation
@@ -207,27 +207,33 @@ def compare_runs(reference: str, other: str) -> dict[str, Any]:
     }
 
 
+def kill_schedule(kills: int, total_steps: int, checkpoint_every: int,
+                  rng: random.Random) -> list[tuple[int, bool]]:  # fmt: skip
+    """``kills`` distinct steps in ``[1, total_steps)``, ascending, each with whether it aims at
+    an asynchronous save: half of them are checkpoint steps (killed a few ms after the step is
+    logged, while its checkpoint is written), the others any other step."""
+    saves = [s for s in range(1, total_steps) if s % checkpoint_every == 0]
+    others = [s for s in range(1, total_steps) if s % checkpoint_every]
+    n_saves = min(len(saves), (kills + 1) // 2)
+    n_others = kills - n_saves
+    if n_others > len(others):
+        raise ValueError(f"{kills} kills do not fit in {total_steps} steps")
+    chosen = [(s, True) for s in rng.sample(saves, n_saves)]
+    chosen += [(s, False) for s in rng.sample(others, n_others)]
+    return sorted(chosen)
+
+
 def inject(cmd: list[str], workdir: str, env: dict[str, str], kills: int, total_steps: int,
            checkpoint_every: int, rng: random.Random) -> list[dict[str, Any]]:  # fmt: skip
-    """Kills the run in ``workdir`` ``kills`` times at random steps, then lets it finish."""
+    """Kills the run in ``workdir`` at each step of :func:`kill_schedule`, then lets it finish.
+
+    A restart resumes from the newest checkpoint, which is at or before the previous kill's
+    step, so every scheduled step is reached again."""
     log: list[dict[str, Any]] = []
-    attempts = 0
-    while sum(k["killed"] for k in log) < kills:
-        attempts += 1
-        if attempts > 4 * kills:
-            raise RuntimeError(f"only {sum(k['killed'] for k in log)} kills in {attempts} tries")
-        newest = (checkpoint_steps(workdir) or [0])[-1]
-        if newest >= total_steps - 1:
-            break  # nothing left to interrupt
-        if len(log) % 2 == 0:  # during the asynchronous save of a checkpoint step
-            candidates = [s for s in range(newest + 1, total_steps) if s % checkpoint_every == 0]
-            step = rng.choice(candidates or [newest + 1])
-            delay = rng.uniform(0.0, 0.03)
-        else:
-            step = rng.randint(newest + 1, total_steps - 1)
-            delay = rng.uniform(0.0, 0.2)
+    for step, during_save in kill_schedule(kills, total_steps, checkpoint_every, rng):
+        delay = rng.uniform(0.0, 0.03) if during_save else rng.uniform(0.0, 0.2)
         record = run_and_kill(cmd, workdir, env, step, delay)
-        record["during_save_attempt"] = len(log) % 2 == 0
+        record["aimed_at_a_save"] = during_save
         log.append(record)
         print(json.dumps(record), flush=True)
     run_to_end(cmd, env)
