@@ -18,9 +18,8 @@ from qfsep_jax.io_utils import write_atomic
 from qfsep_jax.models.mobilenet_v1 import BLOCK_SPECS, scaled_depth
 
 
-def _layers(width: float, num_blocks: int, num_classes: int, block: str):
+def _layers(width: float, num_blocks: int, num_classes: int, block: str, act: str = "relu6"):
     """(kind, out channels, stride, activation) of the chain, MobileNetV1 order."""
-    act = "relu6"
     out = [("conv3", scaled_depth(32, width), 2, act)]
     for depth, stride in BLOCK_SPECS[:num_blocks]:
         out.append(("dw", None, stride, act if block == "original" else "none"))
@@ -39,20 +38,25 @@ def build_mobilenet_tflite(
     block: str = "original",
     seed: int = 0,
     calibration_images: int = 8,
+    activation: str = "relu6",
 ) -> str:
     """Builds, converts and writes (atomically) a synthetic uint8 model; returns ``path``.
 
     Input quantization is the official models' (``S = 1/128``, ``Z = 128``); activation ranges
     are min/max over ``calibration_images`` random images of the float graph (nudged to contain
-    0), weight ranges the weights' own min/max.
+    0), weight ranges the weights' own min/max. ``activation="none"`` drops the ReLU6s: every
+    layer's output then has a mid-range zero point, so the depthwise layers' inputs do too
+    (the official models' depthwise inputs, ReLU6 outputs, all have zero point 0).
     """
     import tensorflow as tf
 
     if block not in ("original", "qf"):
         raise ValueError(f"block must be 'original' or 'qf', got {block!r}")
+    if activation not in ("relu6", "none"):
+        raise ValueError(f"activation must be 'relu6' or 'none', got {activation!r}")
     tf1 = tf.compat.v1
     rng = np.random.default_rng(seed)
-    spec = _layers(width, num_blocks, num_classes, block)
+    spec = _layers(width, num_blocks, num_classes, block, activation)
     weights = []
     channels = 3
     for kind, cout, _, _ in spec:
