@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 from conftest import TFLITE_MODEL, require
@@ -117,6 +118,22 @@ def test_backbone_and_head_pair_bit_exact(data_dir, tmp_path):
     job.run(config, str(tmp_path))
     res = _results(tmp_path)
     assert res["bit_exact_images"] == res["n"] == 8 and res["head"] == head
+
+
+def test_skipped_corrupt_images_are_recorded(data_dir, tmp_path, capsys):
+    """``on_corrupt="skip"``: results.json says how many files were skipped (it said nothing)."""
+    src = os.path.join(data_dir, "imagenet_val500")
+    root = tmp_path / "val"
+    for wnid in sorted(os.listdir(src))[:2]:
+        (root / wnid).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(src, wnid)))[:3]:
+            shutil.copy(os.path.join(src, wnid, name), root / wnid / name)
+    (root / wnid / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    config = _config(data_dir, eval_data=f"folder:{root}", on_corrupt="skip", rounding="litert_x86")
+    job.run(config, str(tmp_path / "out"))
+    res = _results(tmp_path / "out")
+    assert res["n"] == res["bit_exact_images"] == 6 and res["skipped_corrupt"] == 1
+    assert "skipped 1 corrupt image file(s)" in capsys.readouterr().out
 
 
 def test_malformed_model_is_a_clear_error(data_dir, tmp_path):
