@@ -1,4 +1,5 @@
-"""Training: losses/schedules/optimizers, 8 devices = 1 device, exact resume, NaN guard, QAT.
+"""Training: losses/schedules/optimizers, 8 devices = 1 device, exact resume (after a halt and
+after SIGKILL), NaN guard, QAT, failing evaluations that keep the checkpoint, refused restarts.
 
 The end-to-end runs use ``configs/smoke.py`` (MobileNetV1 0.25 at 32 px on real Imagenette
 images). Compiled executables go to a per-session persistent cache so that runs sharing a step
