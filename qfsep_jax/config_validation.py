@@ -3,7 +3,7 @@
 :func:`validate` checks every field a job reads (type, range, choice, that a named file or folder
 exists) and raises :class:`ConfigError` at the first bad one, with a one-line message naming the
 field, its value and what is allowed: ``config.total_steps=0: must be an integer >= 1, or None
-(unset: num_epochs decides)``. It reads no data and writes nothing, so ``launch/main.py`` calls
+(num_epochs decides)``. It reads no data and writes nothing, so ``launch/main.py`` calls
 it before it creates the workdir, and each job's entry function calls it again (the jobs are also
 called directly, from tests and ``launch/figure5.py``).
 
@@ -395,7 +395,8 @@ def config_as_json(config) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _neutral(field: str, schedule: str) -> bool:
+def restart_neutral(field: str, schedule: str) -> bool:
+    """Whether a restart may change ``field`` (dotted) of a run with learning-rate ``schedule``."""
     if field in _LENGTH_FIELDS:
         return schedule != "cosine"
     return any(field == n or field.startswith(n + ".") for n in RESTART_NEUTRAL)
@@ -431,7 +432,7 @@ def restart_changes(workdir: str, config) -> dict[str, list]:
         k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
     }
     schedule = new.get("lr_schedule", old.get("lr_schedule"))
-    refused = {k: v for k, v in changed.items() if not _neutral(k, schedule)}
+    refused = {k: v for k, v in changed.items() if not restart_neutral(k, schedule)}
     if refused:
         diff = "; ".join(f"config.{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigError(

@@ -241,6 +241,7 @@ def inject(cmd: list[str], workdir: str, env: dict[str, str], kills: int, total_
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the reference, the killed run and the comparison; writes ``--out``; 0 if bit-exact."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="scratch folder (emptied first)")
     parser.add_argument("--out", required=True, help="the JSON result")
