@@ -1,11 +1,16 @@
 """Entry point: ``python launch/main.py --config configs/<x>.py --workdir <dir>``.
 
-The config's ``job`` field picks what runs; the logic lives in the library.
+The config's ``job`` field picks what runs; the logic lives in the library. The config is
+validated (:mod:`qfsep_jax.config_validation`) before the workdir is created: a bad value, or an
+override of a field the config does not have, is one line on stderr (exit status 2) and leaves
+nothing behind. ``--verbosity=1`` (``-v 1``) shows the traceback instead.
 """
 
 import importlib
 import logging
 import os
+import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,7 +31,43 @@ JOBS = {
 }
 
 
+def _traceback_wanted(argv) -> bool:
+    """``--verbosity`` >= 1, read from argv (also when flag parsing itself failed)."""
+    for i, arg in enumerate(argv[1:], 1):
+        m = re.fullmatch(r"--?(?:verbosity|v)(?:=(-?\d+))?", arg)
+        if m:
+            value = m.group(1) or (argv[i + 1] if i + 1 < len(argv) else "0")
+            return value.lstrip("-").isdigit() and int(value) >= 1
+    return False
+
+
+def _config_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with an override of a missing config field as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        if _traceback_wanted(argv):
+            raise
+        _config_error(str(err))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        # ml_collections raises these (chained three deep) for an override of a missing field.
+        if _traceback_wanted(argv):
+            raise
+        name = str(err).strip("\"'")
+        bad = [a for a in argv[1:] if a.startswith("--config.") and name in re.split(r"[.=]", a)]
+        if bad:
+            _config_error(f"{bad[0]}: the config has no field {name!r}")
+        _config_error(f"--config: {type(err).__name__}: {err}")
+
+
 def main(argv):
+    from qfsep_jax.config_validation import ConfigError, validate
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,11 +76,18 @@ def main(argv):
     if job not in JOBS:
         raise app.UsageError(f"config.job={job!r} is not one of {sorted(JOBS)}")
     module, fn = JOBS[job].split(":")
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    malloc_tuning.tune_malloc()  # reuse XLA's per-step scratch memory instead of page-faulting it
-    logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
-    getattr(importlib.import_module(module), fn)(config, _WORKDIR.value)
+    try:
+        validate(config, job)  # before anything is written
+        os.makedirs(_WORKDIR.value, exist_ok=True)
+        malloc_tuning.tune_malloc()  # reuse XLA's per-step scratch memory, no page faults
+        logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
+        # The job raises ConfigError itself only before it writes (a refused restart).
+        getattr(importlib.import_module(module), fn)(config, _WORKDIR.value)
+    except ConfigError as err:
+        if flags.FLAGS.verbosity >= 1:
+            raise
+        _config_error(str(err))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

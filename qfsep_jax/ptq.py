@@ -82,10 +82,13 @@ def calibrate(
     variables: Variables,
     batches: Iterable[dict[str, np.ndarray]],
     total: int | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Variables:
     """Runs calibration batches through ``model`` and returns variables with ``quant_ranges``.
 
-    Padded images (``mask`` 0) are dropped before they reach the observers.
+    Padded images (``mask`` 0) are dropped before they reach the observers. ``counts``, if
+    given, receives ``images`` (how many calibrated the ranges) and ``skipped_corrupt`` (files
+    the input skipped as corrupt, from the batches' ``skipped``).
     """
     if model.quant is None:
         raise ValueError("calibrate needs a model built with quant=QuantConfig(...)")
@@ -100,13 +103,16 @@ def calibrate(
         )  # fmt: skip
         return new["quant_ranges"]
 
-    start, n = time.perf_counter(), 0
+    start, n, skipped = time.perf_counter(), 0, 0
     for batch in tqdm(batches, total=total, desc="calibrate", unit="batch", leave=False):
         valid = int(batch["mask"].sum()) if "mask" in batch else len(batch["image"])
         if valid == 0:
             continue
         ranges = step(ranges, batch["image"][:valid])
         n += valid
+        skipped = int(batch.get("skipped", 0))
+    if counts is not None:
+        counts.update(images=n, skipped_corrupt=skipped)
     if n == 0:
         raise ValueError("calibration saw no images")
     ranges = jax.block_until_ready(ranges)
@@ -136,14 +142,21 @@ def quantize_post_training(
     zero_variance_threshold: float = 1e-10,
     cle_iterations: int = 20,
 ) -> QuantizedModel:
-    """The whole PTQ pipeline for one recipe (``calibration_batches()`` makes a fresh iterator)."""
+    """The whole PTQ pipeline for one recipe (``calibration_batches()`` makes a fresh iterator).
+
+    ``info`` of the result records, besides the recipe's steps, how many images calibrated the
+    ranges (``calibration_images``) and how many corrupt files were skipped.
+    """
     qmodel, folded, info = prepare_folded(
         model, variables, recipe, zero_variance_threshold, cle_iterations
     )
     if recipe.dynamic_activation_ranges:
         qvars = {**folded, "quant_ranges": empty_ranges(qmodel)}
     else:
-        qvars = calibrate(qmodel, folded, calibration_batches(), num_calibration_batches)
+        counts: dict[str, int] = {}
+        qvars = calibrate(qmodel, folded, calibration_batches(), num_calibration_batches, counts)
+        info["calibration_images"] = counts["images"]
+        info["calibration_skipped_corrupt"] = counts["skipped_corrupt"]
     return QuantizedModel(qmodel, qvars, recipe, info)
 
 

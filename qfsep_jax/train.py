@@ -46,8 +46,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qfsep_jax import checkpointing, distributed, metrics_log
+from qfsep_jax import checkpointing, config_validation, distributed, metrics_log
 from qfsep_jax import quantized as quantized_lib
+from qfsep_jax.config_validation import OPTIMIZERS, SCHEDULES
 from qfsep_jax.data import input as data_input
 from qfsep_jax.data import sources, train_input
 from qfsep_jax.evaluation import topk_correct
@@ -56,8 +57,6 @@ from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.quantized import QuantizedModel
 
 AXIS = "batch"
-OPTIMIZERS = ("sgd", "momentum", "rmsprop")
-SCHEDULES = ("exponential", "cosine", "constant")
 Variables = dict[str, Any]
 
 
@@ -413,7 +412,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     Resumes from the newest checkpoint in ``workdir/checkpoints``. Writes
     ``workdir/metrics.jsonl`` (and TensorBoard events), ``workdir/results.json`` at the end and,
     for QAT, the exported quantized model (``workdir/quantized_model``). Returns the summary.
+
+    The config is validated before anything else (:mod:`qfsep_jax.config_validation`); a restart
+    whose config changes a field that changes results is refused, other changes are recorded in
+    ``workdir/config_history.json``. A checkpoint is saved before each evaluation; if an
+    evaluation (or the QAT export) fails, the run saves the state it has, writes
+    ``results.json`` with the ``error`` and re-raises. Restarting a finished run evaluates it
+    again.
     """
+    config_validation.validate(config, "train")
     distributed.maybe_initialize(config.distributed)
     _hide_accelerators_from_tf()
     pi, pc = jax.process_index(), jax.process_count()
@@ -469,6 +476,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 )
         start_step = int(state.step)
         skipped = np.asarray(meta["skipped_corrupt"], np.int64)
+        changes = config_validation.restart_changes(workdir, config)  # refuses, writes nothing
+        if pi == 0 and changes:
+            config_validation.record_restart(workdir, start_step, changes)
+            logging.info("restart with changed fields (config_history.json): %s", changes)
         logging.info("resuming from step %d (examples seen %d)", start_step, meta["examples_seen"])
 
     is_main = pi == 0
@@ -521,7 +532,27 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state = jax.device_put(state, replicated)
     window: list[dict[str, jax.Array]] = []
     window_start, t0 = start_step, time.perf_counter()
-    summary: dict[str, Any] = {"start_step": start_step, "total_steps": total_steps}
+    summary: dict[str, Any] = {
+        "start_step": start_step,
+        "total_steps": total_steps,
+        "num_devices": num_global_devices,
+    }
+
+    def keep_work_and_raise(err: Exception, step: int, what: str) -> None:
+        """After a failure: finish the checkpoint, write results.json with the error, re-raise."""
+        logging.error("%s failed; the checkpoint of step %d is kept", what, step)
+        writer.flush()
+        if not ckpt_closed:
+            ckpt.wait()
+            ckpt.close()
+        summary.update(final_step=step, error=f"{what}: {type(err).__name__}: {err}")
+        summary["run"] = run_info()
+        if is_main:
+            write_json(os.path.join(workdir, "results.json"), summary)
+        raise err
+
+    ckpt_closed = False
+
     last_skipped = int(skipped[pi])
     halt = config.get("halt_after_steps")
     for step in range(start_step, total_steps):
@@ -548,35 +579,56 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         skipped_all = multihost_utils.process_allgather(np.int64(last_skipped))
         skipped_all = np.asarray(skipped_all, np.int64).reshape(pc)
         scalars["skipped_corrupt"] = int(skipped_all.sum())
+        summary["train_loss"] = scalars["train_loss"]
+        meta = {
+            **expected_meta,
+            "step": done,
+            "examples_seen": done * config.batch_size,
+            "skipped_corrupt": skipped_all.tolist(),
+        }
+        if do_ckpt:  # before the evaluation, so that a failing evaluation loses no training
+            ckpt.save(done, state, meta)
         if do_eval:
-            scalars.update(evaluate(p_eval, state, config, local_devices))
+            try:
+                scalars.update(evaluate(p_eval, state, config, local_devices))
+            except Exception as err:
+                if not do_ckpt:
+                    ckpt.save(done, state, meta)
+                writer.write_scalars(done, scalars)
+                keep_work_and_raise(err, done, "evaluation")
             summary.update({k: v for k, v in scalars.items() if k.startswith("eval_")})
         writer.write_scalars(done, scalars)
-        summary["train_loss"] = scalars["train_loss"]
-        if do_ckpt:
-            meta = {
-                **expected_meta,
-                "step": done,
-                "examples_seen": done * config.batch_size,
-                "skipped_corrupt": skipped_all.tolist(),
-            }
-            ckpt.save(done, state, meta)
         window, window_start, t0 = [], done, time.perf_counter()
         if halting:
             logging.info("halt_after_steps=%d reached: stopping (resumable)", halt)
             break
+    if start_step >= total_steps and config.eval_every_steps >= 0:
+        # A finished run restarted (e.g. after its final evaluation failed): evaluate it again.
+        if os.path.isfile(os.path.join(workdir, metrics_log.METRICS_FILE)):
+            last = metrics_log.read_metrics(workdir).get(total_steps, {})
+            summary.update({k: last[k] for k in ("train_loss",) if k in last})
+        try:
+            summary.update(evaluate(p_eval, state, config, local_devices))
+        except Exception as err:
+            keep_work_and_raise(err, int(state.step), "evaluation")
     writer.flush()
     ckpt.wait()
     ckpt.close()
+    ckpt_closed = True
     summary["final_step"] = int(state.step)
     summary["run"] = run_info()
     if config.qat.enabled and int(state.step) == total_steps:
-        quantized = quantized_lib.from_qat(model, jax.device_get(model_variables(state)))
-        if is_main:
-            quantized_lib.save_quantized(quantized, os.path.join(workdir, "quantized_model"))
-        summary["quantized_model"] = os.path.join(workdir, "quantized_model")
-        if is_main and config.qat.integer:
-            summary.update(evaluate_integer(quantized, config))
+        what = "QAT export"
+        try:
+            quantized = quantized_lib.from_qat(model, jax.device_get(model_variables(state)))
+            if is_main:
+                quantized_lib.save_quantized(quantized, os.path.join(workdir, "quantized_model"))
+            summary["quantized_model"] = os.path.join(workdir, "quantized_model")
+            if is_main and config.qat.integer:
+                what = "integer-only evaluation"
+                summary.update(evaluate_integer(quantized, config))
+        except Exception as err:
+            keep_work_and_raise(err, int(state.step), what)
     if is_main:
         write_json(os.path.join(workdir, "results.json"), summary)
     return summary

@@ -37,6 +37,7 @@ def test_zero_point_is_computed_in_float32_like_tf():
 
 
 def test_matches_tensorflow_fake_quant_op():
+    """Random inputs (no ties or edges: see the next test)."""
     import tensorflow as tf
 
     rng = np.random.default_rng(3)
@@ -53,6 +54,47 @@ def test_matches_tensorflow_fake_quant_op():
         np.testing.assert_array_equal(np.asarray(dx), tdx.numpy())
         np.testing.assert_allclose(float(dlo), float(tdlo), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(float(dhi), float(tdhi), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_tensorflow_on_rounding_ties_and_range_edges():
+    """Values and gradients against TF's ``FakeQuantWithMinMaxVars`` where they can differ.
+
+    Random inputs never land on a rounding tie or a range edge; these do, in ranges whose scale
+    is a power of 2 so that TF's arithmetic is exact too. Mutations that passed the random test
+    and fail this one: half-to-even rounding (the positive ties 0.25 and 1.25 round down), and
+    ``x == nudged_min`` treated as clipped (input gradient 0 at ReLU6's exact zeros; TF's is 1).
+
+    Intended difference: on a *negative* tie TF rounds up (it floors ``(x - min) / scale + 0.5``),
+    ours rounds half away from zero, as TFLite's quantize kernels (``std::round``) and the
+    integer pass do, so there ours is one step lower than TF's.
+    """
+    import tensorflow as tf
+
+    # [-64, 63.5]: scale 0.5, zero point 128, nudged range = the range.
+    pos_ties = np.array([0.25, 0.75, 1.25, 2.25, 63.25], np.float32)
+    neg_ties = np.array([-0.25, -0.75, -1.25, -63.75], np.float32)
+    edges = np.array([-64.0, 63.5, 0.0, -64.25, 63.75, -64.0001, 63.5001, -63.9999], np.float32)
+    x = np.concatenate([pos_ties, neg_ties, edges])
+    ours = np.asarray(fake_quant(jnp.asarray(x), -64.0, 63.5, UINT8))
+    ref = tf.quantization.fake_quant_with_min_max_vars(x, -64.0, 63.5, num_bits=8).numpy()
+    n_pos, n_neg = len(pos_ties), len(neg_ties)
+    np.testing.assert_array_equal(ours[:n_pos], ref[:n_pos])
+    np.testing.assert_array_equal(ours[:n_pos], pos_ties + 0.25)  # up, away from zero
+    np.testing.assert_array_equal(ours[n_pos : n_pos + n_neg], ref[n_pos : n_pos + n_neg] - 0.5)
+    np.testing.assert_array_equal(ours[n_pos : n_pos + n_neg], neg_ties - 0.25)  # away from 0
+    np.testing.assert_array_equal(ours[n_pos + n_neg :], ref[n_pos + n_neg :])
+    # Gradients at and around the edges, in that range and in ReLU6's [0, 6] (nudged min 0).
+    for lo, hi, xs in [
+        (-64.0, 63.5, edges),
+        (0.0, 6.0, np.array([0.0, 0.0, -1e-6, 3.0, 6.0, 6.5, 1e-6], np.float32)),
+    ]:
+        g = np.arange(1, len(xs) + 1, dtype=np.float32)
+        dx, dlo, dhi = jax.vjp(lambda a, b, c: fake_quant(a, b, c, UINT8), jnp.asarray(xs), lo,
+                               hi)[1](jnp.asarray(g))  # fmt: skip
+        tdx, tdlo, tdhi = tf.quantization.fake_quant_with_min_max_vars_gradient(g, xs, lo, hi)
+        np.testing.assert_array_equal(np.asarray(dx), tdx.numpy())
+        assert float(dlo) == float(tdlo) and float(dhi) == float(tdhi), (lo, hi)
+    assert np.asarray(dx)[0] == 1.0  # ReLU6's exact zero passes the gradient, as in TF
 
 
 def test_rounds_half_away_from_zero():

@@ -31,6 +31,7 @@ LEVELS = {
     "qfsep_jax.integer": 4,
     "qfsep_jax.checkpointing": 4,
     "qfsep_jax.analysis": 5,
+    "qfsep_jax.config_validation": 5,
     "qfsep_jax.train": 6,
     "qfsep_jax.jobs": 7,
 }

@@ -134,7 +134,9 @@ def test_quant_modes():
     yf = jax.jit(model.apply)(v, x)
     yq = jax.jit(lambda v, x: model.apply(v, x, quant_mode="fake"))(v, x)
     assert not np.array_equal(yf, yq)
-    np.testing.assert_allclose(yq, yf, atol=0.2 * float(jnp.abs(yf).max()))
+    # 8-bit simulation error, relative to the largest logit: 3.5 % measured here. Mutation that
+    # passed the old 20 % bound and fails this one: 6-bit codes (UINT8 = IntRange(0, 63)), 14 %.
+    np.testing.assert_allclose(yq, yf, atol=0.07 * float(jnp.abs(yf).max()))
     with pytest.raises(ValueError, match="quant_mode"):
         jax.eval_shape(lambda v, x: model.apply(v, x, quant_mode="int4"), v, x)
     float_model = MobileNetV1(num_classes=4, width_multiplier=0.25)

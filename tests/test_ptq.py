@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -80,13 +81,32 @@ def _main(workdir, *overrides):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
 
 
+def _calibration_folder(root, n=6):
+    """``root/<wnid>/``: the first ``n`` classes of imagenet_calib1000 (one image each) and a
+    broken JPEG in the first class."""
+    src = require("imagenet_calib1000")
+    wnids = sorted(os.listdir(src))[:n]
+    for wnid in wnids:
+        shutil.copytree(os.path.join(src, wnid), root / wnid)
+    (root / wnids[0] / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
 def test_table1_job_end_to_end(tmp_path):
+    """The job on 10 images, calibrated on 7 files of which one is corrupt (skipped).
+
+    Mutation that used to pass: every imported weight set to 0 (float top-1 0.00); the float row
+    must now score as the model does. And num_calibration_images counts the images that decoded
+    (it reported the files asked for)."""
+    calib = _calibration_folder(tmp_path / "calib")
     proc = _main(
         tmp_path,
         "--config.limit=10",
         "--config.num_calibration_images=10",
         "--config.eval_batch_size=10",
         "--config.rows=('float', 'tf8_per_tensor')",
+        f"--config.calibration_data=folder:{calib}",
+        "--config.on_corrupt=skip",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "results.json") as f:
@@ -94,15 +114,19 @@ def test_table1_job_end_to_end(tmp_path):
     assert [r["name"] for r in results["rows"]] == ["float", "tf8_per_tensor"]
     for row in results["rows"]:
         assert row["n"] == 10 and 0.0 <= row["top1"] <= row["top5"] <= 100.0
+    # The official float model on the first 10 images of imagenet_val500 (1001-way; chance 0.1 %):
+    # 70 % measured.
+    assert results["rows"][0]["top1"] >= 50.0, results["rows"][0]
+    assert results["num_calibration_images"] == 6 and results["calibration_skipped_corrupt"] == 1
     assert "paper top1" in proc.stdout and "tf8_per_tensor" in proc.stdout
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_table1_job_rejects_bad_config(tmp_path):
     proc = _main(tmp_path, "--config.no_such_field=1")
-    assert proc.returncode != 0 and "no_such_field" in proc.stderr
+    assert proc.returncode == 2 and "no_such_field" in proc.stderr
     proc = _main(tmp_path, "--config.rows=('float', 'tf3')", "--config.limit=2")
-    assert proc.returncode != 0 and "unknown PTQ recipe 'tf3'" in proc.stderr
+    assert proc.returncode == 2 and "config.rows=('float', 'tf3'): 'tf3' is not" in proc.stderr
     proc = _main(tmp_path, "--config.data_dir=/nonexistent/data")
-    assert proc.returncode != 0 and "/nonexistent/data" in proc.stderr
+    assert proc.returncode == 2 and "/nonexistent/data" in proc.stderr
     assert not os.path.exists(tmp_path / "results.json")

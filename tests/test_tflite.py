@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 from conftest import TFLITE_MODEL, require
@@ -74,6 +75,30 @@ def test_synthetic_family_members_bit_exact(data_dir, tmp_path, width, size, blo
     assert res["bit_exact_images"] == res["n"] == 8 and res["image_size"] == size
 
 
+def test_depthwise_padding_with_nonzero_input_zero_point_bit_exact(data_dir, tmp_path):
+    """Depthwise layers whose inputs have mid-range zero points (a model without ReLU6), stride 1
+    and 2: SAME padding must hold the input's real zero (code ``Z_in``), as LiteRT pads. In the
+    official model every depthwise input has zero point 0, where padding with code 0 is the same.
+
+    Mutation that fails this test: the integer pass padding the depthwise input codes with 0
+    instead of ``Z_in`` (``lax.pad(x, -Z_in)`` on ``q - Z_in``). Of the other tests here only the
+    int8 model's catches it (int8 ReLU6 outputs have zero point -128); the uint8 ones do not."""
+    path = build_mobilenet_tflite(
+        str(tmp_path / "nozero.tflite"), width=0.25, image_size=32, num_blocks=2,
+        num_classes=11, activation="none",
+    )  # fmt: skip
+    model = integer.from_tflite(path)
+    depthwise = [layer for layer in model.layers if layer.kind == "depthwise"]
+    assert sorted(layer.stride for layer in depthwise) == [1, 2]
+    assert all(20 < layer.input_zero_point < 235 for layer in depthwise), [
+        layer.input_zero_point for layer in depthwise
+    ]
+    config = _config(data_dir, model=path, limit=8, eval_batch_size=8, rounding="litert_x86")
+    job.run(config, str(tmp_path))
+    res = _results(tmp_path)
+    assert res["bit_exact_images"] == res["n"] == 8
+
+
 def test_int8_scheme_model_bit_exact(data_dir, tmp_path):
     # TFLite's current scheme: per-channel int8 weights, int8 activations (input: pixel - 128).
     path = build_int8_tflite(str(tmp_path / "int8.tflite"), image_size=32)
@@ -93,6 +118,22 @@ def test_backbone_and_head_pair_bit_exact(data_dir, tmp_path):
     job.run(config, str(tmp_path))
     res = _results(tmp_path)
     assert res["bit_exact_images"] == res["n"] == 8 and res["head"] == head
+
+
+def test_skipped_corrupt_images_are_recorded(data_dir, tmp_path, capsys):
+    """``on_corrupt="skip"``: results.json says how many files were skipped (it said nothing)."""
+    src = os.path.join(data_dir, "imagenet_val500")
+    root = tmp_path / "val"
+    for wnid in sorted(os.listdir(src))[:2]:
+        (root / wnid).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(src, wnid)))[:3]:
+            shutil.copy(os.path.join(src, wnid, name), root / wnid / name)
+    (root / wnid / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    config = _config(data_dir, eval_data=f"folder:{root}", on_corrupt="skip", rounding="litert_x86")
+    job.run(config, str(tmp_path / "out"))
+    res = _results(tmp_path / "out")
+    assert res["n"] == res["bit_exact_images"] == 6 and res["skipped_corrupt"] == 1
+    assert "skipped 1 corrupt image file(s)" in capsys.readouterr().out
 
 
 def test_malformed_model_is_a_clear_error(data_dir, tmp_path):

@@ -1,6 +1,7 @@
 """Import of the paper's TF-slim MobileNetV1: parity with TensorFlow, checkpoints, bad files."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -99,15 +100,82 @@ def _write_tf1_checkpoint(tensors: dict, prefix: str) -> None:
             saver.save(sess, prefix, write_meta_graph=False)
 
 
+# Where each TF-slim variable belongs, written out here rather than taken from the importer, so
+# that a mistake in the importer's name map cannot also be in what the tests write and expect.
+SLIM_LEAF = {
+    "weights": ("params", "kernel"),
+    "depthwise_weights": ("params", "kernel"),
+    "biases": ("params", "bias"),
+    "BatchNorm/gamma": ("params", "bn_scale"),
+    "BatchNorm/beta": ("params", "bn_bias"),
+    "BatchNorm/moving_mean": ("batch_stats", "bn_mean"),
+    "BatchNorm/moving_variance": ("batch_stats", "bn_var"),
+}
+SLIM_VARIABLE = re.compile(
+    r"MobilenetV1/(Logits/Conv2d_1c_1x1|Conv2d_\d+(?:_depthwise|_pointwise)?)/(" +
+    "|".join(SLIM_LEAF) + ")"
+)  # fmt: skip
+
+
+def _our_place(name: str) -> tuple[str, tuple[str, ...]]:
+    """A TF-slim variable name → (collection, path) in this project's variables."""
+    scope, leaf = SLIM_VARIABLE.fullmatch(name).groups()
+    if scope.startswith("Logits"):
+        layer = ("Logits",)
+    else:  # Conv2d_3_depthwise → ("Conv2d_3", "depthwise"); Conv2d_0 → ("Conv2d_0",)
+        parts = scope.split("_")
+        layer = ("_".join(parts[:2]), *parts[2:])
+    collection, key = SLIM_LEAF[leaf]
+    return collection, (*layer, key)
+
+
+def _slim_tensors(variables: dict) -> dict[str, np.ndarray]:
+    """This project's variables under TF-slim's names (the inverse of ``_our_place``)."""
+    ours = {v: k for k, v in SLIM_LEAF.items() if k != "depthwise_weights"}
+    out = {}
+    for collection in ("params", "batch_stats"):
+        for path, value in jax.tree_util.tree_leaves_with_path(variables[collection]):
+            *layer, key = (p.key for p in path)
+            scope = "Logits/Conv2d_1c_1x1" if layer == ["Logits"] else "_".join(layer)
+            leaf, value = ours[(collection, key)], np.asarray(value)
+            if layer[-1] == "depthwise" and key == "kernel":
+                leaf, value = "depthwise_weights", value.reshape(*value.shape[:2], -1, 1)
+            out[f"MobilenetV1/{scope}/{leaf}"] = value
+    return out
+
+
+def _at(variables: dict, collection: str, path: tuple[str, ...]) -> np.ndarray:
+    node = variables[collection]
+    for p in path:
+        node = node[p]
+    return np.asarray(node)
+
+
 def test_checkpoint_of_the_official_weights_imports_identically(official, tmp_path):
-    tensors = tfslim_variable_names(official.variables)
-    assert "MobilenetV1/Conv2d_1_depthwise/depthwise_weights" in tensors
-    assert "MobilenetV1/Logits/Conv2d_1c_1x1/biases" in tensors
+    """A TF1 checkpoint holding the official graph's own tensors, under the graph's own names.
+
+    Mutation that used to pass (the test wrote the checkpoint with the importer's inverse name
+    map): gamma and beta swapped in the importer's map. Every tensor must land where
+    ``SLIM_LEAF`` (written out above) says."""
+    graph_def = tf.compat.v1.GraphDef()
+    with open(require(FLOAT_GRAPH), "rb") as f:
+        graph_def.ParseFromString(f.read())
+    tensors = {n.name: tf.make_ndarray(n.attr["value"].tensor) for n in graph_def.node
+               if n.op == "Const" and SLIM_VARIABLE.fullmatch(n.name)}  # fmt: skip
+    assert len(tensors) == 1 + 15 + 13 + 4 * 27  # biases, weights, depthwise weights, BN
     prefix = str(tmp_path / "model.ckpt-0")
     _write_tf1_checkpoint(tensors, prefix)
     ckpt = load_tfslim(prefix)
     assert ckpt.model_kwargs["width_multiplier"] == 1.0 and ckpt.model_kwargs["num_classes"] == 1001
+    for name, value in tensors.items():
+        got = _at(ckpt.variables, *_our_place(name))
+        np.testing.assert_array_equal(got, value.reshape(got.shape), err_msg=name)
     jax.tree.map(np.testing.assert_array_equal, ckpt.variables, official.variables)
+    # The importer's own inverse map agrees with TF's names.
+    ours = tfslim_variable_names(official.variables)
+    assert sorted(ours) == sorted(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
 
 
 def _random_variables(model: MobileNetV1) -> dict:
@@ -118,22 +186,24 @@ def _random_variables(model: MobileNetV1) -> dict:
 
 
 def test_checkpoint_prefers_moving_average_weights(tmp_path):
+    """Names written by ``_slim_tensors`` (not the importer's map); every variable must come back
+    in its place (a gamma/beta swap in the importer fails here too)."""
     model = MobileNetV1(num_classes=10, width_multiplier=0.25, block="qf")
     v = _random_variables(model)
-    tensors = tfslim_variable_names(v)
+    tensors = _slim_tensors(v)
+    assert "MobilenetV1/Conv2d_3_pointwise/BatchNorm/gamma" in tensors
     ema = {k + "/ExponentialMovingAverage": np.asarray(t) + 1.0 for k, t in tensors.items()}
     prefix = str(tmp_path / "qf.ckpt")
     _write_tf1_checkpoint({**tensors, **ema}, prefix)
     imported = load_tfslim_checkpoint(prefix, activation="relu")
     assert imported.model_kwargs["block"] == "qf" and imported.model_kwargs["depthwise_bias"]
     assert imported.model_kwargs["width_multiplier"] == 0.25
-    k = imported.variables["params"]["Conv2d_3"]["pointwise"]["kernel"]
-    np.testing.assert_allclose(k, np.asarray(v["params"]["Conv2d_3"]["pointwise"]["kernel"]) + 1.0)
+    for collection in ("params", "batch_stats"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b) + 1.0, rtol=1e-6),
+                     imported.variables[collection], v[collection])  # fmt: skip
     raw = load_tfslim_checkpoint(prefix, activation="relu", use_ema=False)
-    np.testing.assert_array_equal(
-        raw.variables["params"]["Conv2d_3"]["pointwise"]["kernel"],
-        v["params"]["Conv2d_3"]["pointwise"]["kernel"],
-    )
+    for collection in ("params", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, raw.variables[collection], v[collection])
 
 
 def test_bad_files_get_clear_errors(tmp_path):

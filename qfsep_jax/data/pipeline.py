@@ -8,8 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from qfsep_jax.data.sources import Source
-
-CORRUPT_POLICIES = ("error", "skip")
+from qfsep_jax.data.specs import CORRUPT_POLICIES
 
 
 class CorruptImageError(ValueError):

@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from qfsep_jax.data import labels as labels_lib
+from qfsep_jax.data.specs import parse_spec
 
 
 @dataclasses.dataclass
@@ -169,16 +170,12 @@ def make_source(
     ``process_split`` applies to tfds sources only; folder sources are random-access and the
     training input picks each process's examples by index.
     """
-    kind, _, rest = spec.partition(":")
-    if kind == "folder" and rest:
+    kind, parts = parse_spec(spec)
+    if kind == "folder":
         _check_dir(data_dir, "data directory")
-        return folder_source(data_dir, rest, label_space)
-    if kind == "tfds" and rest.count(":") == 1:
-        name, split = rest.split(":")
-        return tfds_source(
-            name, split, tfds_data_dir, manual_dir, shuffle_files, process_split,
-            label_space=label_space, data_dir=data_dir,
-        )  # fmt: skip
-    raise ValueError(
-        f"bad dataset spec {spec!r}: use 'folder:<path under data_dir>' or 'tfds:<name>:<split>'"
-    )
+        return folder_source(data_dir, parts[0], label_space)
+    name, split = parts
+    return tfds_source(
+        name, split, tfds_data_dir, manual_dir, shuffle_files, process_split,
+        label_space=label_space, data_dir=data_dir,
+    )  # fmt: skip

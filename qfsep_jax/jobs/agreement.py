@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from qfsep_jax import checkpointing, io_utils, ptq
+from qfsep_jax import checkpointing, config_validation, io_utils, ptq
 from qfsep_jax.analysis import agreement
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.integer import align
@@ -40,6 +40,7 @@ SUMMARY = "summary.json"
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Writes one agreement report (or, with ``config.reports``, the summary of many)."""
+    config_validation.validate(config, "agreement")
     if config.get("reports"):
         return summarize(config, workdir)
     config = _resolve_run_defaults(config)

@@ -24,22 +24,12 @@ import time
 import jax
 import ml_collections
 
-from qfsep_jax import io_utils, paper, ptq
+from qfsep_jax import config_validation, io_utils, paper
 from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import ranges as ranges_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.jobs import common
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-    for name in config.pipelines:
-        ptq.recipe_by_name(name)
-    if not isinstance(config.integer, bool):
-        raise ValueError(f"integer must be True or False, got {config.integer!r}")
-    for field in ("num_calibration_images", "num_sqnr_images", "sqnr_batch_size"):
-        if config[field] <= 0:
-            raise ValueError(f"{field} must be positive, got {config[field]}")
 
 
 def analyze_alpha(variables: dict, eps: float, threshold: float, workdir: str, plots: bool) -> dict:
@@ -87,7 +77,7 @@ def _sqnr_table(measured: dict[str, dict]) -> dict[str, dict[str, float | None]]
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the analysis on the official float model; writes the files listed in the docstring."""
-    _validate(config)
+    config_validation.validate(config, "analyze")
     start = time.perf_counter()
     use_integer = config.integer
     integer_note = "" if use_integer else "disabled by config (integer=False)"
@@ -159,7 +149,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "sqnr_data": data.name,
         "num_sqnr_images": data.num_examples,
         "calibration_data": calib.name,
-        "num_calibration_images": calib.num_examples,
+        # What decoded (corrupt files skipped), not what was asked for; 0: no pipeline calibrated.
+        "num_calibration_images": max(
+            [i["calibration_images"] for i in info.values() if "calibration_images" in i],
+            default=0,
+        ),
         "observer": config.observer,
         "image_size": config.image_size,
         "crop_fraction": config.crop_fraction,

@@ -32,7 +32,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from qfsep_jax import checkpointing, evaluation, integer, io_utils, paper, ptq, train
+from qfsep_jax import (
+    checkpointing,
+    config_validation,
+    evaluation,
+    integer,
+    io_utils,
+    paper,
+    ptq,
+    train,
+)
 from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input
@@ -78,6 +87,7 @@ def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Clear errors for a bad experiment config, before anything runs."""
+    config_validation.validate(config, "figure5")
     unknown = sorted(set(config.steps) - set(STEPS))
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {STEPS}")
@@ -89,6 +99,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     missing = [v for v in config.variants if v not in config.train_configs]
     if missing:
         raise KeyError(f"no training config for variant {missing[0]!r} in config.train_configs")
+    # Every run's training config too, so that a bad override fails now, not after hours.
+    for variant in config.variants:
+        for seed in config.seeds:
+            config_validation.validate(variant_config(config, variant, seed), "train")
     for field in ("num_calibration_images", "num_sqnr_images", "sqnr_batch_size"):
         if config[field] <= 0:
             raise ValueError(f"{field} must be positive, got {config[field]}")

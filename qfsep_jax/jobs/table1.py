@@ -9,17 +9,9 @@ import os
 import jax
 import ml_collections
 
-from qfsep_jax import evaluation, integer, io_utils, paper, ptq
+from qfsep_jax import config_validation, evaluation, integer, io_utils, paper, ptq
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.jobs import common
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-    for row in config.rows:
-        if row != "float" and row != "float_relu":
-            ptq.recipe_by_name(row)
-    if config.num_calibration_images <= 0:
-        raise ValueError("num_calibration_images must be positive")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -48,7 +40,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     top-1 among tied codes would be the lowest class index, i.e. arbitrary. The row's ``top1``
     is the simulation's, on its own (8-bit fake-quantized) logits.
     """
-    _validate(config)
+    config_validation.validate(config, "table1")
     model, variables, source = common.load_official(config)
     evaluate_data = eval_input(config, config.eval_data, limit=config.limit)
     calib = common.calibration_input(config)
@@ -62,7 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logits_fn, evaluate_data.make(), evaluate_data.num_batches, desc=name
         )
 
-    rows = []
+    rows, calibrated = [], {}
     for name in config.rows:
         if name == "float":
             result = score(ptq.float_logits_fn(model, variables), name)
@@ -81,6 +73,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # top-1 on the fine logits (see the docstring), not on tied 8-bit codes.
                 int_model = integer.from_quantized(qmodel)
                 row["int_top1"] = score(integer.logits_fn(int_model), name + "/int")["top1"]
+            if "calibration_images" in qmodel.info:  # what decoded, not what was asked for
+                calibrated = {
+                    "num_calibration_images": qmodel.info["calibration_images"],
+                    "calibration_skipped_corrupt": qmodel.info["calibration_skipped_corrupt"],
+                }
             if "zero_variance_channels" in qmodel.info:
                 row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
             rows.append(row)
@@ -92,7 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "model": source,
         "eval_data": evaluate_data.name,
         "calibration_data": calib.name,
-        "num_calibration_images": calib.num_examples,
+        "num_calibration_images": 0,  # no row calibrated
+        **calibrated,
         "crop_fraction": config.crop_fraction,
         "image_size": config.image_size,
         "run": io_utils.run_info(),

@@ -6,9 +6,10 @@
 Both engines get the same uint8 images (the project's eval preprocessing in uint8 mode at the
 model's input resolution). Every tensor the integer pass reproduces (each layer's output, the
 reshaped logits) is compared with LiteRT's (``experimental_preserve_all_tensors``). An image is
-bit-exact when all of them are equal. Writes ``W/results.json``
-(``{"bit_exact_images": K, "n": N, "first_mismatch": ..., ...}``), prints ``bit-exact: K/N`` as its
-last line and exits non-zero unless ``K == N``.
+bit-exact when all of them are equal. Writes ``W/results.json`` (``{"bit_exact_images": K,
+"n": N, "skipped_corrupt": S, "first_mismatch": ..., ...}``; S: files skipped with
+``on_corrupt="skip"``), prints ``bit-exact: K/N`` as its last line and exits non-zero unless
+``K == N``.
 
 ``rounding="auto"`` runs every rounding preset on the first batch and keeps the one with the
 fewest differing elements (reported under ``rounding_candidates``), so the check finds which
@@ -25,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qfsep_jax import integer, io_utils
+from qfsep_jax import config_validation, integer, io_utils
 from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.integer.reference import LiteRTRunner, expected_rounding
 
@@ -66,6 +67,7 @@ def _to_model_input(pixels: np.ndarray, dtype) -> np.ndarray:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the check; writes ``workdir/results.json``; exits non-zero unless all are exact."""
+    config_validation.validate(config, "tflite_check")
     model_path = resolve_path(config.data_dir, config.model)
     head_path = resolve_path(config.data_dir, config.head) if config.head else None
     int_model = integer.from_tflite(model_path, head_path)
@@ -99,10 +101,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rounding = config.rounding
     int_model = int_model.with_rounding(rounding)
 
-    n = exact = 0
+    n = exact = skipped = 0
     hits = {"int": 0, "litert": 0}
     first_mismatch = None
     for batch in data.make():
+        skipped = int(batch.get("skipped", 0))  # corrupt files so far (on_corrupt="skip")
         valid = int(batch["mask"].sum())
         if valid == 0:
             continue
@@ -127,6 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out = {
         "bit_exact_images": exact,
         "n": n,
+        "skipped_corrupt": skipped,
         "first_mismatch": first_mismatch,
         "model": model_path,
         "head": head_path,
@@ -150,6 +154,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"rounding: {rounding} ({int_model.rounding}); op resolver: {config.op_resolver}")
     if first_mismatch is not None:
         print(f"first mismatch: {first_mismatch}")
+    if skipped:
+        print(f"skipped {skipped} corrupt image file(s) of {data.name}")
     print(f"bit-exact: {exact}/{n}", flush=True)
     if exact != n:
         sys.exit(1)
