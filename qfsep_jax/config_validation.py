@@ -356,7 +356,7 @@ def _figure5(config, check_paths: bool) -> None:
     from qfsep_jax import ptq
 
     data_dir = _data_dir(config, check_paths)
-    _names(config, "steps", ("train", "evaluate", "sqnr", "summary"))
+    _names(config, "steps", ("train", "evaluate", "sqnr", "summary"))  # jobs.figure5's steps
     _names(config, "variants", tuple(_get(config, "train_configs")))
     seeds = _get(config, "seeds")
     if isinstance(seeds, str) or not seeds or not all(_is_int(s) for s in seeds):

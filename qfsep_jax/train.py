@@ -423,69 +423,102 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     config_validation.validate(config, "train")
     distributed.maybe_initialize(config.distributed)
     _hide_accelerators_from_tf()
-    pi, pc = jax.process_index(), jax.process_count()
-    local_devices = list(jax.local_devices())
-    pmap_devices = None
-    if config.get("num_devices"):
-        if pc > 1:
-            raise ValueError("config.num_devices is for single-process runs; unset it")
-        if config.num_devices > len(local_devices):
-            raise ValueError(f"num_devices={config.num_devices} > {len(local_devices)} devices")
-        local_devices = local_devices[: config.num_devices]
-        pmap_devices = local_devices
-    num_global_devices = len(local_devices) * pc
-    for name in ("batch_size", "eval_batch_size"):
-        if config[name] % num_global_devices:
-            raise ValueError(
-                f"config.{name}={config[name]} is not divisible by the {num_global_devices} "
-                "devices of this run"
-            )
+    devices = _Devices.of(config)
     os.makedirs(workdir, exist_ok=True)
 
     num_classes = checkpointing.num_classes_of(config)
     train_source = sources.make_source(
         config.train_data, config.data_dir, label_space=config.label_space,
         tfds_data_dir=config.get("tfds_data_dir") or None,
-        manual_dir=config.get("manual_dir") or None, process_split=(pi, pc),
+        manual_dir=config.get("manual_dir") or None, process_split=(devices.pi, devices.pc),
     )  # fmt: skip
     # A random-access source is global; a streaming one holds this process's split only.
-    global_examples = train_source.num_examples * (1 if train_source.random_access else pc)
+    global_examples = train_source.num_examples * (1 if train_source.random_access else devices.pc)
     steps_per_epoch = max(1, global_examples // config.batch_size)
     total_steps = config.get("total_steps") or int(math.ceil(config.num_epochs * steps_per_epoch))
 
     model, variables = create_model_and_variables(config, num_classes)
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = make_optimizer(config, schedule)
-    state = create_train_state(variables, tx, config.seed)
-
-    ckpt = checkpointing.Checkpointer(
-        os.path.join(workdir, checkpointing.CHECKPOINT_DIR),
-        max_to_keep=config.keep_checkpoints,
-        asynchronous=config.async_checkpoints,
+    run = _Run(config, workdir, devices, total_steps)
+    state, start_step, skipped = run.restore(create_train_state(variables, tx, config.seed))
+    p_train, p_eval = _pmapped_steps(config, model, tx, schedule, num_classes, devices)
+    stream = train_input.TrainStream(
+        seed=config.seed,
+        global_batch=config.batch_size,
+        process_index=devices.pi,
+        process_count=devices.pc,
+        image_size=config.image_size,
+        area_range=tuple(config.crop_area_range),
+        aspect_ratio_range=tuple(config.crop_aspect_ratio_range),
+        on_corrupt=config.on_corrupt,
+        shuffle_buffer=config.shuffle_buffer,
+        num_classes=num_classes,
     )
-    expected_meta = _stream_meta(config, pc)
-    start_step, skipped = 0, np.zeros((pc,), np.int64)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, state)
-        for k, v in expected_meta.items():
-            if meta.get(k) != v:
-                raise ValueError(
-                    f"checkpoint {latest} in {workdir} was written with {k}={meta.get(k)!r}, "
-                    f"this run has {v!r}: the data stream would not continue; use a new workdir"
-                )
-        start_step = int(state.step)
-        skipped = np.asarray(meta["skipped_corrupt"], np.int64)
-        changes = config_validation.restart_changes(workdir, config)  # refuses, writes nothing
-        if pi == 0 and changes:
-            config_validation.record_restart(workdir, start_step, changes)
-            logging.info("restart with changed fields (config_history.json): %s", changes)
-        logging.info("resuming from step %d (examples seen %d)", start_step, meta["examples_seen"])
+    batches = train_input.prefetch_to_devices(
+        train_input.train_batches(train_source, stream, start_step, int(skipped[devices.pi])),
+        devices.local,
+        size=config.prefetch_batches,
+    )
+    logging.info(
+        "training %s for %d steps (%d/epoch), global batch %d on %d devices x %d processes",
+        "QAT" if config.qat.enabled else "float", total_steps, steps_per_epoch,
+        config.batch_size, len(devices.local), devices.pc,
+    )  # fmt: skip
 
-    is_main = pi == 0
-    writer = metrics_log.create_writer(workdir, is_main)
-    if is_main and latest is None:
-        write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    # Lay the state out as the step returns it (replicated over the local mesh), so the first
+    # step does not compile a second executable for host inputs.
+    replicated = NamedSharding(train_input.device_mesh(devices.local), PartitionSpec())
+    state = jax.device_put(state, replicated)
+    state = _train_loop(run, state, start_step, int(skipped[devices.pi]), batches, p_train,
+                        p_eval)  # fmt: skip
+    if start_step >= total_steps and config.eval_every_steps >= 0:
+        run.evaluate_finished_run(state, p_eval)
+    run.close()
+    run.summary["final_step"] = int(state.step)
+    run.summary["run"] = run_info()
+    if config.qat.enabled and int(state.step) == total_steps:
+        run.export_qat(model, state)
+    if run.is_main:
+        write_json(os.path.join(workdir, "results.json"), run.summary)
+    return run.summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Devices:
+    """This process's devices (``pmap=None``: all of them) and the process grid."""
+
+    local: list
+    pmap: list | None
+    pi: int
+    pc: int
+
+    @property
+    def num_global(self) -> int:
+        return len(self.local) * self.pc
+
+    @classmethod
+    def of(cls, config) -> _Devices:
+        pi, pc = jax.process_index(), jax.process_count()
+        local, pmap = list(jax.local_devices()), None
+        if config.get("num_devices"):
+            if pc > 1:
+                raise ValueError("config.num_devices is for single-process runs; unset it")
+            if config.num_devices > len(local):
+                raise ValueError(f"num_devices={config.num_devices} > {len(local)} devices")
+            local = pmap = local[: config.num_devices]
+        devices = cls(local, pmap, pi, pc)
+        for name in ("batch_size", "eval_batch_size"):
+            if config[name] % devices.num_global:
+                raise ValueError(
+                    f"config.{name}={config[name]} is not divisible by the {devices.num_global} "
+                    "devices of this run"
+                )
+        return devices
+
+
+def _pmapped_steps(config, model, tx, schedule, num_classes: int, devices: _Devices):
+    """The pmapped :func:`train_step` and :func:`eval_step` of this run."""
     hp = StepConfig(
         num_classes=num_classes,
         label_smoothing=config.label_smoothing,
@@ -496,64 +529,120 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         bn_freeze_step=config.qat.bn_freeze_step,
     )
     p_train = pmap_step(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, hp=hp), pmap_devices
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, hp=hp), devices.pmap
     )
     quant_mode = "qat" if config.qat.enabled else "float"
     p_eval = pmap_step(
-        functools.partial(eval_step, model=model, quant_mode=quant_mode), pmap_devices
+        functools.partial(eval_step, model=model, quant_mode=quant_mode), devices.pmap
     )
+    return p_train, p_eval
 
-    stream = train_input.TrainStream(
-        seed=config.seed,
-        global_batch=config.batch_size,
-        process_index=pi,
-        process_count=pc,
-        image_size=config.image_size,
-        area_range=tuple(config.crop_area_range),
-        aspect_ratio_range=tuple(config.crop_aspect_ratio_range),
-        on_corrupt=config.on_corrupt,
-        shuffle_buffer=config.shuffle_buffer,
-        num_classes=num_classes,
-    )
-    batches = train_input.prefetch_to_devices(
-        train_input.train_batches(train_source, stream, start_step, int(skipped[pi])),
-        local_devices,
-        size=config.prefetch_batches,
-    )
-    logging.info(
-        "training %s for %d steps (%d/epoch), global batch %d on %d devices x %d processes",
-        "QAT" if config.qat.enabled else "float", total_steps, steps_per_epoch,
-        config.batch_size, len(local_devices), pc,
-    )  # fmt: skip
 
-    # Lay the state out as the step returns it (replicated over the local mesh), so the first
-    # step does not compile a second executable for host inputs.
-    replicated = NamedSharding(train_input.device_mesh(local_devices), PartitionSpec())
-    state = jax.device_put(state, replicated)
-    window: list[dict[str, jax.Array]] = []
-    window_start, t0 = start_step, time.perf_counter()
-    summary: dict[str, Any] = {
-        "start_step": start_step,
-        "total_steps": total_steps,
-        "num_devices": num_global_devices,
-    }
+class _Run:
+    """A training run's workdir: checkpoints, metrics, the summary, and keeping work on failure."""
 
-    def keep_work_and_raise(err: Exception, step: int, what: str) -> None:
+    def __init__(self, config, workdir: str, devices: _Devices, total_steps: int):
+        self.config, self.workdir, self.devices = config, workdir, devices
+        self.is_main = devices.pi == 0
+        self.ckpt = checkpointing.Checkpointer(
+            os.path.join(workdir, checkpointing.CHECKPOINT_DIR),
+            max_to_keep=config.keep_checkpoints,
+            asynchronous=config.async_checkpoints,
+        )
+        self.ckpt_closed = False
+        self.meta = _stream_meta(config, devices.pc)
+        self.writer = metrics_log.create_writer(workdir, self.is_main)
+        self.summary: dict[str, Any] = {
+            "total_steps": total_steps,
+            "num_devices": devices.num_global,
+        }
+
+    def restore(self, state: TrainState) -> tuple[TrainState, int, np.ndarray]:
+        """``(state, start step, skipped corrupt files per process)``, from the newest checkpoint
+        if there is one (a resume must see the same data stream and no result-changing config
+        change); else writes ``config.json``."""
+        start_step, skipped = 0, np.zeros((self.devices.pc,), np.int64)
+        latest = self.ckpt.latest_step()
+        if latest is not None:
+            state, meta = self.ckpt.restore(latest, state)
+            for k, v in self.meta.items():
+                if meta.get(k) != v:
+                    raise ValueError(
+                        f"checkpoint {latest} in {self.workdir} was written with "
+                        f"{k}={meta.get(k)!r}, this run has {v!r}: the data stream would not "
+                        "continue; use a new workdir"
+                    )
+            start_step = int(state.step)
+            skipped = np.asarray(meta["skipped_corrupt"], np.int64)
+            changes = config_validation.restart_changes(self.workdir, self.config)  # or refuses
+            if self.is_main and changes:
+                config_validation.record_restart(self.workdir, start_step, changes)
+                logging.info("restart with changed fields (config_history.json): %s", changes)
+            logging.info(
+                "resuming from step %d (examples seen %d)", start_step, meta["examples_seen"]
+            )
+        elif self.is_main:
+            write_atomic(
+                os.path.join(self.workdir, "config.json"),
+                self.config.to_json_best_effort(indent=2),
+            )
+        self.summary = {"start_step": start_step, **self.summary}
+        return state, start_step, skipped
+
+    def keep_work_and_raise(self, err: Exception, step: int, what: str) -> None:
         """After a failure: finish the checkpoint, write results.json with the error, re-raise."""
         logging.error("%s failed; the checkpoint of step %d is kept", what, step)
-        writer.flush()
-        if not ckpt_closed:
-            ckpt.wait()
-            ckpt.close()
-        summary.update(final_step=step, error=f"{what}: {type(err).__name__}: {err}")
-        summary["run"] = run_info()
-        if is_main:
-            write_json(os.path.join(workdir, "results.json"), summary)
+        self.writer.flush()
+        if not self.ckpt_closed:
+            self.ckpt.wait()
+            self.ckpt.close()
+        self.summary.update(final_step=step, error=f"{what}: {type(err).__name__}: {err}")
+        self.summary["run"] = run_info()
+        if self.is_main:
+            write_json(os.path.join(self.workdir, "results.json"), self.summary)
         raise err
 
-    ckpt_closed = False
+    def evaluate_finished_run(self, state: TrainState, p_eval: Callable) -> None:
+        """A finished run restarted (e.g. after its final evaluation failed): evaluate it again."""
+        if os.path.isfile(os.path.join(self.workdir, metrics_log.METRICS_FILE)):
+            last = metrics_log.read_metrics(self.workdir).get(self.summary["total_steps"], {})
+            self.summary.update({k: last[k] for k in ("train_loss",) if k in last})
+        try:
+            self.summary.update(evaluate(p_eval, state, self.config, self.devices.local))
+        except Exception as err:
+            self.keep_work_and_raise(err, int(state.step), "evaluation")
 
-    last_skipped = int(skipped[pi])
+    def close(self) -> None:
+        self.writer.flush()
+        self.ckpt.wait()
+        self.ckpt.close()
+        self.ckpt_closed = True
+
+    def export_qat(self, model: MobileNetV1, state: TrainState) -> None:
+        """The QAT model as a quantized model (``quantized_model``), scored integer-only."""
+        what = "QAT export"
+        try:
+            quantized = quantized_lib.from_qat(model, jax.device_get(model_variables(state)))
+            path = os.path.join(self.workdir, "quantized_model")
+            if self.is_main:
+                quantized_lib.save_quantized(quantized, path)
+            self.summary["quantized_model"] = path
+            if self.is_main and self.config.qat.integer:
+                what = "integer-only evaluation"
+                self.summary.update(evaluate_integer(quantized, self.config))
+        except Exception as err:
+            self.keep_work_and_raise(err, int(state.step), what)
+
+
+def _train_loop(
+    run: _Run, state: TrainState, start_step: int, last_skipped: int, batches, p_train, p_eval
+) -> TrainState:
+    """Steps from ``start_step`` to the end (or ``halt_after_steps``), logging, checkpointing
+    (before each evaluation, so that a failing evaluation loses no training) and evaluating."""
+    config, pc = run.config, run.devices.pc
+    total_steps = run.summary["total_steps"]
+    window: list[dict[str, jax.Array]] = []
+    window_start, t0 = start_step, time.perf_counter()
     halt = config.get("halt_after_steps")
     for step in range(start_step, total_steps):
         device_batch, host = next(batches)
@@ -571,67 +660,43 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             continue
         rows = [jax.tree.map(lambda a: np.asarray(a)[0], r) for r in jax.device_get(window)]
         _check_finite(rows, window_start)  # before anything of this state is saved
-        seconds = time.perf_counter() - t0
-        scalars = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        scalars["learning_rate"] = float(rows[-1]["learning_rate"])
-        scalars["steps_per_sec"] = len(rows) / seconds
-        scalars["images_per_sec"] = len(rows) * config.batch_size / seconds
+        scalars = _window_scalars(rows, time.perf_counter() - t0, config.batch_size)
         skipped_all = multihost_utils.process_allgather(np.int64(last_skipped))
         skipped_all = np.asarray(skipped_all, np.int64).reshape(pc)
         scalars["skipped_corrupt"] = int(skipped_all.sum())
-        summary["train_loss"] = scalars["train_loss"]
+        run.summary["train_loss"] = scalars["train_loss"]
         meta = {
-            **expected_meta,
+            **run.meta,
             "step": done,
             "examples_seen": done * config.batch_size,
             "skipped_corrupt": skipped_all.tolist(),
         }
-        if do_ckpt:  # before the evaluation, so that a failing evaluation loses no training
-            ckpt.save(done, state, meta)
+        if do_ckpt:
+            run.ckpt.save(done, state, meta)
         if do_eval:
             try:
-                scalars.update(evaluate(p_eval, state, config, local_devices))
+                scalars.update(evaluate(p_eval, state, config, run.devices.local))
             except Exception as err:
                 if not do_ckpt:
-                    ckpt.save(done, state, meta)
-                writer.write_scalars(done, scalars)
-                keep_work_and_raise(err, done, "evaluation")
-            summary.update({k: v for k, v in scalars.items() if k.startswith("eval_")})
-        writer.write_scalars(done, scalars)
+                    run.ckpt.save(done, state, meta)
+                run.writer.write_scalars(done, scalars)
+                run.keep_work_and_raise(err, done, "evaluation")
+            run.summary.update({k: v for k, v in scalars.items() if k.startswith("eval_")})
+        run.writer.write_scalars(done, scalars)
         window, window_start, t0 = [], done, time.perf_counter()
         if halting:
             logging.info("halt_after_steps=%d reached: stopping (resumable)", halt)
             break
-    if start_step >= total_steps and config.eval_every_steps >= 0:
-        # A finished run restarted (e.g. after its final evaluation failed): evaluate it again.
-        if os.path.isfile(os.path.join(workdir, metrics_log.METRICS_FILE)):
-            last = metrics_log.read_metrics(workdir).get(total_steps, {})
-            summary.update({k: last[k] for k in ("train_loss",) if k in last})
-        try:
-            summary.update(evaluate(p_eval, state, config, local_devices))
-        except Exception as err:
-            keep_work_and_raise(err, int(state.step), "evaluation")
-    writer.flush()
-    ckpt.wait()
-    ckpt.close()
-    ckpt_closed = True
-    summary["final_step"] = int(state.step)
-    summary["run"] = run_info()
-    if config.qat.enabled and int(state.step) == total_steps:
-        what = "QAT export"
-        try:
-            quantized = quantized_lib.from_qat(model, jax.device_get(model_variables(state)))
-            if is_main:
-                quantized_lib.save_quantized(quantized, os.path.join(workdir, "quantized_model"))
-            summary["quantized_model"] = os.path.join(workdir, "quantized_model")
-            if is_main and config.qat.integer:
-                what = "integer-only evaluation"
-                summary.update(evaluate_integer(quantized, config))
-        except Exception as err:
-            keep_work_and_raise(err, int(state.step), what)
-    if is_main:
-        write_json(os.path.join(workdir, "results.json"), summary)
-    return summary
+    return state
+
+
+def _window_scalars(rows: list[dict[str, np.ndarray]], seconds: float, batch: int) -> dict:
+    """Mean metrics over a logging window, the last learning rate, steps/s and images/s."""
+    scalars = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    scalars["learning_rate"] = float(rows[-1]["learning_rate"])
+    scalars["steps_per_sec"] = len(rows) / seconds
+    scalars["images_per_sec"] = len(rows) * batch / seconds
+    return scalars
 
 
 def _hide_accelerators_from_tf() -> None:
