@@ -6,7 +6,8 @@ Public API:
 * :func:`from_quantized`, :func:`from_variables`: convert this project's quantized MobileNetV1
   (PTQ :class:`~qfsep_jax.ptq.QuantizedModel` or QAT variables);
 * :func:`from_tflite`: import an official uint8 (or int8) MobileNetV1-family ``.tflite`` model,
-  optionally with a separate head file;
+  optionally with a separate head file; :func:`to_tflite`: write an integer model as a
+  ``.tflite`` file that LiteRT runs bit-exactly (:class:`TFLiteExportError` if it cannot);
 * :func:`run`: the jitted integer-only forward pass (input codes → logit codes, optionally every
   layer's codes; ``fine_logits=True``: int32 logits on the grid ``S_out / 2**FINE_LOGIT_BITS``,
   whose argmax 8-bit ties do not decide);
@@ -49,6 +50,7 @@ from qfsep_jax.intpass.model import (
     snap_biases,
     with_rounding_offsets,
 )
+from qfsep_jax.intpass.tflite_export import TFLiteExportError, to_tflite
 from qfsep_jax.intpass.tflite_import import TFLiteImportError, from_tflite
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "IntLayer",
     "IntModel",
     "Rounding",
+    "TFLiteExportError",
     "TFLiteImportError",
     "dequantize_codes",
     "dequantize_fine_logits",
@@ -78,5 +81,6 @@ __all__ = [
     "rounding_offsets",
     "run",
     "snap_biases",
+    "to_tflite",
     "with_rounding_offsets",
 ]
