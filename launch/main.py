@@ -21,6 +21,7 @@ JOBS = {
     "train": "qfsep_jax.train:train_and_evaluate",
     "tflite_check": "qfsep_jax.jobs.tflite_check:run",
     "analyze": "qfsep_jax.jobs.analyze:run",
+    "export_tflite": "qfsep_jax.jobs.export_tflite:run",
 }
 
 
