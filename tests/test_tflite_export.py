@@ -23,7 +23,7 @@ from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 SIZE = 32
 
 
-def _tiny_ptq(block: str, recipe: str, seed: int = 0):
+def _tiny_ptq(block: str, recipe: str | ptq.PTQRecipe, seed: int = 0):
     """A random-weight MobileNetV1 0.25/32 (BN unfolded) after PTQ on 8 random images."""
     model = MobileNetV1(num_classes=10, width_multiplier=0.25, block=block, stem_stride=1,
                         dropout_rate=0.0, depthwise_impl="lax")  # fmt: skip
@@ -44,9 +44,9 @@ def _tiny_ptq(block: str, recipe: str, seed: int = 0):
     variables = jax.tree_util.tree_map_with_path(
         fill, {k: v for k, v in shapes.items() if k != "quant_ranges"}
     )
-    qmodel = ptq.quantize_post_training(
-        model, variables, ptq.recipe_by_name(recipe), lambda: [{"image": images}], 1
-    )
+    if isinstance(recipe, str):
+        recipe = ptq.recipe_by_name(recipe)
+    qmodel = ptq.quantize_post_training(model, variables, recipe, lambda: [{"image": images}], 1)
     return qmodel, images
 
 
@@ -98,6 +98,26 @@ def test_export_then_import_gives_back_the_integer_model(tiny, tmp_path, block, 
         assert dw.activation == "none" and np.any(dw.bias != 0)
     # The returned map names the file's tensors the way the importer's does.
     assert [name for name, _, _ in exported.tensor_map] == [name for name, _, _ in back.tensor_map]
+
+
+def test_int8_per_tensor_weights_get_tflites_multipliers(tmp_path):
+    # TFLite's int8 kernels form S_in * S_w / S_out in double even for per-tensor weights; the
+    # uint8 kernels' float32 product (the rule for per-tensor weights) would give other M0s.
+    int_model = intpass.from_quantized(_tiny_ptq("original", ptq.PTQRecipe(scheme="int8"))[0])
+    stem = int_model.layer("Conv2d_0")
+    assert len(set(stem.weight_scale)) == 1 and int_model.dtype == "int8"
+    path = str(tmp_path / "m.tflite")
+    intpass.to_tflite(int_model, path, SIZE)
+    back = intpass.from_tflite(path)
+    for a, b in zip(jax.tree.leaves(int_model), jax.tree.leaves(back), strict=True):
+        assert np.array_equal(a, b)
+    real = intpass.kernels.conv_multiplier(stem.input_scale, stem.weight_scale, stem.output_scale,
+                                           per_channel=False)  # fmt: skip
+    m0, shift = intpass.kernels.quantize_multiplier(real)
+    assert np.any(m0 != stem.multiplier)  # the float32 product differs in this layer ...
+    legacy = _replace_layer(int_model, "Conv2d_0", multiplier=m0, shift=shift)
+    with pytest.raises(intpass.TFLiteExportError, match="Conv2d_0: QuantizeMultiplier"):
+        intpass.to_tflite(legacy, path + "2", SIZE)  # ... and LiteRT would not compute it
 
 
 def test_reexport_of_the_official_file_is_identical_in_litert(tmp_path):
