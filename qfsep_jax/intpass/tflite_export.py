@@ -27,6 +27,7 @@ The file has a ``serving_default`` signature (input ``input``, output ``logits``
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -81,7 +82,9 @@ def to_tflite(
     return dataclasses.replace(int_model, tensor_map=tuple(tensor_map))
 
 
-def build_model(int_model: IntModel, image_size: int | tuple[int, int], softmax: bool = False):
+def build_model(
+    int_model: IntModel, image_size: int | tuple[int, int], softmax: bool = False
+) -> tuple[Any, list[tuple[str, int, int]]]:
     """The checked flatbuffer object (``schema.ModelT``) and tensor map of :func:`to_tflite`."""
     from ai_edge_litert import schema_py_generated as schema
 
@@ -102,12 +105,13 @@ def _aligned_buffer_class(schema):
         """``BufferT`` whose data starts on a 16-byte boundary of the file.
 
         The schema asks for it (``force_align: 16``), but the generated Python ``Pack`` does not
-        apply the attribute. Flatbuffers are built back to front and the builder pads the whole
-        file to its largest alignment, so aligning the end of the data area to 16 before the
-        generated code writes the vector aligns its start in the file.
+        apply the attribute. Flatbuffers are built back to front: ``builder.Prep(16, n)`` pads so
+        that the ``n`` data bytes written next start a multiple of 16 bytes before the end of
+        the buffer, and ``Finish`` pads the whole file to a multiple of its largest alignment, so
+        they also start at a multiple of 16 from the start of the file.
         """
 
-        def Pack(self, builder):  # noqa: N802 (the generated API's name)
+        def Pack(self, builder):
             if self.data is not None:
                 builder.Prep(_ALIGN, len(self.data))
             return super().Pack(builder)
@@ -131,9 +135,8 @@ class _Builder:
         self.opcode_list: list = []
         if int_model.dtype not in ("uint8", "int8"):
             raise TFLiteExportError(f"model dtype {int_model.dtype!r}: only uint8 and int8")
-        self.act_type = (
-            schema.TensorType.UINT8 if int_model.dtype == "uint8" else (schema.TensorType.INT8)
-        )
+        int8 = int_model.dtype == "int8"
+        self.act_type = schema.TensorType.INT8 if int8 else schema.TensorType.UINT8
         self.qmin, self.qmax = int_model.int_range
 
     # -- tensors ---------------------------------------------------------------------------
