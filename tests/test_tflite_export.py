@@ -186,7 +186,7 @@ def _file_buffers(path: str) -> list[tuple[int, int]]:
     return out
 
 
-def test_signature_names_and_aligned_buffers(tiny, tmp_path, monkeypatch):
+def test_signature_names_xnnpack_and_aligned_buffers(tiny, tmp_path, monkeypatch):
     int_model, images = tiny["qf", "tf8"]
     path = str(tmp_path / "m.tflite")
     intpass.to_tflite(int_model, path, SIZE)
@@ -202,6 +202,14 @@ def test_signature_names_and_aligned_buffers(tiny, tmp_path, monkeypatch):
     names = {d["name"] for d in it.get_tensor_details()}
     assert {"input", "Conv2d_0", "Conv2d_0/weights", "Conv2d_0/biases", "Conv2d_13_pointwise",
             "AvgPool_1a", "Logits", "Logits/SpatialSqueeze"} <= names  # fmt: skip
+
+    # XNNPACK takes the whole network, in as many partitions as for the official file (with a
+    # depthwise weight's per-tensor quantization on axis 3 it declined all 13: 15 partitions).
+    def partitions(p):
+        it = make_interpreter(p, "xnnpack", preserve_all_tensors=False)
+        return [op["op_name"] for op in it._get_ops_details()].count("DELEGATE")
+
+    assert partitions(path) == partitions(require(TFLITE_MODEL)) == 2
     buffers = _file_buffers(path)
     assert len(buffers) == 2 * 28 + 1  # weights and bias of 28 convs, the reshape's shape
     assert all(pos % 16 == 0 for pos, _ in buffers)

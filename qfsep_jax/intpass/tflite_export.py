@@ -402,6 +402,10 @@ class _Builder:
                     f"layer {layer.name}: conv weights of shape {w.shape}, expected HWIO"
                 )
             data, axis = np.transpose(w, (3, 0, 1, 2)), 0  # HWIO -> OHWI
+        if w_scale.size == 1:
+            # Per-tensor: quantized dimension 0, as TF's converter writes it; XNNPACK declines
+            # per-tensor weights with another quantized dimension.
+            axis = 0
         w_t = self.tensor(f"{layer.name}/weights", data.shape, w_type, w_scale, w_zp, axis, data)
         # The bias scale LiteRT checks against S_in * S_w: the float32 product.
         b_scale = s_in * w_scale
