@@ -326,16 +326,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out["first_source_difference"] = first_source_difference
     io_utils.write_json(os.path.join(workdir, "results.json"), out)
     print(f"wrote {path} ({len(blob)} bytes, sha256 {out['model_sha256'][:16]}...)")
+    kernels = config.op_resolver  # "builtin" in the names below: the kernels checked
     if score:
         print(
-            f"top-1: LiteRT builtin {out['top1_litert']:.2f}%, integer pass "
+            f"top-1: LiteRT {kernels} {out['top1_litert']:.2f}%, integer pass "
             f"{out['top1_integer']:.2f}% (fine logits {out['top1_integer_fine_logits']:.2f}%) "
             f"({n} images of {data.name}); on the file's {out['xnnpack']['output']} output: "
-            f"XNNPACK {out['xnnpack']['top1']:.2f}%, builtin "
+            f"XNNPACK {out['xnnpack']['top1']:.2f}%, {kernels} "
             f"{out['xnnpack']['top1_builtin_same_output']:.2f}%"
         )
     print(
-        f"XNNPACK vs builtin: outputs equal on {xnn_same_output}/{n} images, top-1 equal on "
+        f"XNNPACK vs {kernels}: outputs equal on {xnn_same_output}/{n} images, top-1 equal on "
         f"{xnn_same_top1}/{n}"
     )
     print(f"rounding: {rounding} ({int_model.rounding}); op resolver: {config.op_resolver}")
