@@ -148,7 +148,7 @@ def test_litert_builtin_equals_the_integer_pass_int8(tiny, tmp_path, block):
     int_model, images = tiny[block, "int8"]
     int_model = int_model.with_rounding("litert_x86_int8")
     path = str(tmp_path / "m.tflite")
-    exported = intpass.to_tflite(int_model, path, SIZE)
+    exported = intpass.to_tflite(int_model, path, SIZE, softmax=True)
     runner = LiteRTRunner(exported, [path], "builtin")
     codes = np.asarray(intpass.quantize_input(int_model, images))
     logits, ints = intpass.run(int_model, codes, True)
@@ -168,6 +168,11 @@ def test_litert_builtin_equals_the_integer_pass_int8(tiny, tmp_path, block):
             if name == "Conv2d_1_depthwise":
                 caught += int(not np.array_equal(np.asarray(ints_off[name][i]).reshape(-1), theirs))
     assert caught == len(codes)
+    # LiteRT's int8 SOFTMAX after the logits (S = 1/256, Z = -128): probabilities summing to 1.
+    it = runner.interpreters[0]
+    probs = it.get_tensor(it.get_output_details()[0]["index"])
+    assert probs.dtype == np.int8 and probs.shape == (1, 10)
+    assert abs((probs.astype(np.int32) + 128).sum() / 256 - 1) < 0.05
 
 
 def _file_buffers(path: str) -> list[tuple[int, int]]:
