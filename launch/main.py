@@ -28,6 +28,7 @@ JOBS = {
     "analyze": "qfsep_jax.jobs.analyze:run",
     "figure5": "qfsep_jax.jobs.figure5:run",
     "agreement": "qfsep_jax.jobs.agreement:run",
+    "export_tflite": "qfsep_jax.jobs.export_tflite:run",
 }
 
 

@@ -156,13 +156,13 @@ def test_benchmark_and_tflite_tables_compute_ratios():
     assert "| ratio JAX/PyTorch | ratio per process | median per-rep ratio |" in md
     assert "| qat | 300.00 | 200.00 | 1.50 | 1.40, 1.50, 1.70 | 1.45 |" in md
     assert "each of 3 fresh processes" in md
-    intpass = {
+    bench = {
         "model": "/x/m.tflite", "input_shape": [128, 128, 3], "threads": 1,
         "litert_num_threads": 1, "run": RUN,
         "images_per_sec": {"50": {"int_pass": 100.0, "float_pass": 50.0,
                                   "litert_builtin": 400.0, "litert_xnnpack": 1000.0}},
     }  # fmt: skip
-    md = collect_results.format_bench_integer(intpass, "i.json")["bench_integer"]
+    md = collect_results.format_bench_integer(bench, "i.json")["bench_integer"]
     assert "| 50 | 100.00 | 50.00 | 400.00 | 1000.00 | 2.00 | 0.25 | 0.10 |" in md
     check = {
         "model": "/d/m.tflite", "head": "", "eval_data": "folder:v", "image_size": 128,
@@ -197,7 +197,7 @@ def test_benchmark_and_tflite_tables_compute_ratios():
     ) in md
 
 
-def test_intpass_agreement_table_has_one_row_per_report():
+def test_agreement_table_has_one_row_per_report():
     row = {
         "report": "a.json", "model": "runs/qat/quantized_model", "recipe": "exported",
         "label_space": "imagenet1001", "n": 500, "top1_agreement": 0.99,

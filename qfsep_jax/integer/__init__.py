@@ -10,7 +10,9 @@
 * :mod:`~qfsep_jax.integer.convert`: :func:`from_quantized` / :func:`from_variables` for this
   project's quantized MobileNetV1 (PTQ or QAT), :func:`float_variables` back to float;
 * :mod:`~qfsep_jax.integer.tflite_import`: :func:`from_tflite` for official uint8/int8
-  MobileNetV1-family ``.tflite`` files;
+  MobileNetV1-family ``.tflite`` files; :mod:`~qfsep_jax.integer.tflite_export`:
+  :func:`to_tflite` writes an integer model as a ``.tflite`` file that LiteRT runs bit-exactly
+  (:class:`TFLiteExportError` when TFLite cannot express it);
 * :mod:`~qfsep_jax.integer.reference`: the LiteRT interpreter as a reference;
 * :mod:`~qfsep_jax.integer.align`: the simulation aligned with the integer arithmetic (int32
   biases, TFLite's rounding) for the agreement study.
@@ -37,6 +39,7 @@ from qfsep_jax.integer.inference import (
     run,
 )
 from qfsep_jax.integer.kernels import ROUNDINGS
+from qfsep_jax.integer.tflite_export import TFLiteExportError, to_tflite
 from qfsep_jax.integer.tflite_import import TFLiteImportError, from_tflite
 from qfsep_jax.integer.types import (
     POOL_NAME,
@@ -55,6 +58,7 @@ __all__ = [
     "IntLayer",
     "IntModel",
     "Rounding",
+    "TFLiteExportError",
     "TFLiteImportError",
     "check_accumulator_range",
     "dequantize_codes",
@@ -73,4 +77,5 @@ __all__ = [
     "quantize_input",
     "round_codes",
     "run",
+    "to_tflite",
 ]

@@ -168,9 +168,10 @@ def _conv_layer(rec: _ConvRecord, w: _LayerWeights, quant, qin: tuple, qout: tup
                         "bias fits (as TFLite's converter does)", name, widened)  # fmt: skip
     bias_scale = (np.float32(in_scale) * w_scale).astype(np.float64)
     bias_q = round_half_away_from_zero(bias.astype(np.float64) / bias_scale).astype(np.int32)
-    real_m = kernels.conv_multiplier(
-        in_scale, w_scale, out_scale, per_channel=quant.per_channel_weights or widened != []
-    )
+    # TFLite's int8 kernels form every multiplier in double, per-tensor weights included.
+    int8 = act_range.qmin < 0
+    per_channel = quant.per_channel_weights or widened != [] or int8
+    real_m = kernels.conv_multiplier(in_scale, w_scale, out_scale, per_channel=per_channel)
     m0, shift = kernels.quantize_multiplier(real_m)
     act_min, act_max = kernels.activation_range(
         mod.activation, out_scale, out_zp, act_range.qmin, act_range.qmax

@@ -34,8 +34,14 @@ def expected_rounding(op_resolver: str, dtype: str) -> str:
     return "litert_x86" if dtype == "uint8" else "litert_x86_int8"
 
 
-def make_interpreter(path: str, op_resolver: str = "builtin", num_threads: int = 1):
-    """An allocated LiteRT interpreter that keeps every intermediate tensor."""
+def make_interpreter(
+    path: str, op_resolver: str = "builtin", num_threads: int = 1, preserve_all_tensors: bool = True
+):
+    """An allocated LiteRT interpreter; by default it keeps every intermediate tensor.
+
+    ``preserve_all_tensors=False`` is the interpreter as deployed (LiteRT may reuse the memory of
+    intermediate tensors).
+    """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     if op_resolver not in OP_RESOLVERS:
@@ -50,7 +56,7 @@ def make_interpreter(path: str, op_resolver: str = "builtin", num_threads: int =
         it = Interpreter(
             model_path=path,
             experimental_op_resolver_type=kind,
-            experimental_preserve_all_tensors=True,
+            experimental_preserve_all_tensors=preserve_all_tensors,
             num_threads=num_threads,
         )
     it.allocate_tensors()

@@ -31,7 +31,7 @@ from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.integer.reference import LiteRTRunner, expected_rounding
 
 
-def _compare(int_model, ints: dict, ref: dict, i: int, runner) -> dict | None:
+def compare_tensors(int_model, ints: dict, ref: dict, i: int, runner) -> dict | None:
     """The first differing tensor of image ``i`` (``None`` if all are equal), with details."""
     for name, f, t in int_model.tensor_map:
         mine = np.asarray(ints[name][i]).reshape(-1)
@@ -114,7 +114,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logits = np.asarray(logits)
         for i in range(valid):
             ref = runner(images[i])
-            mismatch = _compare(int_model, ints, ref, i, runner)
+            mismatch = compare_tensors(int_model, ints, ref, i, runner)
             if mismatch is None:
                 exact += 1
             elif first_mismatch is None:
@@ -141,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "rounding_preset": rounding,
         "rounding_candidates": candidates,
         "tensors_compared_per_image": len(int_model.tensor_map),
-        "litert_version": _litert_version(),
+        "litert_version": litert_version(),
         "jax_backend": jax.default_backend(),
         "run": io_utils.run_info(),
     }
@@ -162,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return out
 
 
-def _litert_version() -> str:
+def litert_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
