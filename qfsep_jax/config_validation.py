@@ -27,7 +27,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-JOBS = ("train", "table1", "tflite_check", "analyze", "figure5", "agreement")
+JOBS = ("train", "table1", "tflite_check", "analyze", "figure5", "agreement", "export_tflite")
 OPTIMIZERS = ("sgd", "momentum", "rmsprop")  # qfsep_jax.train.make_optimizer
 SCHEDULES = ("exponential", "cosine", "constant")  # qfsep_jax.train.learning_rate_schedule
 
@@ -407,6 +407,47 @@ def _agreement(config, check_paths: bool) -> None:
     _choice(config, "depthwise_impl", depthwise.IMPLS)
 
 
+def _export_tflite(config, check_paths: bool) -> None:
+    from qfsep_jax import integer, ptq
+    from qfsep_jax.data import labels
+    from qfsep_jax.integer.reference import OP_RESOLVERS
+
+    data_dir = _data_dir(config, check_paths)
+    source = _get(config, "source")
+    kind, _, arg = (source or "").partition(":")
+    if kind not in ("ptq", "quantized", "tflite") or not arg:
+        _fail("source", source, "must be 'ptq:<recipe>', 'quantized:<dir>' or 'tflite:<path>'")
+    if kind == "ptq":
+        if arg not in ptq.RECIPES:
+            _fail("source", source, f"the recipe must be one of {tuple(ptq.RECIPES)}")
+        _path(config, "model_path", data_dir, check_paths)
+        _spec(config, "calibration_data", data_dir, check_paths)
+        _int(config, "num_calibration_images", 1)
+        _number(config, "zero_variance_threshold", 0.0)
+    elif check_paths:
+        full = arg if os.path.isabs(arg) or kind == "quantized" else os.path.join(data_dir, arg)
+        if not os.path.exists(full):
+            _fail("source", source, f"no such {'directory' if kind == 'quantized' else 'file'}")
+    if _get(config, "eval_data"):
+        _spec(config, "eval_data", data_dir, check_paths)
+    if _get(config, "label_space"):
+        _choice(config, "label_space", labels.LABEL_SPACES)
+    _int(config, "image_size", 0)
+    _int(config, "limit", 1, optional="all images")
+    _number(config, "crop_fraction", 0.0, 1.0, lo_open=True)
+    _int(config, "eval_batch_size", 1)
+    _bool(config, "softmax")
+    _choice(config, "op_resolver", OP_RESOLVERS)
+    rounding = _string(config, "rounding")
+    if rounding:
+        try:
+            integer.parse_rounding(rounding)
+        except ValueError:
+            presets = sorted(integer.ROUNDING_PRESETS)
+            _fail("rounding", rounding, f"must be '' or a preset {presets}")
+    _int(config, "num_threads", 1)
+
+
 _VALIDATORS: dict[str, Callable[[Any, bool], None]] = {
     "train": _train,
     "table1": _table1,
@@ -414,6 +455,7 @@ _VALIDATORS: dict[str, Callable[[Any, bool], None]] = {
     "analyze": _analyze,
     "figure5": _figure5,
     "agreement": _agreement,
+    "export_tflite": _export_tflite,
 }
 
 

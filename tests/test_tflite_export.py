@@ -320,9 +320,9 @@ def test_job_reexports_a_tflite_file(tiny, data_dir, tmp_path, capsys):
 
 
 def test_job_rejects_a_bad_source_before_writing(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="config.source='onnx:x'.*ptq:RECIPE"):
+    with pytest.raises(ValueError, match="config.source='onnx:x'.*'ptq:<recipe>'"):
         job.run(_config(data_dir, "onnx:x"), str(tmp_path))
-    with pytest.raises(ValueError, match="unknown PTQ recipe 'tf9'"):
+    with pytest.raises(ValueError, match="config.source='ptq:tf9': the recipe must be one of"):
         job.run(_config(data_dir, "ptq:tf9"), str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
@@ -334,7 +334,7 @@ def test_qat_trained_qf_model_exports_bit_exact(data_dir, tmp_path, capsys):
     c = smoke.get_config()
     c.data_dir, c.eval_every_steps, c.num_devices = data_dir, -1, 1
     c.model.block, c.total_steps = "qf", 2
-    c.qat.enabled, c.qat.integer_eval = True, False
+    c.qat.enabled, c.qat.integer = True, False
     run_dir = tmp_path / "qat"
     train.train_and_evaluate(c, str(run_dir))
     work = tmp_path / "export"

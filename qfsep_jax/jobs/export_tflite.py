@@ -5,7 +5,7 @@
 
 ``SOURCE`` is ``ptq:RECIPE`` (the official float MobileNetV1 1.0/224 post-training quantized with
 a :data:`qfsep_jax.ptq.RECIPES` recipe, calibrated on ``calibration_data``), ``quantized:DIR`` (a
-model saved by QAT or PTQ, ``qfsep_jax.train.save_quantized``) or ``tflite:PATH`` (an imported
+model saved by QAT or PTQ, ``qfsep_jax.quantized.save_quantized``) or ``tflite:PATH`` (an imported
 ``.tflite``, re-exported).
 
 The model is converted to an :class:`~qfsep_jax.integer.IntModel` and written to
@@ -37,12 +37,13 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from configs import base
-from qfsep_jax import integer, io_utils, ptq
+from qfsep_jax import checkpointing, config_validation, integer, io_utils, ptq
 from qfsep_jax.data import labels as labels_lib
 from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.integer.reference import LiteRTRunner, expected_rounding, make_interpreter
+from qfsep_jax.jobs import common
 from qfsep_jax.jobs.tflite_check import compare_tensors, litert_version
+from qfsep_jax.quantized import load_quantized
 
 SOURCE_KINDS = ("ptq", "quantized", "tflite")
 MODEL_FILE = "model.tflite"
@@ -74,10 +75,7 @@ def parse_source(spec: str | None) -> tuple[str, str]:
 
 def _data_config(config, **defaults) -> ml_collections.ConfigDict:
     """The data fields for the source: the job's own where set, else the source's defaults."""
-    c = base.data_config()
-    for key in c:
-        if key in config and key not in ("label_space", "image_size"):
-            c[key] = config[key]
+    c = ml_collections.ConfigDict(config.to_dict())
     c.label_space = config.label_space or defaults.get("label_space", "imagenet1001")
     c.image_size = int(config.image_size or defaults.get("image_size", 224))
     if "crop_fraction" in defaults:
@@ -89,8 +87,6 @@ def load_source(config: ml_collections.ConfigDict) -> Source:
     """Builds the integer model named by ``config.source`` (see the module docstring)."""
     kind, arg = parse_source(config.source)
     if kind == "ptq":
-        from qfsep_jax.importers.tfslim import load_tfslim
-
         recipe = ptq.recipe_by_name(arg)
         if recipe.dynamic_activation_ranges:
             raise ValueError(
@@ -98,17 +94,9 @@ def load_source(config: ml_collections.ConfigDict) -> Source:
                 "input with its own ranges; an integer model needs static ranges"
             )
         data = _data_config(config)
-        imported = load_tfslim(resolve_path(data.data_dir, config.model_path))
-        model = imported.model(dropout_rate=0.0)
-        calib = eval_input(data, config.calibration_data, limit=config.num_calibration_images)
-        qmodel = ptq.quantize_post_training(
-            model,
-            imported.variables,
-            recipe,
-            calib.make,
-            calib.num_batches,
-            zero_variance_threshold=config.zero_variance_threshold,
-        )
+        model, variables, _ = common.load_official(data)
+        calib = common.calibration_input(data)
+        qmodel = common.quantize(model, variables, recipe, data, calib)
         info = {
             "recipe": arg,
             "float_model": config.model_path,
@@ -123,13 +111,11 @@ def load_source(config: ml_collections.ConfigDict) -> Source:
             info=info,
         )
     if kind == "quantized":
-        from qfsep_jax import train
-
-        qmodel = train.load_quantized(arg)
+        qmodel = load_quantized(arg)
         run_dir = os.path.dirname(os.path.abspath(arg))
         run = {}
         if os.path.isfile(os.path.join(run_dir, "config.json")):  # a QAT export in its workdir
-            run = train.load_run_config(run_dir).to_dict()
+            run = checkpointing.load_run_config(run_dir).to_dict()
         defaults = {k: run[k] for k in ("label_space", "image_size", "crop_fraction") if k in run}
         data = _data_config(config, **defaults)
         eval_data = config.eval_data or run.get("eval_data") or "folder:imagenet_val500"
@@ -194,6 +180,7 @@ def _source_difference(src_runner, src_ref, exp_runner, exp_ref, exported) -> di
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Exports, checks and writes ``workdir/results.json``; exits non-zero unless all exact."""
+    config_validation.validate(config, "export_tflite")
     source = load_source(config)
     int_model = source.int_model
     rounding = config.rounding or expected_rounding(config.op_resolver, int_model.dtype)
