@@ -46,7 +46,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qfsep_jax import checkpointing, distributed, metrics_log
+from qfsep_jax import checkpointing, distributed, metrics_log, precision
 from qfsep_jax.data import input as data_input
 from qfsep_jax.data import labels as labels_lib
 from qfsep_jax.data import sources, train_input
@@ -308,6 +308,7 @@ def create_model_and_variables(config, num_classes: int) -> tuple[MobileNetV1, V
         depthwise_impl=m.depthwise_impl,
         axis_name=AXIS,
         quant=quant_config(config),
+        dtype=precision.compute_dtype(config),
     )
     init_from = config.get("init_from", "")
     kind, _, path = init_from.partition(":")
@@ -397,7 +398,8 @@ def export_quantized(model: MobileNetV1, variables: Variables) -> QuantizedModel
         {k: v for k, v in variables.items() if k in ("params", "batch_stats")}, model.bn_epsilon
     )
     folded = jax.tree.map(np.asarray, folded)
-    qmodel = model.clone(bn_folded=True, axis_name=None)
+    # The integer pass and its simulation are float32 whatever precision the QAT run used.
+    qmodel = model.clone(bn_folded=True, axis_name=None, dtype=None)
     q = model.quant
     recipe = PTQRecipe(scheme=q.scheme, per_channel_weights=q.per_channel_weights, observer="ema")
     return QuantizedModel(qmodel, {**folded, "quant_ranges": ranges}, recipe, {"source": "qat"})
@@ -517,6 +519,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     for QAT, the exported quantized model (``workdir/quantized_model``). Returns the summary.
     """
     distributed.maybe_initialize(config.distributed)
+    config = precision.resolved(config)  # config.json records the precision that ran
     _hide_accelerators_from_tf()
     pi, pc = jax.process_index(), jax.process_count()
     local_devices = list(jax.local_devices())
@@ -699,10 +702,11 @@ def load_trained(config, workdir: str) -> tuple[MobileNetV1, Variables]:
     """A training run's float model in inference mode and its newest checkpoint's variables.
 
     Returns ``(model, {"params", "batch_stats"})``; the model is built from ``config`` (the
-    run's own, see :func:`load_run_config`) with dropout off and no pmap axis.
+    run's own, see :func:`load_run_config`) with dropout off, no pmap axis and
+    float32 compute (the checkpoint is the same whatever precision trained it).
     """
     model, _ = create_model_and_variables(config, num_classes_of(config))
-    model = model.clone(axis_name=None, dropout_rate=0.0)
+    model = model.clone(axis_name=None, dropout_rate=0.0, dtype=None)  # float32 inference
     loaded = checkpointing.load_variables(workdir)
     return model, {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}
 
