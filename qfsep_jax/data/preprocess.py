@@ -100,9 +100,9 @@ def train_crop_encoded(
     is read from its header and only the window is decoded (``tf.image.decode_and_crop_jpeg``,
     the decoding work of the crop instead of the whole image); its pixels equal those of the
     whole image's decoding except in the window's outer two rows and columns, where libjpeg
-    upsamples the chroma from inside the window only (measured: 0.15-0.2 % of a crop's pixels,
-    by up to 39/255, on about half of the crops; tests/test_train_decode.py). Other formats
-    (PNG, GIF, BMP) are decoded whole and sliced.
+    upsamples the chroma from inside the window only (``tools/bench_input.py --decode_check``:
+    43-48 % of crops differ, in 0.04-0.11 % of their pixels, by up to 27/255;
+    tests/test_train_decode.py). Other formats (PNG, GIF, BMP) are decoded whole and sliced.
     """
     from qfsep_jax.data.pipeline import decode_image
 
