@@ -1,10 +1,10 @@
 """Mixed precision (``half_precision``): bfloat16 compute, float32 parameters, statistics, codes.
 
 Layer-level gradient comparisons: a whole MobileNetV1 at random initialisation is too chaotic
-for one (measured: a relative input perturbation of 2**-9, bfloat16's rounding, moves its
-float32 gradient by 75-85 %, as much as bfloat16 compute does), so every layer kind is compared
-on its own, and the whole model is checked for what must hold exactly (dtypes, codes, the
-conversion to the integer pass). ``docs/pod.md`` has the loss curves of whole runs.
+for one (``tools/bf16_sensitivity.py``: a relative input perturbation of 2**-9, bfloat16's
+rounding, moves its float32 gradient by 74-85 %, bfloat16 compute by 98-106 %), so every layer
+kind is compared on its own, and the whole model is checked for what must hold exactly (dtypes,
+codes, the conversion to the integer pass). ``docs/pod.md`` has the loss curves of whole runs.
 """
 
 import functools
@@ -101,14 +101,15 @@ def _layer_grads(layer: ConvLayer, x: jax.Array, dtype, **kw):
 
 @pytest.mark.parametrize(
     "name,mode",
-    [("conv3x3_s2", "float"), ("depthwise", "float"), ("qf_depthwise", "float"),
-     ("pointwise", "qat_correction"), ("depthwise", "qat_frozen")],
+    [("conv3x3_s2", "float"), ("qf_depthwise", "float"), ("pointwise", "qat_correction"),
+     ("depthwise", "qat_frozen")],
 )  # fmt: skip
 def test_bfloat16_layer_gradients_match_float32(name, mode):
     """Each layer kind (activation 'none', so no ReLU mask can flip) in bfloat16 vs float32.
 
-    Measured: 0.1-0.6 % relative (bfloat16 rounds to 2**-9 relative). Tolerance 1 %. With ReLU6
-    the difference is ~5 %: a pre-activation within rounding of 0 or 6 switches its gradient
+    Measured 0.12-0.33 % relative (tools/bf16_sensitivity.py; bfloat16 rounds to 2**-9
+    relative). Tolerance 1 %. With ReLU6
+    the difference is larger: a pre-activation within rounding of 0 or 6 switches its gradient
     on or off (see the ReLU6 test). QAT without rounding here (``quant_active=False``): the
     folding arithmetic; the codes are tested below.
     """
@@ -135,24 +136,29 @@ def test_bfloat16_relu6_layer_gradients_agree_up_to_mask_flips():
     x = _bf16_values((4, 12, 12, 8))
     _, dp16, dx16 = _layer_grads(layer, x, BF16)
     _, dp32, dx32 = _layer_grads(layer, x, jnp.float32)
-    # Measured 3-7 %: the ReLU6 derivative is 0 or 1 and flips for pre-activations within
-    # bfloat16 rounding of the clip points.
-    assert _rel(dx16, dx32) < 0.15
-    assert _rel(dp16["kernel"], dp32["kernel"]) < 0.15
-    assert _rel(dp16["bn_scale"], dp32["bn_scale"]) < 0.05
+    # Measured 1.0-1.3 % (tools/bf16_sensitivity.py): the ReLU6 derivative is 0 or 1 and flips
+    # for pre-activations within bfloat16 rounding of the clip points.
+    assert _rel(dx16, dx32) < 0.1
+    assert _rel(dp16["kernel"], dp32["kernel"]) < 0.1
+    assert _rel(dp16["bn_scale"], dp32["bn_scale"]) < 0.02  # measured 0.22 %
 
 
 @pytest.mark.parametrize("kernel_size", [3, 1])
 def test_bn_batch_moments_of_bfloat16_activations_are_float32_moments(kernel_size):
     """The moments are float32 statistics of the bfloat16 conv output (to float32 rounding).
 
-    Negative control: bfloat16 moments of the same output differ from them by ~2e-3 (measured),
-    250x the tolerance.
+    Negative control: bfloat16 moments of the same output differ from them by more than 5e-4,
+    25x the tolerance.
     """
     layer = ConvLayer(features=16, kernel_size=kernel_size, activation="none", bn_momentum=0.0,
                       depthwise_impl="lax")  # fmt: skip
     x = _bf16_values((4, 12, 12, 8))
     variables = layer.init(jax.random.key(0), x)
+    with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: float32 is the reference
+        _check_moments(layer, variables, x, kernel_size)
+
+
+def _check_moments(layer, variables, x, kernel_size):
     for kw in ({}, dict(quant_mode="qat", quant_active=False)):
         lyr = layer.clone(quant=QC) if kw else layer
         v = lyr.init(jax.random.key(0), x) if kw else variables
