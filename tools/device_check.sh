@@ -3,7 +3,7 @@
 # training images/s at 224 px, pmap over the local devices, and the integer pass bit-exact
 # between the accelerator and the CPU. Fits in 10 minutes on one GPU; --cpu is the CI-sized
 # form. Run from anywhere; writes summary.json and summary.txt to --out (default
-# device_check_out/<UTC time>).
+# ${TMPDIR:-/tmp}/qfsep_device_check/<UTC time>).
 #
 #   tools/device_check.sh [--cpu] [--out DIR] [more flags of tools/device_check.py]
 #
@@ -22,7 +22,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 if [[ -z "$out" ]]; then
-  out="device_check_out/$(date -u +%Y%m%d-%H%M%S)"
+  out="${TMPDIR:-/tmp}/qfsep_device_check/$(date -u +%Y%m%d-%H%M%S)"
   args+=(--out "$out")
 fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
