@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.bn_momentum = 0.9997
     c.model.bn_epsilon = 1e-3
     c.model.depthwise_impl = "auto"
+    # Mixed precision (qfsep_jax/precision.py): True = bfloat16 convolutions and activations with
+    # float32 parameters, statistics, loss and quantization; None = bfloat16 on GPU/TPU, float32
+    # on CPU. The run's config.json records the resolved value.
+    c.half_precision = config_dict.placeholder(bool)
     # Initial weights: '' (random), 'checkpoint:<workdir of a float run>' or
     # 'tfslim:<.pb or TF1 checkpoint, relative to data_dir>' (its architecture replaces c.model's).
     c.init_from = ""

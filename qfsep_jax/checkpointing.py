@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qfsep_jax import precision
 from qfsep_jax.data import labels as labels_lib
 from qfsep_jax.data.input import resolve_path
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
@@ -183,6 +184,7 @@ def model_from_config(
         bn_momentum=m.bn_momentum,
         depthwise_impl=m.depthwise_impl,
         quant=quant_config(config),
+        dtype=precision.compute_dtype(config),
         **overrides,
     )
     init_from = config.get("init_from", "")
@@ -219,9 +221,10 @@ def load_trained(config, workdir: str) -> tuple[MobileNetV1, dict[str, Any]]:
     """A training run's float model in inference mode and its newest checkpoint's variables.
 
     Returns ``(model, {"params", "batch_stats"})``; the model is built from ``config`` (the
-    run's own, see :func:`load_run_config`) with dropout off and no pmap axis.
+    run's own, see :func:`load_run_config`) with dropout off, no pmap axis and float32 compute
+    (the checkpoint is the same whatever precision trained it).
     """
     model, _ = model_from_config(config, num_classes_of(config))
-    model = model.clone(axis_name=None, dropout_rate=0.0)
+    model = model.clone(axis_name=None, dropout_rate=0.0, dtype=None)  # float32 inference
     loaded = load_variables(workdir)
     return model, {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}

@@ -86,7 +86,8 @@ def from_qat(model: MobileNetV1, variables: Variables) -> QuantizedModel:
         model, {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     )
     folded_vars = jax.tree.map(np.asarray, folded_vars)
-    qmodel = qmodel.clone(axis_name=None)
+    # The integer pass and its simulation are float32 whatever precision the QAT run used.
+    qmodel = qmodel.clone(axis_name=None, dtype=None)
     q = model.quant
     recipe = PTQRecipe(scheme=q.scheme, per_channel_weights=q.per_channel_weights, observer="ema")
     return QuantizedModel(

@@ -46,7 +46,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qfsep_jax import checkpointing, config_validation, distributed, metrics_log
+from qfsep_jax import checkpointing, config_validation, distributed, metrics_log, precision
 from qfsep_jax import quantized as quantized_lib
 from qfsep_jax.config_validation import OPTIMIZERS, SCHEDULES
 from qfsep_jax.data import input as data_input
@@ -422,6 +422,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     config_validation.validate(config, "train")
     distributed.maybe_initialize(config.distributed)
+    config = precision.resolved(config)  # config.json records the precision that ran
     _hide_accelerators_from_tf()
     devices = _Devices.of(config)
     os.makedirs(workdir, exist_ok=True)

@@ -12,7 +12,7 @@ interleaved reps, so that they see the same machine load (this machine's timings
   forward plus the input and kernel gradients through ``jax.vjp``), best of ``--reps``; and
   its RGB stem conv (``layers.conv2d`` with the same ``impl``: forward, and forward plus the
   kernel gradient, which is all the stem's backward pass computes in training);
-* per step: the project's training step (``launch/benchlib.py``'s rows and modes) with each
+* per step: the project's training step (``tools/benchlib.py``'s rows and modes) with each
   implementation, median over reps of the per-rep time ratio to the first implementation.
   The impl is the model's ``depthwise_impl``, so with ``native`` the step also runs the stem's
   native kernel gradient and BN's native training sums (``shift`` uses XLA's for both).

@@ -4,7 +4,7 @@
                                    [--steps 3] [--top 25] [--depthwise_impl auto]
                                    [--framework jax|torch] [--out F.json]
 
-Times the same step as ``launch/benchlib.py`` (``qfsep_jax.train.train_step`` under pmap, one
+Times the same step as ``tools/benchlib.py`` (``qfsep_jax.train.train_step`` under pmap, one
 CPU device, SGD momentum) inside ``jax.profiler.trace`` and attributes every executed XLA op
 (fusion, library call) to its compiled HLO: the kind of work inside it (``dot``, ``reduce``,
 ``convolution``, elementwise ops such as ``pad``/``slice``/``floor``/``divide``), the direction

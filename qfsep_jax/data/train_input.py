@@ -158,8 +158,8 @@ def _decode_batch(stream: TrainStream, raw: dict) -> tf.data.Dataset:
 
     def decode(ex):
         seed = _seed_pair(stream.seed, ex["position"])
-        image = preprocess.train_preprocess(
-            pipeline.decode_image(ex["image_bytes"]),
+        image = preprocess.train_preprocess_encoded(
+            ex["image_bytes"],
             stream.image_size,
             seed,
             area_range=stream.area_range,
@@ -216,7 +216,9 @@ def train_batches(
             batch = next(iterator)
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as err:
             _raise_corrupt(source, stream, expected, err)
-        batch = {k: v.numpy() for k, v in batch.items()}
+        # Read-only views of the tensors' buffers: .numpy() would copy every batch in this one
+        # Python thread (tools/bench_input.py, "host handoff").
+        batch = {k: np.asarray(v) for k, v in batch.items()}
         step = int(batch["step"][0])
         if step != expected:
             raise pipeline.CorruptImageError(

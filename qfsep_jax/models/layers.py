@@ -124,11 +124,13 @@ def _raw_moments(
     """Per-channel E[y] and E[y^2] over batch and space (and over ``axis_name`` devices).
 
     ``native_sums``: both in one pass of a C++ custom call (float32 on CPU), where XLA reads
-    ``y`` once per sum.
+    ``y`` once per sum. Computed in float32 at least, whatever ``y``'s dtype.
     """
     if native_sums:
         mean, mean_sq = _native_moments(y)
     else:
+        # At least float32: bfloat16 activations get float32 statistics (squares included).
+        y = y.astype(jnp.promote_types(y.dtype, jnp.float32))
         mean = jnp.mean(y, axis=(0, 1, 2))
         mean_sq = jnp.mean(jnp.square(y), axis=(0, 1, 2))
     if axis_name is not None:
@@ -329,6 +331,10 @@ class ConvLayer(nn.Module):
     Parameters are named ``kernel`` (HWIO; ``(k, k, 1, C)`` for depthwise), ``bias``,
     ``bn_scale``/``bn_bias`` (params) and ``bn_mean``/``bn_var`` (batch_stats). With
     ``bn_folded=True`` the layer holds the folded ``kernel`` and ``bias`` only.
+
+    The conv runs in the dtype of the input ``x`` (parameters are cast to it), BN and the QAT
+    folding arithmetic in float32 at least, and the output is cast back to ``x``'s dtype: a
+    bfloat16 input makes a mixed-precision layer with float32 parameters and statistics.
     """
 
     features: int
@@ -347,9 +353,17 @@ class ConvLayer(nn.Module):
     depthwise_impl: str = "lax"
 
     def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        # The conv runs in the activations' dtype (bfloat16 under half precision); the float32
+        # parameters, and any fake-quantized kernel made from them, are cast here.
+        kernel = kernel.astype(x.dtype)
+        impl = self.depthwise_impl
+        if impl == "auto" and jnp.finfo(x.dtype).bits < 32:
+            # XLA's convolutions accumulate below-float32 inputs in float32; the shifted
+            # multiply-adds would sum in the input's dtype, and the native kernels are float32.
+            impl = "lax"
         if self.depthwise:
-            return depthwise.depthwise_conv2d(x, kernel, self.stride, impl=self.depthwise_impl)
-        return conv2d(x, kernel, self.stride, impl=self.depthwise_impl)
+            return depthwise.depthwise_conv2d(x, kernel, self.stride, impl=impl)
+        return conv2d(x, kernel, self.stride, impl=impl)
 
     def _batch_moments(
         self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None
@@ -361,7 +375,8 @@ class ConvLayer(nn.Module):
         """
         if not self.depthwise and kernel.shape[:2] == (1, 1) and self.stride == 1:
             n, h, w, c = x.shape
-            mean, mean_sq = linear_moments(jnp.reshape(x, (n * h * w, c)), kernel[0, 0])
+            x2 = jnp.reshape(x, (n * h * w, c)).astype(jnp.promote_types(x.dtype, jnp.float32))
+            mean, mean_sq = linear_moments(x2, kernel[0, 0])
             if bias is not None:  # E[(y + b)^2] = E[y^2] + 2 b E[y] + b^2
                 mean_sq = mean_sq + 2.0 * bias * mean + jnp.square(bias)
                 mean = mean + bias
@@ -476,6 +491,9 @@ class ConvLayer(nn.Module):
             y, activated = self._qat_forward(x, kernel, bias, bn, bn_frozen, quant_active), False
         else:
             y, activated = self._folded_forward(x, kernel, bias, bn, quant_active), False
+        # BN, biases and the QAT correction computed in float32 (the parameters' dtype); the
+        # layer's output is in the input's dtype again.
+        y = y.astype(x.dtype)
         if not activated:
             y = activation_fn(self.activation, y)
         if self.quantize_output:

@@ -118,6 +118,14 @@ class MobileNetV1(nn.Module):
         cannot be built), ``lax`` on GPU/TPU. It also picks the stem conv's
         lowering (:func:`~qfsep_jax.models.layers.conv2d`) and, where it resolves to
         ``native``, BN's training sums in C++ (:func:`~qfsep_jax.models.layers.native_bn_sums`).
+      dtype: the compute dtype of the convolutions and activations (``"bfloat16"`` for mixed
+        precision), ``None`` for the input's dtype. Parameters, BN statistics, quantization
+        ranges and codes stay float32 (:mod:`qfsep_jax.precision`); the input quantizer sees
+        the float32 images, and the global pool, its re-quantization and the classifier (0.2 %
+        of the multiply-adds) run in float32, so the logits are float32. In bfloat16, ``auto``
+        is ``lax`` on every backend (XLA's convolutions accumulate in float32, the shifted
+        multiply-adds would sum in bfloat16) with XLA's BN sums; ``native`` by name raises (its
+        kernels are float32), ``shift`` by name sums its taps in bfloat16.
     """
 
     num_classes: int = 1001
@@ -134,6 +142,7 @@ class MobileNetV1(nn.Module):
     quant: QuantConfig | None = None
     axis_name: str | None = None
     depthwise_impl: str = "auto"
+    dtype: str | None = None
 
     def _requantize_pool(
         self, pooled: jax.Array, lo: jax.Array, hi: jax.Array, window: int
@@ -171,6 +180,8 @@ class MobileNetV1(nn.Module):
         x = ActQuant(self.quant, self.axis_name, name="input_quant")(
             images, quant_mode, train, quant_active
         )
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
         x = ConvLayer(
             scaled_depth(32, self.width_multiplier, self.min_depth), kernel_size=3,
             stride=self.stem_stride, activation=self.activation, name="Conv2d_0", **common,
@@ -185,7 +196,7 @@ class MobileNetV1(nn.Module):
             )  # fmt: skip
             x = blk(x, **kw)
         window = x.shape[1] * x.shape[2]
-        x = jnp.mean(x, axis=(1, 2), keepdims=True)
+        x = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.promote_types(x.dtype, jnp.float32))
         if quant_mode in ("fake", "qat") and not self.is_initializing():
             # TFLite's integer average pool keeps the input's (scale, zero point): re-round.
             last = blk.variables["quant_ranges"]["pointwise"]["act_quant"]
