@@ -47,8 +47,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         tags = ["qat_tfslim", "per_channel", "tf8_zero_variance_fix", "qat_imagenette_original"]
         variants = ("original", "qf_relu6", "qf_relu_l2dw", "qf_relu")
         tags += [f"figure5_{v}_seed{seed}" for v in variants for seed in (0, 1)]
-        c.reports = tuple(f"results/agreement/{tag}{kind}/report.json"
-                          for kind in ("", "_modelled") for tag in tags)  # fmt: skip
+        c.reports = tuple(
+            f"results/agreement/{tag}{kind}/report.json"
+            for kind in ("", "_modelled")
+            for tag in tags
+        )
     if variant == "smoke":
         c.limit = 8
         c.num_calibration_images = 8

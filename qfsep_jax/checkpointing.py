@@ -168,6 +168,7 @@ def num_classes_of(config) -> int:
         raise ValueError("set config.num_classes: label_space 'folder' has no fixed class count")
     return labels_lib.num_classes(config.label_space, config.data_dir)
 
+
 def model_from_config(
     config: ml_collections.ConfigDict, num_classes: int, **overrides: Any
 ) -> tuple[MobileNetV1, dict[str, Any] | None]:

@@ -325,9 +325,11 @@ def _tflite_check(config, check_paths: bool) -> None:
             integer.parse_rounding(rounding)
         except ValueError:
             _fail(
-                "rounding", rounding, f"must be 'auto', a preset {sorted(integer.ROUNDING_PRESETS)}"
+                "rounding",
+                rounding,
+                f"must be 'auto', a preset {sorted(integer.ROUNDING_PRESETS)}"
                 f", a rule {integer.ROUNDINGS} or 'conv=<rule>,depthwise=<rule>'",
-            )  # fmt: skip
+            )
     _int(config, "num_threads", 1)
 
 
@@ -401,8 +403,14 @@ def _agreement(config, check_paths: bool) -> None:
         integer.parse_rounding(rounding)
     except ValueError:
         _fail("rounding", rounding, f"must be a preset {sorted(integer.ROUNDING_PRESETS)}")
-    for field in ("snap_biases", "sim_rounding", "locate", "reorder_check", "float64_check",
-                  "plot"):  # fmt: skip
+    for field in (
+        "snap_biases",
+        "sim_rounding",
+        "locate",
+        "reorder_check",
+        "float64_check",
+        "plot",
+    ):
         _bool(config, field)
     _choice(config, "depthwise_impl", depthwise.IMPLS)
 

@@ -58,6 +58,8 @@ def resolved(config) -> ml_collections.ConfigDict:
         out.half_precision = half
     logging.info(
         "precision: %s compute, float32 parameters (half_precision=%r resolved on backend %s)",
-        HALF_DTYPE if half else "float32", config.get("half_precision"), jax.default_backend(),
-    )  # fmt: skip
+        HALF_DTYPE if half else "float32",
+        config.get("half_precision"),
+        jax.default_backend(),
+    )
     return out

@@ -98,9 +98,11 @@ def calibrate(
     @jax.jit
     def step(ranges, images):
         _, new = model.apply(
-            {**params, "quant_ranges": ranges}, images, quant_mode="calibrate",
+            {**params, "quant_ranges": ranges},
+            images,
+            quant_mode="calibrate",
             mutable=["quant_ranges"],
-        )  # fmt: skip
+        )
         return new["quant_ranges"]
 
     start, n, skipped = time.perf_counter(), 0, 0

@@ -325,9 +325,12 @@ def evaluate(
     limit = config.get("eval_limit")
     limit = None if limit is None else len(range(pi, limit, pc))
     inp = data_input.eval_input(
-        config, config.eval_data, limit=limit, batch_size=per_process,
+        config,
+        config.eval_data,
+        limit=limit,
+        batch_size=per_process,
         shard=(pi, pc),
-    )  # fmt: skip
+    )
     # Every process must run the same number of steps (collectives): pad with empty batches.
     num_batches = int(np.max(multihost_utils.process_allgather(np.int64(inp.num_batches))))
     size = config.image_size
@@ -339,9 +342,13 @@ def evaluate(
     totals, skipped, start = None, 0, time.perf_counter()
     stream = itertools.chain(inp.make(), itertools.repeat(empty))
     for batch in tqdm(
-        itertools.islice(stream, num_batches), total=num_batches, desc="eval", unit="batch",
-        leave=False, disable=pi != 0,
-    ):  # fmt: skip
+        itertools.islice(stream, num_batches),
+        total=num_batches,
+        desc="eval",
+        unit="batch",
+        leave=False,
+        disable=pi != 0,
+    ):
         skipped = max(skipped, int(batch.get("skipped", 0)))
         batch = {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}
         counts, _ = p_eval(state, train_input.shard_batch(batch, len(local_devices)))
@@ -429,10 +436,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     num_classes = checkpointing.num_classes_of(config)
     train_source = sources.make_source(
-        config.train_data, config.data_dir, label_space=config.label_space,
+        config.train_data,
+        config.data_dir,
+        label_space=config.label_space,
         tfds_data_dir=config.get("tfds_data_dir") or None,
-        manual_dir=config.get("manual_dir") or None, process_split=(devices.pi, devices.pc),
-    )  # fmt: skip
+        manual_dir=config.get("manual_dir") or None,
+        process_split=(devices.pi, devices.pc),
+    )
     # A random-access source is global; a streaming one holds this process's split only.
     global_examples = train_source.num_examples * (1 if train_source.random_access else devices.pc)
     steps_per_epoch = max(1, global_examples // config.batch_size)
@@ -463,16 +473,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
     logging.info(
         "training %s for %d steps (%d/epoch), global batch %d on %d devices x %d processes",
-        "QAT" if config.qat.enabled else "float", total_steps, steps_per_epoch,
-        config.batch_size, len(devices.local), devices.pc,
-    )  # fmt: skip
+        "QAT" if config.qat.enabled else "float",
+        total_steps,
+        steps_per_epoch,
+        config.batch_size,
+        len(devices.local),
+        devices.pc,
+    )
 
     # Lay the state out as the step returns it (replicated over the local mesh), so the first
     # step does not compile a second executable for host inputs.
     replicated = NamedSharding(train_input.device_mesh(devices.local), PartitionSpec())
     state = jax.device_put(state, replicated)
-    state = _train_loop(run, state, start_step, int(skipped[devices.pi]), batches, p_train,
-                        p_eval)  # fmt: skip
+    state = _train_loop(run, state, start_step, int(skipped[devices.pi]), batches, p_train, p_eval)
     if start_step >= total_steps and config.eval_every_steps >= 0:
         run.evaluate_finished_run(state, p_eval)
     run.close()

@@ -36,12 +36,21 @@ def test_summary_takes_medians_over_reps_and_the_table_prints_them():
     s = bench_input.summarize({"train pipeline": reps})["train pipeline"]
     assert s["images_per_sec"] == 20.0 and s["images_per_cpu_sec"] == 40.0
     result = {
-        "image_sets": {"x": {"rates": {"train pipeline": s,
-                                       "fused/whole (median of per-rep ratios)":
-                                       {"images_per_sec": 1.234, "images_per_cpu_sec": 1.5}}}},
-        "cores_basis": "x", "per_core": 40.0,
+        "image_sets": {
+            "x": {
+                "rates": {
+                    "train pipeline": s,
+                    "fused/whole (median of per-rep ratios)": {
+                        "images_per_sec": 1.234,
+                        "images_per_cpu_sec": 1.5,
+                    },
+                }
+            }
+        },
+        "cores_basis": "x",
+        "per_core": 40.0,
         "cores_needed": bench_input.cores_table(40.0, [400]),
-    }  # fmt: skip
+    }
     table = bench_input.markdown(result)
     assert "| x | train pipeline | 20 | 40 |" in table
     assert "| x | fused/whole (median of per-rep ratios) | 1.23 | 1.50 |" in table

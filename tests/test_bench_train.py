@@ -1,15 +1,21 @@
 """tools/bench_train.py: combining the results of several processes (the benchmark is a script)."""
 
-
 import pytest
 
 from tools import bench_train
 
 
 def _row(jax_rate, torch_rate, paired, mode="float"):
-    return {"row": "large", "mode": mode, "width": 1.0, "image_size": 224, "stem_stride": 2,
-            "batch": 32, "best_images_per_sec": {"jax": jax_rate, "torch": torch_rate},
-            "paired_median_ratio": paired}  # fmt: skip
+    return {
+        "row": "large",
+        "mode": mode,
+        "width": 1.0,
+        "image_size": 224,
+        "stem_stride": 2,
+        "batch": 32,
+        "best_images_per_sec": {"jax": jax_rate, "torch": torch_rate},
+        "paired_median_ratio": paired,
+    }
 
 
 def test_combine_processes_takes_medians_per_row():

@@ -137,59 +137,124 @@ RUN = {"date": "2026-11-27", "cpu": "Test CPU", "cores": 2, "devices": "1 cpu"}
 
 def test_benchmark_and_tflite_tables_compute_ratios():
     train = {
-        "versions": ["jax 0.10.2 (cpu)", "torch 2.13.0"], "threads": 2, "cpus": [0, 1],
-        "steps": 3, "reps": 5, "depthwise_impl": "auto", "malloc_tune": True,
-        "omp_wait_policy": "(default)", "run": RUN,
-        "rows": [{"row": "small", "mode": "qat", "width": 0.5, "image_size": 32,
-                  "stem_stride": 1, "batch": 128,
-                  "best_images_per_sec": {"jax": 300.0, "torch": 200.0}}],
-    }  # fmt: skip
+        "versions": ["jax 0.10.2 (cpu)", "torch 2.13.0"],
+        "threads": 2,
+        "cpus": [0, 1],
+        "steps": 3,
+        "reps": 5,
+        "depthwise_impl": "auto",
+        "malloc_tune": True,
+        "omp_wait_policy": "(default)",
+        "run": RUN,
+        "rows": [
+            {
+                "row": "small",
+                "mode": "qat",
+                "width": 0.5,
+                "image_size": 32,
+                "stem_stride": 1,
+                "batch": 128,
+                "best_images_per_sec": {"jax": 300.0, "torch": 200.0},
+            }
+        ],
+    }
     md = collect_results.format_bench_train(train, "t.json")["bench_train"]
     assert "| 0.5, 32 px (stem stride 1), 128 | qat | 300.00 | 200.00 | 1.50 |" in md
     assert "Measured 2026-11-27 on Test CPU" in md
     # --processes 3: medians over processes, with each process's ratio listed.
-    train_p = dict(train, processes=3, rows=[dict(
-        train["rows"][0], ratio_per_process=[1.4, 1.5, 1.7], ratio_median_over_processes=1.5,
-        paired_median_ratio=1.45,
-    )])  # fmt: skip
+    train_p = dict(
+        train,
+        processes=3,
+        rows=[
+            dict(
+                train["rows"][0],
+                ratio_per_process=[1.4, 1.5, 1.7],
+                ratio_median_over_processes=1.5,
+                paired_median_ratio=1.45,
+            )
+        ],
+    )
     md = collect_results.format_bench_train(train_p, "t.json")["bench_train"]
     assert "| ratio JAX/PyTorch | ratio per process | median per-rep ratio |" in md
     assert "| qat | 300.00 | 200.00 | 1.50 | 1.40, 1.50, 1.70 | 1.45 |" in md
     assert "each of 3 fresh processes" in md
     bench = {
-        "model": "/x/m.tflite", "input_shape": [128, 128, 3], "threads": 1,
-        "litert_num_threads": 1, "run": RUN,
-        "images_per_sec": {"50": {"int_pass": 100.0, "float_pass": 50.0,
-                                  "litert_builtin": 400.0, "litert_xnnpack": 1000.0}},
-    }  # fmt: skip
+        "model": "/x/m.tflite",
+        "input_shape": [128, 128, 3],
+        "threads": 1,
+        "litert_num_threads": 1,
+        "run": RUN,
+        "images_per_sec": {
+            "50": {
+                "int_pass": 100.0,
+                "float_pass": 50.0,
+                "litert_builtin": 400.0,
+                "litert_xnnpack": 1000.0,
+            }
+        },
+    }
     md = collect_results.format_bench_integer(bench, "i.json")["bench_integer"]
     assert "| 50 | 100.00 | 50.00 | 400.00 | 1000.00 | 2.00 | 0.25 | 0.10 |" in md
     check = {
-        "model": "/d/m.tflite", "head": "", "eval_data": "folder:v", "image_size": 128,
-        "litert_version": "2.1", "op_resolver": "builtin", "rounding_preset": "litert_x86",
-        "bit_exact_images": 499, "n": 500, "tensors_compared_per_image": 31,
-        "top1_int": 50.0, "top1_litert": 50.0,
-    }  # fmt: skip
+        "model": "/d/m.tflite",
+        "head": "",
+        "eval_data": "folder:v",
+        "image_size": 128,
+        "litert_version": "2.1",
+        "op_resolver": "builtin",
+        "rounding_preset": "litert_x86",
+        "bit_exact_images": 499,
+        "n": 500,
+        "tensors_compared_per_image": 31,
+        "top1_int": 50.0,
+        "top1_litert": 50.0,
+    }
     md = collect_results.format_tflite_check(check, "c.json")["tflite_check"]
     assert "bit-exact on 499/500 images" in md and "`m.tflite`" in md
     dw = {
-        "jax": "0.10.2", "cpus": [0, 1], "reps": 3, "impls": ["shift", "native"], "run": RUN,
-        "layers": [{"input": [32, 14, 14, 512], "stride": 1,
-                    "ms": {"shift fwd": 2.0, "native fwd": 1.0, "shift fwd+bwd": 9.0,
-                           "native fwd+bwd": 3.0}}],
-        "layer_totals_ms": {"shift fwd": 2.0, "native fwd": 1.0, "shift fwd+bwd": 9.0,
-                            "native fwd+bwd": 3.0},
-        "steps": [{"row": "large", "mode": "float", "ms_best": {"shift": 600.0, "native": 500.0},
-                   "speedup_vs_first_median": {"shift": 1.0, "native": 1.2}}],
-    }  # fmt: skip
+        "jax": "0.10.2",
+        "cpus": [0, 1],
+        "reps": 3,
+        "impls": ["shift", "native"],
+        "run": RUN,
+        "layers": [
+            {
+                "input": [32, 14, 14, 512],
+                "stride": 1,
+                "ms": {
+                    "shift fwd": 2.0,
+                    "native fwd": 1.0,
+                    "shift fwd+bwd": 9.0,
+                    "native fwd+bwd": 3.0,
+                },
+            }
+        ],
+        "layer_totals_ms": {
+            "shift fwd": 2.0,
+            "native fwd": 1.0,
+            "shift fwd+bwd": 9.0,
+            "native fwd+bwd": 3.0,
+        },
+        "steps": [
+            {
+                "row": "large",
+                "mode": "float",
+                "ms_best": {"shift": 600.0, "native": 500.0},
+                "speedup_vs_first_median": {"shift": 1.0, "native": 1.2},
+            }
+        ],
+    }
     md = collect_results.format_bench_depthwise(dw, "d.json")["bench_depthwise"]
     assert "| [32, 14, 14, 512], 1 | 2.00 | 1.00 | 9.00 | 3.00 | 2.00 | 3.00 |" in md
     assert "| sum | 2.00 | 1.00 | 9.00 | 3.00 | 2.00 | 3.00 |" in md
     assert "| large | float | 600.00 | 500.00 | 1.20 |" in md
     assert "stem conv" not in md  # results from before the stem row
-    dw["stem"] = {"input": [32, 224, 224, 3], "out_channels": 32, "stride": 2,
-                  "ms": {"shift fwd": 5.0, "native fwd": 5.0, "shift fwd+bwd": 30.0,
-                         "native fwd+bwd": 10.0}}  # fmt: skip
+    dw["stem"] = {
+        "input": [32, 224, 224, 3],
+        "out_channels": 32,
+        "stride": 2,
+        "ms": {"shift fwd": 5.0, "native fwd": 5.0, "shift fwd+bwd": 30.0, "native fwd+bwd": 10.0},
+    }
     md = collect_results.format_bench_depthwise(dw, "d.json")["bench_depthwise"]
     assert (
         "| stem conv [32, 224, 224, 3] -> 32 channels, 2 (bwd: kernel gradient only) "
@@ -199,15 +264,27 @@ def test_benchmark_and_tflite_tables_compute_ratios():
 
 def test_agreement_table_has_one_row_per_report():
     row = {
-        "report": "a.json", "model": "runs/qat/quantized_model", "recipe": "exported",
-        "label_space": "imagenet1001", "n": 500, "top1_agreement": 0.99,
-        "top1_agreement_tie_aware": 0.996, "top1_agreement_fine": 0.994,
-        "fine_logit_error_lsb_rms": 0.48, "top2_gap_below_1_lsb": 7,
-        "max_layer_frac_differing": 0.199, "sim_reordered_agreement_fine": None,
-        "sim_float64_agreement_fine": 0.996, "int_vs_float64_agreement_fine": 0.994,
-        "run": {"date": "2026-11-28 03:44 UTC", "cpu": "AMD EPYC", "cores": 2,
-                "devices": "1 x cpu"},
-    }  # fmt: skip
+        "report": "a.json",
+        "model": "runs/qat/quantized_model",
+        "recipe": "exported",
+        "label_space": "imagenet1001",
+        "n": 500,
+        "top1_agreement": 0.99,
+        "top1_agreement_tie_aware": 0.996,
+        "top1_agreement_fine": 0.994,
+        "fine_logit_error_lsb_rms": 0.48,
+        "top2_gap_below_1_lsb": 7,
+        "max_layer_frac_differing": 0.199,
+        "sim_reordered_agreement_fine": None,
+        "sim_float64_agreement_fine": 0.996,
+        "int_vs_float64_agreement_fine": 0.994,
+        "run": {
+            "date": "2026-11-28 03:44 UTC",
+            "cpu": "AMD EPYC",
+            "cores": 2,
+            "devices": "1 x cpu",
+        },
+    }
     ten = dict(
         row,
         label_space="imagenette",

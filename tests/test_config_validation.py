@@ -36,10 +36,15 @@ BAD_VALUES = [
 
 def _main(config_file, workdir, *args):
     cmd = [
-        sys.executable, os.path.join(REPO, "launch", "main.py"),
-        "--config", os.path.join(REPO, "configs", config_file), "--workdir", str(workdir),
-        f"--config.data_dir={require('.')}", *args,
-    ]  # fmt: skip
+        sys.executable,
+        os.path.join(REPO, "launch", "main.py"),
+        "--config",
+        os.path.join(REPO, "configs", config_file),
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={require('.')}",
+        *args,
+    ]
     env = {**os.environ, "PYTHONPATH": REPO}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
@@ -47,8 +52,9 @@ def _main(config_file, workdir, *args):
 
 
 @pytest.mark.parametrize("config_file,override,field", BAD_VALUES)
-def test_bad_value_is_one_line_in_seconds_and_writes_nothing(tmp_path, config_file, override,
-                                                             field):  # fmt: skip
+def test_bad_value_is_one_line_in_seconds_and_writes_nothing(
+    tmp_path, config_file, override, field
+):
     workdir = tmp_path / "run"
     proc, seconds = _main(config_file, workdir, override)
     lines = proc.stderr.strip().splitlines()
@@ -68,11 +74,18 @@ def test_traceback_only_with_verbosity(tmp_path):
 def test_every_shipped_config_validates(tmp_path):
     data_dir = require(".")
     names = sorted(
-        f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+        f[:-3]
+        for f in os.listdir(os.path.join(REPO, "configs"))
         if f.endswith(".py") and f[:-3] not in ("__init__", "base", "train_base")
-    )  # fmt: skip
-    assert {"smoke", "reproduce_table1", "tflite_check", "analyze_official", "figure5",
-            "agreement"} <= set(names)  # fmt: skip
+    )
+    assert {
+        "smoke",
+        "reproduce_table1",
+        "tflite_check",
+        "analyze_official",
+        "figure5",
+        "agreement",
+    } <= set(names)
     for name in names:
         config = importlib.import_module(f"configs.{name}").get_config()
         config.data_dir = data_dir

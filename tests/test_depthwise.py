@@ -188,16 +188,22 @@ def test_training_depthwise_layer_same_for_all_impls(quant_mode):
     outs = {}
     for impl in _impls():
         layer = ConvLayer(
-            features=6, stride=2, depthwise=True, quant=QuantConfig(observer="ema"),
+            features=6,
+            stride=2,
+            depthwise=True,
+            quant=QuantConfig(observer="ema"),
             depthwise_impl=impl,
-        )  # fmt: skip
+        )
         v = layer.init(jax.random.key(0), x)
 
         def loss(params, v=v, layer=layer):
             y, new = layer.apply(
-                {**v, "params": params}, x, train=True, quant_mode=quant_mode,
+                {**v, "params": params},
+                x,
+                train=True,
+                quant_mode=quant_mode,
                 mutable=["batch_stats", "quant_ranges", "intermediates"],
-            )  # fmt: skip
+            )
             return jnp.sum(y * cot), (y, (new["batch_stats"], new.get("quant_ranges", {})))
 
         outs[impl] = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
@@ -248,8 +254,10 @@ def test_regular_conv_lowerings_match_lax(h, ks, stride):
         lambda x, k: jax.lax.conv_general_dilated(
             x, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         ),
-        x, k, cot,
-    )  # fmt: skip
+        x,
+        k,
+        cot,
+    )
     impls = {
         f"conv2d {impl}": functools.partial(conv2d, stride=stride, impl=impl)
         for impl in ("shift", "native")
@@ -272,8 +280,10 @@ def test_pointwise_is_a_matmul_with_conv_gradients():
         lambda x, k: jax.lax.conv_general_dilated(
             x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         ),
-        x, k, cot,
-    )  # fmt: skip
+        x,
+        k,
+        cot,
+    )
     for impl in ("lax", "shift"):
         got = _value_and_grads(functools.partial(conv2d, stride=1, impl=impl), x, k, cot)
         for a, b in zip(ref, got, strict=True):
@@ -302,8 +312,10 @@ def test_native_stem_kernel_gradient_matches_lax(shape, cout, stride):
         lambda x, k: jax.lax.conv_general_dilated(
             x, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         ),
-        x, k, cot,
-    )  # fmt: skip
+        x,
+        k,
+        cot,
+    )
     fn = functools.partial(direct_conv2d, stride=stride, impl="native")
     assert "ffi_call" in str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(fn(x, k))))(k))
     got = _value_and_grads(fn, x, k, cot)
@@ -462,8 +474,9 @@ def test_batch_norm_vjp_equals_autodiff(activation, native_sums):
         for name, bn in (("ref", _bn_ref_act), ("vjp", _bn_vjp(native_sums)))
     }
     np.testing.assert_allclose(grads["vjp"][0], grads["ref"][0], rtol=1e-6)
-    for name, a, b in zip(("d/dy", "d/dgamma", "d/dbeta"), grads["ref"][1], grads["vjp"][1],
-                          strict=True):  # fmt: skip
+    for name, a, b in zip(
+        ("d/dy", "d/dgamma", "d/dbeta"), grads["ref"][1], grads["vjp"][1], strict=True
+    ):
         # atol: a constant channel's d/dgamma is inv * (sum(g*y) - mean * sum(g)), rounding of
         # sums of size ~50 scaled by 1/sqrt(eps) = 32 (exactly 0 only where both sums round alike).
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-3, err_msg=name)
@@ -487,9 +500,11 @@ def test_native_bn_sums_match_float64_and_are_deterministic():
     z = (y.astype(np.float64) - mean) * alpha + beta
     w = np.where((z > 0) & (z < 6), 1.0, np.where((z == 0) | (z == 6), 0.5, 0.0))
     params = jnp.stack([mean, alpha, beta])
-    sums = jax.jit(lambda g, y: layers._channel_sums(
-        native.BN_GRAD_SUMS_TARGET, g, y, params, activation=np.int64(2)
-    ))  # fmt: skip
+    sums = jax.jit(
+        lambda g, y: layers._channel_sums(
+            native.BN_GRAD_SUMS_TARGET, g, y, params, activation=np.int64(2)
+        )
+    )
     s0, s1 = sums(cot, y)
     np.testing.assert_allclose(s0, (cot * w).sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(s1, (cot * w * y).sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-3)

@@ -89,8 +89,9 @@ def test_matches_tensorflow_on_rounding_ties_and_range_edges():
         (0.0, 6.0, np.array([0.0, 0.0, -1e-6, 3.0, 6.0, 6.5, 1e-6], np.float32)),
     ]:
         g = np.arange(1, len(xs) + 1, dtype=np.float32)
-        dx, dlo, dhi = jax.vjp(lambda a, b, c: fake_quant(a, b, c, UINT8), jnp.asarray(xs), lo,
-                               hi)[1](jnp.asarray(g))  # fmt: skip
+        dx, dlo, dhi = jax.vjp(lambda a, b, c: fake_quant(a, b, c, UINT8), jnp.asarray(xs), lo, hi)[
+            1
+        ](jnp.asarray(g))
         tdx, tdlo, tdhi = tf.quantization.fake_quant_with_min_max_vars_gradient(g, xs, lo, hi)
         np.testing.assert_array_equal(np.asarray(dx), tdx.numpy())
         assert float(dlo) == float(tdlo) and float(dhi) == float(tdhi), (lo, hi)

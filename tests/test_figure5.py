@@ -89,8 +89,11 @@ def test_readme_table_from_the_summary(tiny_run):
     summary_path = os.path.join(workdir, "summary.json")
     tables = collect_results.format_figure5(_read(summary_path), summary_path)
     assert set(tables) == {
-        "figure5", "figure5_sqnr", "figure5_expected", "figure5_expected_qf_relu_l2dw",
-    }  # fmt: skip
+        "figure5",
+        "figure5_sqnr",
+        "figure5_expected",
+        "figure5_expected_qf_relu_l2dw",
+    }
     assert "| `qf_relu_l2dw` | DW→PW→BN→ReLU, L2 on DW weights | 1 |" in tables["figure5"]
     assert "qf_relu_l2dw top-1 %" in tables["figure5_expected_qf_relu_l2dw"]
     assert "| `Conv2d_0` |" in tables["figure5_sqnr"]

@@ -28,7 +28,7 @@ def _random_model(block="original", seed=0):
                 if k in ("bn_mean", "bn_bias", "bias")
                 else x,
                 jnp.float32,
-            )  # fmt: skip
+            )
             for k, x in tree.items()
         }
 

@@ -81,8 +81,9 @@ def _layer_grads(layer: ConvLayer, x: jax.Array, dtype, **kw):
     variables = layer.init(jax.random.key(0), x)
     mutable = ["batch_stats", "quant_ranges"]
     if layer.quant is not None:  # ranges from one observed batch
-        _, new = layer.apply(variables, x, train=True, quant_mode="qat", quant_active=False,
-                             mutable=mutable)  # fmt: skip
+        _, new = layer.apply(
+            variables, x, train=True, quant_mode="qat", quant_active=False, mutable=mutable
+        )
         variables = {**variables, "quant_ranges": new["quant_ranges"]}
     out_shape = jax.eval_shape(
         lambda: layer.apply(variables, x, train=True, mutable=mutable, **kw)[0]
@@ -90,8 +91,9 @@ def _layer_grads(layer: ConvLayer, x: jax.Array, dtype, **kw):
     r = jnp.asarray(np.random.RandomState(1).normal(size=out_shape).astype(np.float32))
 
     def loss(params, x):
-        y, new = layer.apply({**variables, "params": params}, x.astype(dtype), train=True,
-                             mutable=mutable, **kw)  # fmt: skip
+        y, new = layer.apply(
+            {**variables, "params": params}, x.astype(dtype), train=True, mutable=mutable, **kw
+        )
         assert y.dtype == dtype, (y.dtype, dtype)
         return jnp.sum(y.astype(jnp.float32) * r), new
 
@@ -103,9 +105,13 @@ def _layer_grads(layer: ConvLayer, x: jax.Array, dtype, **kw):
 
 @pytest.mark.parametrize(
     "name,mode",
-    [("conv3x3_s2", "float"), ("qf_depthwise", "float"), ("pointwise", "qat_correction"),
-     ("depthwise", "qat_frozen")],
-)  # fmt: skip
+    [
+        ("conv3x3_s2", "float"),
+        ("qf_depthwise", "float"),
+        ("pointwise", "qat_correction"),
+        ("depthwise", "qat_frozen"),
+    ],
+)
 def test_bfloat16_layer_gradients_match_float32(name, mode):
     """Each layer kind (activation 'none', so no ReLU mask can flip) in bfloat16 vs float32.
 
@@ -152,8 +158,13 @@ def test_bn_batch_moments_of_bfloat16_activations_are_float32_moments(kernel_siz
     Negative control: bfloat16 moments of the same output differ from them by more than 5e-4,
     25x the tolerance.
     """
-    layer = ConvLayer(features=16, kernel_size=kernel_size, activation="none", bn_momentum=0.0,
-                      depthwise_impl="lax")  # fmt: skip
+    layer = ConvLayer(
+        features=16,
+        kernel_size=kernel_size,
+        activation="none",
+        bn_momentum=0.0,
+        depthwise_impl="lax",
+    )
     x = _bf16_values((4, 12, 12, 8))
     variables = layer.init(jax.random.key(0), x)
     with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: float32 is the reference
@@ -164,14 +175,18 @@ def _check_moments(layer, variables, x, kernel_size):
     for kw in ({}, dict(quant_mode="qat", quant_active=False)):
         lyr = layer.clone(quant=QC) if kw else layer
         v = lyr.init(jax.random.key(0), x) if kw else variables
-        _, new = lyr.apply(v, x.astype(BF16), train=True, mutable=["batch_stats", "quant_ranges"],
-                           **kw)  # fmt: skip
+        _, new = lyr.apply(
+            v, x.astype(BF16), train=True, mutable=["batch_stats", "quant_ranges"], **kw
+        )
         # QAT's pointwise moments come from the input's moments (linear_moments), in float32.
         dtype = jnp.float32 if kw and kernel_size == 1 else BF16
         y = jax.lax.conv_general_dilated(
-            x.astype(dtype), v["params"]["kernel"].astype(dtype), (1, 1), "SAME",
+            x.astype(dtype),
+            v["params"]["kernel"].astype(dtype),
+            (1, 1),
+            "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        ).astype(jnp.float32)  # fmt: skip
+        ).astype(jnp.float32)
         mean = jnp.mean(y, axis=(0, 1, 2))
         var = jnp.mean(jnp.square(y), axis=(0, 1, 2)) - jnp.square(mean)
         got = new["batch_stats"]
@@ -192,8 +207,14 @@ def test_bfloat16_convolutions_take_xla_which_accumulates_in_float32():
     """
     kernel = np.full((3, 3, 1, 4), 2.0**-9, np.float32)
     kernel[1, 1] = 1.0
-    layer = ConvLayer(features=4, kernel_size=3, depthwise=True, use_bn=False,
-                      activation="none", quantize_output=False)  # fmt: skip
+    layer = ConvLayer(
+        features=4,
+        kernel_size=3,
+        depthwise=True,
+        use_bn=False,
+        activation="none",
+        quantize_output=False,
+    )
     x = jnp.ones((1, 4, 4, 4), BF16)
     params = {"params": {"kernel": jnp.asarray(kernel)}}
     y = layer.clone(depthwise_impl="auto").apply(params, x)
@@ -209,8 +230,9 @@ def test_native_kernels_are_float32_only_and_bfloat16_falls_back_explicitly():
 
     def step_jaxpr(dtype) -> str:
         def loss(params):
-            y, _ = layer.apply({**v, "params": params}, x.astype(dtype), train=True,
-                               mutable=["batch_stats"])  # fmt: skip
+            y, _ = layer.apply(
+                {**v, "params": params}, x.astype(dtype), train=True, mutable=["batch_stats"]
+            )
             return jnp.sum(y.astype(jnp.float32))
 
         return str(jax.make_jaxpr(jax.grad(loss))(v["params"]))
@@ -305,8 +327,9 @@ def test_bfloat16_training_keeps_float32_state(bf16_qat_run):
     assert np.all(np.isfinite(loss)), loss
     assert int(state.step) == 1
     for name in ("params", "batch_stats", "quant_ranges", "opt_state"):
-        leaves = [x for x in jax.tree.leaves(getattr(state, name))
-                  if np.issubdtype(x.dtype, np.floating)]  # fmt: skip
+        leaves = [
+            x for x in jax.tree.leaves(getattr(state, name)) if np.issubdtype(x.dtype, np.floating)
+        ]
         assert leaves and all(leaf.dtype == np.float32 for leaf in leaves), name
 
 

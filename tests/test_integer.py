@@ -107,9 +107,12 @@ def test_conv_multiplier_legacy_uses_float32_product():
 def test_multiply_by_quantized_multiplier_matches_int64(rounding):
     n = 20000
     x = np.concatenate(
-        [RNG.integers(-(2**31), 2**31, n // 2), RNG.integers(-(2**20), 2**20, n // 2),
-         [-(2**31), 2**31 - 1, 0, 1, -1]]
-    ).astype(np.int32)  # fmt: skip
+        [
+            RNG.integers(-(2**31), 2**31, n // 2),
+            RNG.integers(-(2**20), 2**20, n // 2),
+            [-(2**31), 2**31 - 1, 0, 1, -1],
+        ]
+    ).astype(np.int32)
     m0 = RNG.integers(2**30, 2**31, x.size).astype(np.int32)
     shift = RNG.integers(-31, 1, x.size).astype(np.int32)
     # Keep to results that fit in int32 (as TFLite's real multipliers < 1 guarantee).
@@ -135,8 +138,10 @@ def test_rounding_rules_differ_on_ties():
     # sees the exact value: 3 vs 2.
     m0, shift = 2**31 - 1, -2  # M = (1 - 2^-31) / 4
     x = 10
-    assert [int(kernels.multiply_by_quantized_multiplier(jnp.int32(x), m0, shift, r))
-            for r in kernels.ROUNDINGS] == [3, 3, 2]  # fmt: skip
+    assert [
+        int(kernels.multiply_by_quantized_multiplier(jnp.int32(x), m0, shift, r))
+        for r in kernels.ROUNDINGS
+    ] == [3, 3, 2]
 
 
 @pytest.mark.parametrize("rule", kernels.ROUNDINGS)
@@ -152,8 +157,9 @@ def test_two_step_rounding_is_one_rounding_with_a_moved_threshold(rule):
     int_model = integer.IntModel((layer,), 1.0, 0, rounding=integer.Rounding(rule, rule))
     pos, neg = align.rounding_offsets(int_model)["c"]
     right = np.maximum(-shift, 0)
-    np.testing.assert_array_equal(pos, np.where((right > 0) & (rule != "single"),
-                                                0.5 ** (right + 1), 0.0))  # fmt: skip
+    np.testing.assert_array_equal(
+        pos, np.where((right > 0) & (rule != "single"), 0.5 ** (right + 1), 0.0)
+    )
     v = acc.astype(np.float64) * m0 * np.exp2(shift.astype(np.float64) - 31)
     offset = np.where(v >= 0, pos, neg)
     moved = round_half_away(v + offset) if rule != "single" else np.floor(v + 0.5)
@@ -174,8 +180,9 @@ def round_half_away(v):
 def ref_fine(acc, m0, shift, bits):
     """round(acc * M0 * 2**(shift + bits) / 2**31), ties up, saturated: exact Python ints."""
     out = []
-    for a, m, s in zip(np.ravel(acc).tolist(), np.ravel(m0).tolist(), np.ravel(shift).tolist(),
-                       strict=True):  # fmt: skip
+    for a, m, s in zip(
+        np.ravel(acc).tolist(), np.ravel(m0).tolist(), np.ravel(shift).tolist(), strict=True
+    ):
         t = 31 - s - bits
         out.append(min(max((a * m + (1 << (t - 1))) >> t, -(2**31)), 2**31 - 1))
     return np.array(out, np.int64).reshape(np.shape(acc))
@@ -184,8 +191,13 @@ def ref_fine(acc, m0, shift, bits):
 @pytest.mark.parametrize("bits", [0, 16])
 def test_requantize_fine_matches_exact_reference(bits):
     n = 6000
-    acc = np.concatenate([RNG.integers(-(2**31), 2**31, n // 2), RNG.integers(-(2**18), 2**18,
-                          n // 2), [-(2**31), 2**31 - 1, 0, 1, -1]]).astype(np.int32)  # fmt: skip
+    acc = np.concatenate(
+        [
+            RNG.integers(-(2**31), 2**31, n // 2),
+            RNG.integers(-(2**18), 2**18, n // 2),
+            [-(2**31), 2**31 - 1, 0, 1, -1],
+        ]
+    ).astype(np.int32)
     m0 = RNG.integers(2**30, 2**31, acc.size).astype(np.int32)
     m0[-5:] = 2**31 - 1
     # Every shift the fine path accepts: t = 31 - shift - bits from 1 (saturating) to 62.
@@ -228,15 +240,19 @@ def test_conv_accumulate_matches_direct_conv(dtype, kernel, stride, padding, per
     q = RNG.integers(info.min, info.max + 1, (2, 9, 10, 5)).astype(dtype)
     w = RNG.integers(info.min, info.max + 1, (kernel, kernel, 5, 7)).astype(dtype)
     zin = int(RNG.integers(info.min, info.max + 1))
-    wzp = (RNG.integers(info.min, info.max + 1, 7) if per_channel
-           else np.full(7, RNG.integers(info.min, info.max + 1))).astype(np.int32)  # fmt: skip
+    wzp = (
+        RNG.integers(info.min, info.max + 1, 7)
+        if per_channel
+        else np.full(7, RNG.integers(info.min, info.max + 1))
+    ).astype(np.int32)
     bias = RNG.integers(-(2**20), 2**20, 7).astype(np.int32)
     got = kernels.conv_accumulate(jnp.asarray(q), zin, jnp.asarray(w), wzp, bias, stride, padding)
     np.testing.assert_array_equal(np.asarray(got), ref_conv(q, zin, w, wzp, bias, stride, padding))
 
 
-@pytest.mark.parametrize("dtype,stride,padding", [(np.uint8, 1, "SAME"), (np.uint8, 2, "SAME"),
-                                                  (np.int8, 2, "VALID")])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype,stride,padding", [(np.uint8, 1, "SAME"), (np.uint8, 2, "SAME"), (np.int8, 2, "VALID")]
+)
 def test_depthwise_accumulate_matches_direct(dtype, stride, padding):
     info = np.iinfo(dtype)
     q = RNG.integers(info.min, info.max + 1, (2, 8, 7, 6)).astype(dtype)
@@ -244,10 +260,12 @@ def test_depthwise_accumulate_matches_direct(dtype, stride, padding):
     zin = int(RNG.integers(info.min, info.max + 1))
     wzp = RNG.integers(info.min, info.max + 1, 6).astype(np.int32)
     bias = RNG.integers(-(2**16), 2**16, 6).astype(np.int32)
-    got = kernels.depthwise_accumulate(jnp.asarray(q), zin, jnp.asarray(w), wzp, bias, stride,
-                                       padding)  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(got), ref_depthwise(q, zin, w, wzp, bias, stride,
-                                                                 padding))  # fmt: skip
+    got = kernels.depthwise_accumulate(
+        jnp.asarray(q), zin, jnp.asarray(w), wzp, bias, stride, padding
+    )
+    np.testing.assert_array_equal(
+        np.asarray(got), ref_depthwise(q, zin, w, wzp, bias, stride, padding)
+    )
 
 
 def test_average_pool_rounds_like_tflite():
@@ -283,25 +301,41 @@ def _classifier(per_channel: bool, activation: str, cin=64, classes=400, seed=7)
     s_in, s_out, z_out = 6 / 255, 0.13, 96
     w_zp = rng.integers(100, 156, classes).astype(np.int32)
     w = (w_zp + rng.integers(-8, 9, (1, 1, cin, classes))).astype(np.uint8)
-    w_scale = (np.exp(rng.uniform(np.log(1e-3), np.log(5e-2), classes)) if per_channel
-               else np.full(classes, 1e-2)).astype(np.float32)  # fmt: skip
+    w_scale = (
+        np.exp(rng.uniform(np.log(1e-3), np.log(5e-2), classes))
+        if per_channel
+        else np.full(classes, 1e-2)
+    ).astype(np.float32)
     bias = rng.integers(-3000, 3000, classes).astype(np.int32)
     m0, shift = kernels.quantize_multiplier(
         kernels.conv_multiplier(s_in, w_scale, s_out, per_channel)
     )
     act_min, act_max = kernels.activation_range(activation, s_out, z_out, 0, 255)
     layer = integer.IntLayer(
-        w, w_zp, bias, m0, shift, name="Logits", kind="conv", input_zero_point=0,
-        output_zero_point=z_out, act_min=act_min, act_max=act_max, activation=activation,
-        input_scale=s_in, output_scale=s_out, weight_scale=tuple(map(float, w_scale)),
-    )  # fmt: skip
+        w,
+        w_zp,
+        bias,
+        m0,
+        shift,
+        name="Logits",
+        kind="conv",
+        input_zero_point=0,
+        output_zero_point=z_out,
+        act_min=act_min,
+        act_max=act_max,
+        activation=activation,
+        input_scale=s_in,
+        output_scale=s_out,
+        weight_scale=tuple(map(float, w_scale)),
+    )
     model = integer.IntModel((layer,), s_in, 0)
     q = rng.integers(0, 256, (48, 1, 1, cin)).astype(np.uint8)
     return model, q
 
 
-@pytest.mark.parametrize("per_channel,activation", [(True, "none"), (False, "none"),
-                                                    (True, "relu6")])  # fmt: skip
+@pytest.mark.parametrize(
+    "per_channel,activation", [(True, "none"), (False, "none"), (True, "relu6")]
+)
 def test_fine_logits_match_accumulators(per_channel, activation):
     model, q = _classifier(per_channel, activation)
     layer = model.layers[0]
@@ -432,7 +466,10 @@ def test_official_model_structure(official):
     assert names[1:27:2] == [f"Conv2d_{i}_depthwise" for i in range(1, 14)]
     assert names[2:28:2] == [f"Conv2d_{i}_pointwise" for i in range(1, 14)]
     assert (official.dtype, official.input_scale, official.input_zero_point) == (
-        "uint8", 0.0078125, 128)  # fmt: skip
+        "uint8",
+        0.0078125,
+        128,
+    )
     first = official.layer("Conv2d_0")
     assert first.weight.shape == (3, 3, 3, 8) and first.weight.dtype == np.uint8
     assert official.layer("Logits").out_channels == 1001

@@ -96,19 +96,22 @@ def test_float64_simulation_modelling_the_integer_arithmetic_is_exact_layer_by_l
     images = setup[3]
     snapped = align.snap_biases(qmodel.model, qmodel.variables, int_model)
     alignment = align.rounding_alignment(int_model)
-    exact = agreement.layerwise_agreement(*snapped, int_model, images, float64=True,
-                                          alignment=alignment)  # fmt: skip
+    exact = agreement.layerwise_agreement(
+        *snapped, int_model, images, float64=True, alignment=alignment
+    )
     assert all(v["frac_differing"] == 0.0 for v in exact.values()), exact
-    plain = agreement.layerwise_agreement(qmodel.model, qmodel.variables, int_model, images,
-                                        float64=True)  # fmt: skip
+    plain = agreement.layerwise_agreement(
+        qmodel.model, qmodel.variables, int_model, images, float64=True
+    )
     assert sum(v["frac_differing"] for v in plain.values()) > 0.1, plain
     assert jnp.zeros(1).dtype == jnp.float32  # x64 is off again
     # End to end, the report's float64 check: the same logits as the integer pass's fine ones
     # up to their own resolution (rounded to 2**-FINE_LOGIT_BITS LSB: rms 2**-16 / sqrt(12)),
     # and the same codes in every layer.
     batch = {"image": images, "label": np.zeros(16, np.int32), "mask": np.ones(16)}
-    f64 = agreement.agreement_report(*snapped, int_model, [batch], float64_check=True,
-                                     alignment=alignment)["sim_float64"]  # fmt: skip
+    f64 = agreement.agreement_report(
+        *snapped, int_model, [batch], float64_check=True, alignment=alignment
+    )["sim_float64"]
     assert f64["top1_agreement_fine_with_int"] == 1.0, f64
     assert f64["int_logit_error_lsb_rms"] < 2.0**-integer.FINE_LOGIT_BITS, f64
     assert set(f64["layerwise_frac_differing"]) == set(int_model.layer_names), f64
@@ -125,13 +128,15 @@ def test_float64_exactness_needs_the_exact_scales(setup, tf8, monkeypatch):
     qmodel, int_model = tf8
     snapped = align.snap_biases(qmodel.model, qmodel.variables, int_model)
     alignment = align.rounding_alignment(int_model)
-    monkeypatch.setattr(numerics, "divide_exactly",
-                        lambda n, d: jnp.asarray(n, jnp.float32) / jnp.float32(d))  # fmt: skip
+    monkeypatch.setattr(
+        numerics, "divide_exactly", lambda n, d: jnp.asarray(n, jnp.float32) / jnp.float32(d)
+    )
     agreement._CACHE.clear()
     jax.clear_caches()  # traces of the fake-quant primitive are cached by function identity
     try:
-        lw = agreement.layerwise_agreement(*snapped, int_model, setup[3], float64=True,
-                                           alignment=alignment)  # fmt: skip
+        lw = agreement.layerwise_agreement(
+            *snapped, int_model, setup[3], float64=True, alignment=alignment
+        )
     finally:
         monkeypatch.undo()
         agreement._CACHE.clear()
@@ -153,8 +158,9 @@ def test_simulation_models_the_integer_pools_ties(setup, tf8, data_dir):
     pool = integer.POOL_NAME
     lw = agreement.layerwise_agreement(model, variables, int_model, images, alignment=alignment)
     assert lw[pool]["frac_differing"] == 0.0, lw[pool]
-    without = agreement.layerwise_agreement(model, variables, int_model, images,
-                                            alignment={**alignment, "pool": {}})  # fmt: skip
+    without = agreement.layerwise_agreement(
+        model, variables, int_model, images, alignment={**alignment, "pool": {}}
+    )
     # Ties that float32 rounding put on the wrong side: 0.3 % of the pooled codes here (49).
     assert without[pool]["frac_differing"] > 0.001, without[pool]
 
@@ -181,8 +187,9 @@ def test_tf8_end_to_end_top1(setup, tf8):
     assert e2e["n"] == 16
     assert e2e["layers"]["Conv2d_0"]["max_lsb"] <= 1  # first layer: same input, same codes
     batch = {"image": setup[3], "label": np.zeros(16, np.int32), "mask": np.ones(16)}
-    report = agreement.agreement_report(qmodel.model, qmodel.variables, int_model, [batch],
-                                      reorder_check=True, float64_check=True)  # fmt: skip
+    report = agreement.agreement_report(
+        qmodel.model, qmodel.variables, int_model, [batch], reorder_check=True, float64_check=True
+    )
     assert jnp.zeros(1).dtype == jnp.float32  # float64_check leaves x64 off again
     # Full imagenet_val500 numbers: README / report. Disagreements are 8-bit logit ties.
     assert report["top1_agreement"] >= 14 / 16, report
@@ -227,7 +234,11 @@ def test_agreement_job_on_an_exported_model(setup, tf8, data_dir, tmp_path, caps
     config = agreement_config.get_config()
     config.source = f"quantized:{tmp_path / 'exported'}"
     config.data_dir, config.image_size, config.limit, config.eval_batch_size = (
-        data_dir, SIZE, 8, 8)  # fmt: skip
+        data_dir,
+        SIZE,
+        8,
+        8,
+    )
     config.locate = config.reorder_check = config.float64_check = False
     workdir = tmp_path / "report"
     agreement_job.run(config, str(workdir))
@@ -263,10 +274,11 @@ def test_float64_simulation_is_free_of_summation_order(setup, tf8):
     variables64 = agreement._float64_tree(variables)
     codes = integer.quantize_input(int_model, setup[3])
     shift, lax_ = (
-        agreement._sim_pre_quant_float64(model.clone(depthwise_impl=impl), variables64, None,
-                                         int_model, codes)
+        agreement._sim_pre_quant_float64(
+            model.clone(depthwise_impl=impl), variables64, None, int_model, codes
+        )
         for impl in ("shift", "lax")
-    )  # fmt: skip
+    )
     assert shift.dtype == np.float64
     assert np.max(np.abs(shift - lax_)) / scale < 1e-6
 
@@ -280,8 +292,9 @@ def test_int8_per_channel_scheme(setup):
     assert np.all(np.asarray(first.weight_zero_point) == 0)
     assert len(set(np.asarray(first.multiplier).tolist())) > 1  # per-channel multipliers
     batch = {"image": setup[3], "mask": np.ones(16)}
-    report = agreement.agreement_report(qmodel.model, qmodel.variables, int_model, [batch],
-                                      labels=False)  # fmt: skip
+    report = agreement.agreement_report(
+        qmodel.model, qmodel.variables, int_model, [batch], labels=False
+    )
     assert max(report["layerwise_max_lsb"].values()) == 1, report
     # Per-class accumulator scales, one fine-logit grid: the classifier alone agrees exactly.
     assert report["top1_agreement_fine_same_input"] == 1.0, report
@@ -292,8 +305,14 @@ def test_int8_per_channel_scheme(setup):
 
 def test_unfolded_qat_style_model(setup):
     # A BN-unfolded model with observed ranges (as QAT leaves it): from_variables folds first.
-    model = MobileNetV1(width_multiplier=0.25, num_classes=10, block="qf", activation="relu",
-                        quant=QuantConfig(), dropout_rate=0.0)  # fmt: skip
+    model = MobileNetV1(
+        width_multiplier=0.25,
+        num_classes=10,
+        block="qf",
+        activation="relu",
+        quant=QuantConfig(),
+        dropout_rate=0.0,
+    )
     images = jnp.asarray(setup[3][:8])
     # Random variables from the shapes (compiling model.init costs more than this whole test).
     shapes = jax.eval_shape(model.init, jax.random.key(0), images)
@@ -320,8 +339,8 @@ def test_unfolded_qat_style_model(setup):
     lw = agreement.layerwise_agreement(model, variables, int_model, images)
     assert max(v["max_lsb"] for v in lw.values()) <= 1, lw
     with pytest.raises(ValueError, match="quant_ranges"):
-        integer.from_variables(model, {k: v for k, v in variables.items()
-                                       if k != "quant_ranges"})  # fmt: skip
+        integer.from_variables(model, {k: v for k, v in variables.items() if k != "quant_ranges"})
     with pytest.raises(ValueError, match="dynamic"):
-        integer.from_variables(model.clone(quant=QuantConfig(dynamic_activation_ranges=True)),
-                               variables)  # fmt: skip
+        integer.from_variables(
+            model.clone(quant=QuantConfig(dynamic_activation_ranges=True)), variables
+        )

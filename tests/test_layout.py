@@ -86,8 +86,9 @@ def test_library_imports_run_downward_only():
             except AssertionError:
                 continue  # a name imported from a package's __init__, e.g. a function
             if unit != own and LEVELS[unit] >= LEVELS[own]:
-                bad.append(f"{module} (level {LEVELS[own]}) imports {imported} "
-                           f"(level {LEVELS[unit]})")  # fmt: skip
+                bad.append(
+                    f"{module} (level {LEVELS[own]}) imports {imported} (level {LEVELS[unit]})"
+                )
     assert not bad, "\n".join(sorted(bad))
 
 

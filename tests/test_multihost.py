@@ -79,7 +79,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outputs = []
@@ -92,8 +92,12 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
                 p.kill()
     for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"process {i} failed (rc {p.returncode}):\n{out[-4000:]}"
-    results = sorted(line.split()[1:] for out in outputs for line in out.splitlines()
-                     if line.startswith("RESULT"))  # fmt: skip
+    results = sorted(
+        line.split()[1:]
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("RESULT")
+    )
     # process index, process count, global devices, local devices, evaluated images
     assert results == [["0", "2", "8", "4", "33"], ["1", "2", "8", "4", "33"]]
 

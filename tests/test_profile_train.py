@@ -1,6 +1,5 @@
 """tools/profile_train.py: the split of wall time among overlapping trace events."""
 
-
 import pytest
 
 from tools import profile_train
@@ -55,16 +54,19 @@ def test_components_group_both_frameworks_alike(kind, layer, expected):
 
 
 def test_hlo_instructions_tell_the_native_bn_sums_from_the_conv_kernels():
-    hlo = "\n".join([
-        "ENTRY %main (p: f32[2,4]) -> f32[2,4] {",
-        "  %p = f32[2,4]{1,0} parameter(0)",
-        '  %ffi_call.1 = f32[2,4]{1,0} custom-call(%p), custom_call_target="qfsep_bn_grad_sums", '
-        'metadata={op_name="jit(s)/transpose(jvp(MobileNetV1))/Conv2d_1/depthwise/ffi_call"}',
-        '  ROOT %ffi_call.2 = f32[2,4]{1,0} custom-call(%p), '
-        'custom_call_target="qfsep_depthwise3x3_forward", '
-        'metadata={op_name="jit(s)/jvp(MobileNetV1)/Conv2d_1/depthwise/ffi_call"}',
-        "}",
-    ])  # fmt: skip
+    hlo = "\n".join(
+        [
+            "ENTRY %main (p: f32[2,4]) -> f32[2,4] {",
+            "  %p = f32[2,4]{1,0} parameter(0)",
+            "  %ffi_call.1 = f32[2,4]{1,0} custom-call(%p), "
+            'custom_call_target="qfsep_bn_grad_sums", '
+            'metadata={op_name="jit(s)/transpose(jvp(MobileNetV1))/Conv2d_1/depthwise/ffi_call"}',
+            "  ROOT %ffi_call.2 = f32[2,4]{1,0} custom-call(%p), "
+            'custom_call_target="qfsep_depthwise3x3_forward", '
+            'metadata={op_name="jit(s)/jvp(MobileNetV1)/Conv2d_1/depthwise/ffi_call"}',
+            "}",
+        ]
+    )
     ops = profile_train.hlo_instructions(hlo)
     bn, conv = (profile_train.category(ops[n]) for n in ("ffi_call.1", "ffi_call.2"))
     assert bn == ("custom-call (BN sums)", "bwd", "depthwise")

@@ -74,10 +74,15 @@ def test_recipes_and_errors():
 
 def _main(workdir, *overrides):
     cmd = [
-        sys.executable, os.path.join(REPO, "launch", "main.py"),
-        "--config", os.path.join(REPO, "configs", "reproduce_table1.py"),
-        "--workdir", str(workdir), f"--config.data_dir={require('.')}", *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        os.path.join(REPO, "launch", "main.py"),
+        "--config",
+        os.path.join(REPO, "configs", "reproduce_table1.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={require('.')}",
+        *overrides,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
 
 

@@ -23,9 +23,13 @@ def test_readme_library_usage_block_runs():
     code = _usage_block()
     assert "integer.run(" in code and "ptq.quantize_post_training(" in code
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[-1] == "(2, 10)", result.stdout

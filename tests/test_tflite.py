@@ -43,8 +43,9 @@ def test_official_model_bit_exact_on_imagenet_val500(data_dir, tmp_path, capsys)
 
 def test_reference_kernels_pick_gemmlowp_rounding(data_dir, tmp_path):
     # TFLite's reference kernels round as gemmlowp does in every layer.
-    job.run(_config(data_dir, op_resolver="reference", rounding="reference", limit=10),
-            str(tmp_path))  # fmt: skip
+    job.run(
+        _config(data_dir, op_resolver="reference", rounding="reference", limit=10), str(tmp_path)
+    )
     res = _results(tmp_path)
     assert res["bit_exact_images"] == res["n"] == 10
 
@@ -84,9 +85,13 @@ def test_depthwise_padding_with_nonzero_input_zero_point_bit_exact(data_dir, tmp
     instead of ``Z_in`` (``lax.pad(x, -Z_in)`` on ``q - Z_in``). Of the other tests here only the
     int8 model's catches it (int8 ReLU6 outputs have zero point -128); the uint8 ones do not."""
     path = build_mobilenet_tflite(
-        str(tmp_path / "nozero.tflite"), width=0.25, image_size=32, num_blocks=2,
-        num_classes=11, activation="none",
-    )  # fmt: skip
+        str(tmp_path / "nozero.tflite"),
+        width=0.25,
+        image_size=32,
+        num_blocks=2,
+        num_classes=11,
+        activation="none",
+    )
     model = integer.from_tflite(path)
     depthwise = [layer for layer in model.layers if layer.kind == "depthwise"]
     assert sorted(layer.stride for layer in depthwise) == [1, 2]

@@ -25,8 +25,14 @@ SIZE = 32
 
 def _tiny_ptq(block: str, recipe: str | ptq.PTQRecipe, seed: int = 0):
     """A random-weight MobileNetV1 0.25/32 (BN unfolded) after PTQ on 8 random images."""
-    model = MobileNetV1(num_classes=10, width_multiplier=0.25, block=block, stem_stride=1,
-                        dropout_rate=0.0, depthwise_impl="lax")  # fmt: skip
+    model = MobileNetV1(
+        num_classes=10,
+        width_multiplier=0.25,
+        block=block,
+        stem_stride=1,
+        dropout_rate=0.0,
+        depthwise_impl="lax",
+    )
     rng = np.random.default_rng(seed)
     images = rng.uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
     # Variables from the shapes (compiling model.init costs more than the PTQ).
@@ -111,8 +117,9 @@ def test_int8_per_tensor_weights_get_tflites_multipliers(tmp_path):
     back = integer.from_tflite(path)
     for a, b in zip(jax.tree.leaves(int_model), jax.tree.leaves(back), strict=True):
         assert np.array_equal(a, b)
-    real = integer.kernels.conv_multiplier(stem.input_scale, stem.weight_scale, stem.output_scale,
-                                           per_channel=False)  # fmt: skip
+    real = integer.kernels.conv_multiplier(
+        stem.input_scale, stem.weight_scale, stem.output_scale, per_channel=False
+    )
     m0, shift = integer.kernels.quantize_multiplier(real)
     assert np.any(m0 != stem.multiplier)  # the float32 product differs in this layer ...
     legacy = _replace_layer(int_model, "Conv2d_0", multiplier=m0, shift=shift)
@@ -133,11 +140,14 @@ def test_reexport_of_the_official_file_is_identical_in_litert(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
     for image in images:
         a, b = src(image), mine(image)
-        for (name, f, t), (name2, f2, t2) in zip(int_model.tensor_map, exported.tensor_map,
-                                                 strict=True):  # fmt: skip
+        for (name, f, t), (name2, f2, t2) in zip(
+            int_model.tensor_map, exported.tensor_map, strict=True
+        ):
             assert name == name2 and np.array_equal(a[f, t].reshape(-1), b[f2, t2].reshape(-1))
-        outs = [r.interpreters[0].get_tensor(r.interpreters[0].get_output_details()[0]["index"])
-                for r in (src, mine)]  # fmt: skip
+        outs = [
+            r.interpreters[0].get_tensor(r.interpreters[0].get_output_details()[0]["index"])
+            for r in (src, mine)
+        ]
         assert np.array_equal(*outs)  # the softmax probabilities too
 
 
@@ -196,17 +206,27 @@ def test_signature_names_xnnpack_and_aligned_buffers(tiny, tmp_path, monkeypatch
     path = str(tmp_path / "m.tflite")
     integer.to_tflite(int_model, path, SIZE)
     it = make_interpreter(path, "builtin", preserve_all_tensors=False)
-    assert it.get_signature_list() == {"serving_default": {"inputs": ["input"],
-                                                           "outputs": ["logits"]}}  # fmt: skip
+    assert it.get_signature_list() == {
+        "serving_default": {"inputs": ["input"], "outputs": ["logits"]}
+    }
     codes = np.asarray(integer.quantize_input(int_model, images[:1]))
     out = it.get_signature_runner("serving_default")(input=codes)["logits"]
     it.set_tensor(it.get_input_details()[0]["index"], codes)
     it.invoke()
-    assert out.shape == (1, 10) and np.array_equal(out, it.get_tensor(
-        it.get_output_details()[0]["index"]))  # fmt: skip
+    assert out.shape == (1, 10) and np.array_equal(
+        out, it.get_tensor(it.get_output_details()[0]["index"])
+    )
     names = {d["name"] for d in it.get_tensor_details()}
-    assert {"input", "Conv2d_0", "Conv2d_0/weights", "Conv2d_0/biases", "Conv2d_13_pointwise",
-            "AvgPool_1a", "Logits", "Logits/SpatialSqueeze"} <= names  # fmt: skip
+    assert {
+        "input",
+        "Conv2d_0",
+        "Conv2d_0/weights",
+        "Conv2d_0/biases",
+        "Conv2d_13_pointwise",
+        "AvgPool_1a",
+        "Logits",
+        "Logits/SpatialSqueeze",
+    } <= names
 
     # XNNPACK takes the whole network, in as many partitions as for the official file (with a
     # depthwise weight's per-tensor quantization on axis 3 it declined all 13: 15 partitions).
@@ -225,8 +245,10 @@ def test_signature_names_xnnpack_and_aligned_buffers(tiny, tmp_path, monkeypatch
 
 
 def _replace_layer(int_model, name, **changes):
-    layers = tuple(dataclasses.replace(layer, **changes) if layer.name == name else layer
-                   for layer in int_model.layers)  # fmt: skip
+    layers = tuple(
+        dataclasses.replace(layer, **changes) if layer.name == name else layer
+        for layer in int_model.layers
+    )
     return dataclasses.replace(int_model, layers=layers)
 
 
@@ -267,10 +289,15 @@ def _bad_models(tiny):
 
 @pytest.mark.parametrize(
     "case",
-    ["uint8 per-channel weights", "int8 weights with a nonzero zero point",
-     "multiplier that the scales do not give", "multiplier that no scales give",
-     "clamp that no fused activation gives", "requantization between two ops"],
-)  # fmt: skip
+    [
+        "uint8 per-channel weights",
+        "int8 weights with a nonzero zero point",
+        "multiplier that the scales do not give",
+        "multiplier that no scales give",
+        "clamp that no fused activation gives",
+        "requantization between two ops",
+    ],
+)
 def test_unexpressible_model_is_a_clear_error_and_no_file(tiny, tmp_path, case):
     model, match = _bad_models(tiny)[case]
     path = tmp_path / "m.tflite"
@@ -315,8 +342,9 @@ def test_job_reexports_a_tflite_file(tiny, data_dir, tmp_path, capsys):
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert lines[-2].endswith(": 4/4") and lines[-1] == "bit-exact: 4/4"
     a, b = integer.from_tflite(source), integer.from_tflite(str(work / "model.tflite"))
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                    strict=True))  # fmt: skip
+    assert all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def test_job_rejects_a_bad_source_before_writing(data_dir, tmp_path):
@@ -338,8 +366,7 @@ def test_qat_trained_qf_model_exports_bit_exact(data_dir, tmp_path, capsys):
     run_dir = tmp_path / "qat"
     train.train_and_evaluate(c, str(run_dir))
     work = tmp_path / "export"
-    res = job.run(_config(data_dir, f"quantized:{run_dir / 'quantized_model'}", limit=8),
-                  str(work))  # fmt: skip
+    res = job.run(_config(data_dir, f"quantized:{run_dir / 'quantized_model'}", limit=8), str(work))
     # The run's own data: Imagenette validation images, 10 classes, 32 px.
     assert res["eval_data"] == "folder:imagenette/val" and res["image_size"] == SIZE
     assert res["label_space"] == "imagenette" and res["top1_integer"] is not None

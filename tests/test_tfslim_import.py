@@ -23,11 +23,39 @@ from tests.conftest import FLOAT_GRAPH, require
 
 # The paper's Figure 3: alpha of the 32 channels of the first depthwise layer.
 PAPER_FIG3_ALPHA = [
-    21.5191, 0.223199, 1.08687, 14.1944, 0.863097, 0.183423, 0.101928, 0.194357, 24.2374,
-    0.0637057, 0.113416, 1.48599, 0.299164, 0.6962, 0.932557, 3.70812, 14.8428, 0.0413136,
-    0.184471, 0.228431, 17.1846, 30.6505, 0.114515, 1.3315, 0.214905, 0.627026, 0.0899751,
-    0.199664, 0.0595126, 0.461869, 0.339099, 0.229413,
-]  # fmt: skip
+    21.5191,
+    0.223199,
+    1.08687,
+    14.1944,
+    0.863097,
+    0.183423,
+    0.101928,
+    0.194357,
+    24.2374,
+    0.0637057,
+    0.113416,
+    1.48599,
+    0.299164,
+    0.6962,
+    0.932557,
+    3.70812,
+    14.8428,
+    0.0413136,
+    0.184471,
+    0.228431,
+    17.1846,
+    30.6505,
+    0.114515,
+    1.3315,
+    0.214905,
+    0.627026,
+    0.0899751,
+    0.199664,
+    0.0595126,
+    0.461869,
+    0.339099,
+    0.229413,
+]
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +140,10 @@ SLIM_LEAF = {
     "BatchNorm/moving_variance": ("batch_stats", "bn_var"),
 }
 SLIM_VARIABLE = re.compile(
-    r"MobilenetV1/(Logits/Conv2d_1c_1x1|Conv2d_\d+(?:_depthwise|_pointwise)?)/(" +
-    "|".join(SLIM_LEAF) + ")"
-)  # fmt: skip
+    r"MobilenetV1/(Logits/Conv2d_1c_1x1|Conv2d_\d+(?:_depthwise|_pointwise)?)/("
+    + "|".join(SLIM_LEAF)
+    + ")"
+)
 
 
 def _our_place(name: str) -> tuple[str, tuple[str, ...]]:
@@ -160,8 +189,11 @@ def test_checkpoint_of_the_official_weights_imports_identically(official, tmp_pa
     graph_def = tf.compat.v1.GraphDef()
     with open(require(FLOAT_GRAPH), "rb") as f:
         graph_def.ParseFromString(f.read())
-    tensors = {n.name: tf.make_ndarray(n.attr["value"].tensor) for n in graph_def.node
-               if n.op == "Const" and SLIM_VARIABLE.fullmatch(n.name)}  # fmt: skip
+    tensors = {
+        n.name: tf.make_ndarray(n.attr["value"].tensor)
+        for n in graph_def.node
+        if n.op == "Const" and SLIM_VARIABLE.fullmatch(n.name)
+    }
     assert len(tensors) == 1 + 15 + 13 + 4 * 27  # biases, weights, depthwise weights, BN
     prefix = str(tmp_path / "model.ckpt-0")
     _write_tf1_checkpoint(tensors, prefix)
@@ -199,8 +231,11 @@ def test_checkpoint_prefers_moving_average_weights(tmp_path):
     assert imported.model_kwargs["block"] == "qf" and imported.model_kwargs["depthwise_bias"]
     assert imported.model_kwargs["width_multiplier"] == 0.25
     for collection in ("params", "batch_stats"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b) + 1.0, rtol=1e-6),
-                     imported.variables[collection], v[collection])  # fmt: skip
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, np.asarray(b) + 1.0, rtol=1e-6),
+            imported.variables[collection],
+            v[collection],
+        )
     raw = load_tfslim_checkpoint(prefix, activation="relu", use_ema=False)
     for collection in ("params", "batch_stats"):
         jax.tree.map(np.testing.assert_array_equal, raw.variables[collection], v[collection])

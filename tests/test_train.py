@@ -142,9 +142,13 @@ def float_runs(data_dir, tmp_path_factory):
     for n in (8, 1):
         workdir = tmp_path_factory.mktemp(f"float_{n}dev")
         config = smoke_config(
-            data_dir, total_steps=10, num_devices=n, learning_rate=EQUIVALENCE_LR,
-            checkpoint_every_steps=1, keep_checkpoints=10,
-        )  # fmt: skip
+            data_dir,
+            total_steps=10,
+            num_devices=n,
+            learning_rate=EQUIVALENCE_LR,
+            checkpoint_every_steps=1,
+            keep_checkpoints=10,
+        )
         train.train_and_evaluate(config, str(workdir))
         out[n] = workdir
     return out
@@ -208,8 +212,9 @@ def test_agreement_job_quantizes_a_trained_run(float_runs, data_dir, tmp_path):
     config = checkpointing.load_run_config(run)
     _, variables = checkpointing.load_trained(config, run)
     saved = checkpointing.load_variables(run)
-    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves({k: saved[k] for k in variables}),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(variables), jax.tree.leaves({k: saved[k] for k in variables}), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     job = agreement_config.get_config("smoke")
     job.source, job.recipe, job.data_dir = f"trained:{run}", "tf8_per_tensor", data_dir
@@ -248,9 +253,12 @@ def test_nan_guard_stops_without_saving_the_nan_state(data_dir, tmp_path, monkey
 
     monkeypatch.setattr(train_input, "train_batches", poisoned)
     config = smoke_config(
-        data_dir, total_steps=4, num_devices=1, checkpoint_every_steps=1,
+        data_dir,
+        total_steps=4,
+        num_devices=1,
+        checkpoint_every_steps=1,
         learning_rate=EQUIVALENCE_LR,  # the 1-device float run's executable (compile cache)
-    )  # fmt: skip
+    )
     with pytest.raises(FloatingPointError, match="NaN guard: .*step 2"):
         train.train_and_evaluate(config, str(tmp_path))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
@@ -312,8 +320,11 @@ def test_checkpoint_holds_the_whole_training_state(qat_runs):
     assert int(state.step) == 3
     assert meta["examples_seen"] == 3 * 16 and meta["seed"] == 0 and meta["global_batch"] == 16
     # Ranges were observed in each of the 3 steps; BN statistics and optimizer moved.
-    counts = [c for p, c in jax.tree_util.tree_leaves_with_path(state.quant_ranges)
-              if jax.tree_util.keystr(p).endswith("['count']")]  # fmt: skip
+    counts = [
+        c
+        for p, c in jax.tree_util.tree_leaves_with_path(state.quant_ranges)
+        if jax.tree_util.keystr(p).endswith("['count']")
+    ]
     assert counts and all(float(c) == 3.0 for c in counts)
     changed = jax.tree.map(
         lambda a, b: bool(np.any(a != b)), state.batch_stats, initial.batch_stats
@@ -328,8 +339,10 @@ def test_qat_steps_change_the_weights(qat_runs):
     h = qat_runs["halted"]
     final = checkpointing.load_variables(str(qat_runs["full"]))["params"]
     at3 = h["state"].params
-    moved = [float(np.max(np.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(final), jax.tree.leaves(at3), strict=True)]  # fmt: skip
+    moved = [
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(at3), strict=True)
+    ]
     assert min(moved) > 0.0
 
 
@@ -419,20 +432,28 @@ def test_quantized_export_is_replaced_whole_or_not_at_all(qat_runs, tmp_path, mo
 
 
 def test_qat_starts_from_a_float_checkpoint(float_runs, data_dir):
-    config = smoke_config(data_dir, **{"qat.enabled": True,
-                                       "init_from": f"checkpoint:{float_runs[1]}"})  # fmt: skip
+    config = smoke_config(
+        data_dir, **{"qat.enabled": True, "init_from": f"checkpoint:{float_runs[1]}"}
+    )
     model, variables = train.create_model_and_variables(config, 10)
     assert model.quant is not None and model.quant.observer == "ema"
     floats = checkpointing.load_variables(str(float_runs[1]))
-    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(floats["params"]),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(variables["params"]), jax.tree.leaves(floats["params"]), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     counts = jax.tree.leaves(
         {k: v["count"] for k, v in _range_nodes(variables["quant_ranges"]).items()}
     )
     assert counts and all(float(c) == 0.0 for c in counts)
-    bad = smoke_config(data_dir, **{"qat.enabled": True, "model.width_multiplier": 0.5,
-                                    "init_from": f"checkpoint:{float_runs[1]}"})  # fmt: skip
+    bad = smoke_config(
+        data_dir,
+        **{
+            "qat.enabled": True,
+            "model.width_multiplier": 0.5,
+            "init_from": f"checkpoint:{float_runs[1]}",
+        },
+    )
     with pytest.raises(ValueError, match="shape"):
         train.create_model_and_variables(bad, 10)
 
@@ -440,9 +461,10 @@ def test_qat_starts_from_a_float_checkpoint(float_runs, data_dir):
 def test_qat_starts_from_the_imported_tfslim_graph(data_dir):
     require(FLOAT_GRAPH)
     config = smoke_config(
-        data_dir, label_space="imagenet1001",
+        data_dir,
+        label_space="imagenet1001",
         **{"qat.enabled": True, "init_from": f"tfslim:{FLOAT_GRAPH}"},
-    )  # fmt: skip
+    )
     model, variables = train.create_model_and_variables(config, 1001)
     assert model.num_classes == 1001 and model.width_multiplier == 1.0
     assert model.quant is not None and model.axis_name == "batch"
@@ -493,8 +515,9 @@ def test_distributed_initialization_is_requested_by_config_or_environment():
     assert distributed.requested_by_environment({"SLURM_NTASKS": "4"})
     assert distributed.requested_by_environment({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
     assert distributed.requested_by_environment({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"})
-    off = ConfigDict({"mode": "off", "coordinator_address": "", "num_processes": -1,
-                      "process_id": -1})  # fmt: skip
+    off = ConfigDict(
+        {"mode": "off", "coordinator_address": "", "num_processes": -1, "process_id": -1}
+    )
     assert distributed.maybe_initialize(off) is False
     with pytest.raises(ValueError, match="distributed.mode"):
         distributed.maybe_initialize(ConfigDict({**off.to_dict(), "mode": "yes"}))
@@ -510,8 +533,11 @@ def test_restart_with_a_changed_learning_rate_is_refused(qat_runs, data_dir):
         (3, {"halt_after_steps": [3, None]})
     ]
     listing = {p: p.stat().st_mtime_ns for p in split.rglob("*")}
-    for field, value in (("learning_rate", 0.02), ("dropout_rate", 0.1),
-                         ("model.activation", "relu")):  # fmt: skip
+    for field, value in (
+        ("learning_rate", 0.02),
+        ("dropout_rate", 0.1),
+        ("model.activation", "relu"),
+    ):
         config = smoke_config(data_dir, **{**QAT, field: value})
         with pytest.raises(ConfigError, match=f"config.{field}: .* -> {value!r}"):
             train.train_and_evaluate(config, str(split))
@@ -538,9 +564,14 @@ def test_failing_final_evaluation_keeps_the_final_checkpoint(data_dir, tmp_path)
     broken = _eval_folder(tmp_path / "val", data_dir)
     workdir = tmp_path / "run"
     config = smoke_config(
-        data_dir, total_steps=3, checkpoint_every_steps=2, eval_every_steps=0, num_devices=1,
-        learning_rate=EQUIVALENCE_LR, eval_data=f"folder:{tmp_path / 'val'}",
-    )  # fmt: skip
+        data_dir,
+        total_steps=3,
+        checkpoint_every_steps=2,
+        eval_every_steps=0,
+        num_devices=1,
+        learning_rate=EQUIVALENCE_LR,
+        eval_data=f"folder:{tmp_path / 'val'}",
+    )
     with pytest.raises(CorruptImageError, match="broken.JPEG"):
         train.train_and_evaluate(config, str(workdir))
     ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
@@ -565,9 +596,13 @@ def test_failing_evaluation_between_checkpoints_saves_the_state(data_dir, tmp_pa
 
     monkeypatch.setattr(train, "evaluate", broken_evaluation)
     config = smoke_config(
-        data_dir, total_steps=3, checkpoint_every_steps=2, eval_every_steps=1, num_devices=1,
+        data_dir,
+        total_steps=3,
+        checkpoint_every_steps=2,
+        eval_every_steps=1,
+        num_devices=1,
         learning_rate=EQUIVALENCE_LR,
-    )  # fmt: skip
+    )
     with pytest.raises(TypeError, match="not subscriptable"):
         train.train_and_evaluate(config, str(tmp_path))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
@@ -589,11 +624,19 @@ def test_kill_during_an_async_save_then_resume_is_bit_exact(qat_runs, data_dir, 
     written, then resumed: every logged metric, the final results and every array of the final
     checkpoint equal the uninterrupted run's bit for bit."""
     fi = _fault_injection()
-    fields = {**QAT, "data_dir": data_dir, "eval_every_steps": -1, "checkpoint_every_steps": 1,
-              "async_checkpoints": True}  # fmt: skip
+    fields = {
+        **QAT,
+        "data_dir": data_dir,
+        "eval_every_steps": -1,
+        "checkpoint_every_steps": 1,
+        "async_checkpoints": True,
+    }
     workdir = tmp_path / "killed"
-    cmd = fi.train_command(os.path.join(REPO, "configs", "smoke.py"), str(workdir),
-                           [f"--config.{k}={v}" for k, v in fields.items()])  # fmt: skip
+    cmd = fi.train_command(
+        os.path.join(REPO, "configs", "smoke.py"),
+        str(workdir),
+        [f"--config.{k}={v}" for k, v in fields.items()],
+    )
     env = fi.child_env(jax.config.jax_compilation_cache_dir)  # conftest's 8 devices inherited
     record = fi.run_and_kill(cmd, str(workdir), env, at_step=4, delay_s=0.005)
     assert record["killed"] and record["last_logged_step"] < 6, record

@@ -77,10 +77,15 @@ def test_each_epoch_visits_every_image_once(tmp_path, data_dir):
     assert n == 12
     stream = train_input.TrainStream(seed=0, global_batch=4, image_size=32)
     raw = train_input._raw_stream(source, stream, 0).take(2 * n)
-    names = [ex["filename"].decode() for ex in raw.map(lambda e: {"filename": e["filename"]})
-             .as_numpy_iterator()]  # fmt: skip
-    files = {os.path.join(str(tmp_path), "train", w, f) for w in WNIDS
-             for f in os.listdir(tmp_path / "train" / w)}  # fmt: skip
+    names = [
+        ex["filename"].decode()
+        for ex in raw.map(lambda e: {"filename": e["filename"]}).as_numpy_iterator()
+    ]
+    files = {
+        os.path.join(str(tmp_path), "train", w, f)
+        for w in WNIDS
+        for f in os.listdir(tmp_path / "train" / w)
+    }
     assert set(names[:n]) == set(names[n:]) == files
     assert names[:n] != names[n:], "each epoch has its own order"
 

@@ -129,9 +129,14 @@ def test_straight_through_gradient_reaches_the_kernel(setup):
 
     def loss(params, quant_active):
         y, _ = _apply(
-            layer, {**v, "params": params}, x, train=True, quant_mode="qat",
-            quant_active=quant_active, bn_frozen=True,
-        )  # fmt: skip
+            layer,
+            {**v, "params": params},
+            x,
+            train=True,
+            quant_mode="qat",
+            quant_active=quant_active,
+            bn_frozen=True,
+        )
         return jnp.mean(jnp.square(y - target))
 
     g_q = jax.grad(loss)(v["params"], True)["kernel"]
@@ -174,9 +179,13 @@ def test_qat_pointwise_before_delay_equals_float_bn_with_gradients(use_bias):
     # A pointwise layer (statistics from linear_moments, bias algebra included) in the
     # correction phase without rounding: the float BN layer's outputs, statistics and gradients.
     layer = ConvLayer(
-        features=6, kernel_size=1, quant=QC, bn_momentum=0.9, use_bias=use_bias,
+        features=6,
+        kernel_size=1,
+        quant=QC,
+        bn_momentum=0.9,
+        use_bias=use_bias,
         depthwise_impl="lax",
-    )  # fmt: skip
+    )
     rng = np.random.RandomState(2)
     x = jnp.asarray(rng.normal(0.5, 1.5, size=(4, 5, 5, 7)).astype(np.float32))
     cot = jnp.asarray(rng.normal(size=(4, 5, 5, 6)).astype(np.float32))

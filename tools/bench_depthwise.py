@@ -36,10 +36,20 @@ from tools import benchlib
 
 # (input H = W, channels, stride) of MobileNetV1 1.0/224's depthwise layers, in order.
 LAYERS_1_0_224 = (
-    (112, 32, 1), (112, 64, 2), (56, 128, 1), (56, 128, 2), (28, 256, 1), (28, 256, 2),
-    (14, 512, 1), (14, 512, 1), (14, 512, 1), (14, 512, 1), (14, 512, 1), (14, 512, 2),
+    (112, 32, 1),
+    (112, 64, 2),
+    (56, 128, 1),
+    (56, 128, 2),
+    (28, 256, 1),
+    (28, 256, 2),
+    (14, 512, 1),
+    (14, 512, 1),
+    (14, 512, 1),
+    (14, 512, 1),
+    (14, 512, 1),
+    (14, 512, 2),
     (7, 1024, 1),
-)  # fmt: skip
+)
 BATCH = 32
 
 
@@ -152,14 +162,17 @@ def step_table(impls: list[str], rows: list[str], modes: list[str], reps: int) -
                 run()  # compile and warm up
             times = _interleaved(runners, reps)
             first = impls[0]
-            out.append({
-                "row": row, "mode": mode,
-                "ms_best": {i: min(t) * 1e3 for i, t in times.items()},
-                "speedup_vs_first_median": {
-                    i: statistics.median(a / b for a, b in zip(times[first], t, strict=True))
-                    for i, t in times.items()
-                },
-            })  # fmt: skip
+            out.append(
+                {
+                    "row": row,
+                    "mode": mode,
+                    "ms_best": {i: min(t) * 1e3 for i, t in times.items()},
+                    "speedup_vs_first_median": {
+                        i: statistics.median(a / b for a, b in zip(times[first], t, strict=True))
+                        for i, t in times.items()
+                    },
+                }
+            )
             del runners
     return out
 
@@ -197,12 +210,17 @@ def main(argv=None) -> None:
         io_utils.write_json(
             os.path.abspath(args.out),
             {
-                "jax": jax.__version__, "cpus": sorted(cpus), "reps": args.reps,
-                "impls": impls, "layers": layers, "layer_totals_ms": totals, "stem": stem,
+                "jax": jax.__version__,
+                "cpus": sorted(cpus),
+                "reps": args.reps,
+                "impls": impls,
+                "layers": layers,
+                "layer_totals_ms": totals,
+                "stem": stem,
                 "steps": steps,
                 "run": io_utils.run_info(),
             },
-        )  # fmt: skip
+        )
     sys.stdout.flush()
 
 

@@ -77,14 +77,18 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--proxy_dir", default="", help="where the ImageNet-size proxy is (made)")
     p.add_argument(
-        "--chip_rates", default=",".join(str(r) for r in DEFAULT_CHIP_RATES),
+        "--chip_rates",
+        default=",".join(str(r) for r in DEFAULT_CHIP_RATES),
         help="comma list of assumed training images/s per accelerator chip",
-    )  # fmt: skip
+    )
     p.add_argument("--out", default="", help="also write the results as JSON here (atomically)")
     p.add_argument(
-        "--decode_check", type=int, default=0, metavar="N",
+        "--decode_check",
+        type=int,
+        default=0,
+        metavar="N",
         help="instead of timing: compare crop-window and whole-image decoding on N files a set",
-    )  # fmt: skip
+    )
     args = p.parse_args(argv)
     if args.threads < 1 or args.reps < 1 or args.batches < 1:
         p.error("--threads, --reps and --batches must be positive")
@@ -116,8 +120,9 @@ def cpu_seconds() -> float:
 # The ImageNet-size proxy.
 
 
-def make_proxy(src_dir: str, out_dir: str, long_side: int = PROXY_LONG_SIDE,
-               quality: int = PROXY_QUALITY) -> str:  # fmt: skip
+def make_proxy(
+    src_dir: str, out_dir: str, long_side: int = PROXY_LONG_SIDE, quality: int = PROXY_QUALITY
+) -> str:
     """Upscaled copies of the class-folder JPEGs in ``src_dir`` under ``out_dir/train``.
 
     Each image is resized (bicubic) so that its longer side is ``long_side`` and saved as JPEG
@@ -144,8 +149,11 @@ def make_proxy(src_dir: str, out_dir: str, long_side: int = PROXY_LONG_SIDE,
                 scale = long_side / max(im.size)
                 size = (round(im.size[0] * scale), round(im.size[1] * scale))
                 big = im.resize(size, Image.BICUBIC)
-                big.save(os.path.join(split, wnid, os.path.splitext(name)[0] + ".JPEG"),
-                         quality=quality, subsampling=2)  # fmt: skip
+                big.save(
+                    os.path.join(split, wnid, os.path.splitext(name)[0] + ".JPEG"),
+                    quality=quality,
+                    subsampling=2,
+                )
             count += 1
     if count == 0:
         raise ValueError(f"no images under {src_dir!r}")
@@ -167,8 +175,11 @@ def image_stats(split_dir: str) -> dict:
                 pixels.append(im.size[0] * im.size[1])
     if not sizes:
         raise ValueError(f"no images under {split_dir!r}")
-    return {"images": len(sizes), "mean_pixels": statistics.mean(pixels),
-            "mean_kb": statistics.mean(sizes) / 1024}  # fmt: skip
+    return {
+        "images": len(sizes),
+        "mean_pixels": statistics.mean(pixels),
+        "mean_kb": statistics.mean(sizes) / 1024,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +222,9 @@ def augment_measurements(files: list[str], image_size: int, threads: int) -> dic
         return tf.stack([tf.constant(0, tf.int64), i])
 
     def whole(i, b):
-        return preprocess.train_preprocess(pipeline.decode_image(b), image_size, seed(i), area,
-                                           aspect)  # fmt: skip
+        return preprocess.train_preprocess(
+            pipeline.decode_image(b), image_size, seed(i), area, aspect
+        )
 
     def fused(i, b):
         return preprocess.train_preprocess_encoded(b, image_size, seed(i), area, aspect)
@@ -231,8 +243,9 @@ def augment_measurements(files: list[str], image_size: int, threads: int) -> dic
     return {"decode+augment whole": maker(whole), "decode+augment fused": maker(fused)}
 
 
-def pipeline_measurements(data_dir: str, train_spec: str, eval_spec: str, label_space: str,
-                          image_size: int, rep_offset) -> dict:  # fmt: skip
+def pipeline_measurements(
+    data_dir: str, train_spec: str, eval_spec: str, label_space: str, image_size: int, rep_offset
+) -> dict:
     """``train pipeline``, ``eval pipeline`` and ``host copy`` for one image set."""
     import ml_collections
     import numpy as np
@@ -248,9 +261,15 @@ def pipeline_measurements(data_dir: str, train_spec: str, eval_spec: str, label_
         return train_input.train_batches(source, stream, start_step=10 * rep_offset())
 
     config = base.data_config()
-    config = ml_collections.ConfigDict({**config.to_dict(), "data_dir": data_dir,
-                                        "label_space": label_space, "image_size": image_size,
-                                        "eval_batch_size": EVAL_BATCH})  # fmt: skip
+    config = ml_collections.ConfigDict(
+        {
+            **config.to_dict(),
+            "data_dir": data_dir,
+            "label_space": label_space,
+            "image_size": image_size,
+            "eval_batch_size": EVAL_BATCH,
+        }
+    )
     evaluation = data_input.eval_input(config, eval_spec)
 
     def eval_iter():  # fresh passes one after another (never cached batches)
@@ -313,10 +332,14 @@ def decode_differences(
                 row["fraction_of_values"].append(float(np.mean(dv > 0)))
     for row in finished.values():
         row["mean_fraction_of_values"] = float(np.mean(row.pop("fraction_of_values")))
-    return {"crops": n, "crops_differing": differing, "max_difference_of_255": max_diff,
-            "max_difference_inside_2px_margin": interior_max,
-            "mean_fraction_of_pixels_differing": float(np.mean(fractions)),
-            "finished_images": {str(k): v for k, v in finished.items()}}  # fmt: skip
+    return {
+        "crops": n,
+        "crops_differing": differing,
+        "max_difference_of_255": max_diff,
+        "max_difference_inside_2px_margin": interior_max,
+        "mean_fraction_of_pixels_differing": float(np.mean(fractions)),
+        "finished_images": {str(k): v for k, v in finished.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,9 +370,15 @@ def cores_table(per_core: float, chip_rates: list[float]) -> list[dict]:
     rows = []
     for host, spec in HOSTS.items():
         for rate in chip_rates:
-            rows.append({"host": host, "chips": spec["chips"], "vcpus": spec["vcpus"],
-                         "images_per_sec_per_chip": rate,
-                         "cores_needed": cores_needed(rate, spec["chips"], per_core)})  # fmt: skip
+            rows.append(
+                {
+                    "host": host,
+                    "chips": spec["chips"],
+                    "vcpus": spec["vcpus"],
+                    "images_per_sec_per_chip": rate,
+                    "cores_needed": cores_needed(rate, spec["chips"], per_core),
+                }
+            )
     return rows
 
 
@@ -362,12 +391,18 @@ def markdown(result: dict) -> str:
     for set_name, rows in result["image_sets"].items():
         for name, r in rows["rates"].items():
             fmt = ".2f" if "/" in name else ".0f"  # the ratio row
-            lines.append(f"| {set_name} | {name} | {r['images_per_sec']:{fmt}} | "
-                         f"{r['images_per_cpu_sec']:{fmt}} |")  # fmt: skip
-    lines += ["", f"Cores needed (train pipeline, {result['cores_basis']}: "
-              f"{result['per_core']:.0f} images per CPU-second):", "",
-              "| host | chips | assumed images/s per chip | host images/s | cores needed | "
-              "host vCPUs |", "|---|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {set_name} | {name} | {r['images_per_sec']:{fmt}} | "
+                f"{r['images_per_cpu_sec']:{fmt}} |"
+            )
+    lines += [
+        "",
+        f"Cores needed (train pipeline, {result['cores_basis']}: "
+        f"{result['per_core']:.0f} images per CPU-second):",
+        "",
+        "| host | chips | assumed images/s per chip | host images/s | cores needed | host vCPUs |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in result["cores_needed"]:
         vcpus = row["vcpus"] if row["vcpus"] is not None else "?"
         lines.append(
@@ -394,12 +429,22 @@ def main(argv=None) -> dict:
 
     from qfsep_jax.io_utils import run_info, write_json
 
-    image_sets = {"imagenette": ("folder:imagenette/train", "folder:imagenette/val",
-                                 "imagenette", args.data_dir)}  # fmt: skip
+    image_sets = {
+        "imagenette": (
+            "folder:imagenette/train",
+            "folder:imagenette/val",
+            "imagenette",
+            args.data_dir,
+        )
+    }
     if args.proxy_dir:
         split = make_proxy(os.path.join(args.data_dir, "imagenet_calib1000"), args.proxy_dir)
-        image_sets["imagenet-size proxy"] = ("folder:train", "folder:train", "folder",
-                                             os.path.dirname(split))  # fmt: skip
+        image_sets["imagenet-size proxy"] = (
+            "folder:train",
+            "folder:train",
+            "folder",
+            os.path.dirname(split),
+        )
     if args.decode_check:
         checks = {}
         for name, (train_spec, _, _, root) in image_sets.items():
@@ -418,13 +463,12 @@ def main(argv=None) -> dict:
     for name, (train_spec, eval_spec, labels, root) in image_sets.items():
         split_dir = os.path.join(root, train_spec.split(":", 1)[1])
         stats[name] = image_stats(split_dir)
-        files = sorted(
-            os.path.join(dp, f) for dp, _, fs in os.walk(split_dir) for f in fs
-        )[:512]  # fmt: skip
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(split_dir) for f in fs)[:512]
         for key, make in augment_measurements(files, args.image_size, args.threads).items():
             measurements[(name, key)] = (make, TRAIN_BATCH)
-        more = pipeline_measurements(root, train_spec, eval_spec, labels, args.image_size,
-                                     lambda: rep["i"])  # fmt: skip
+        more = pipeline_measurements(
+            root, train_spec, eval_spec, labels, args.image_size, lambda: rep["i"]
+        )
         for key, value in more.items():
             measurements[(name, key)] = value
     samples: dict = {k: [] for k in measurements}
@@ -433,8 +477,11 @@ def main(argv=None) -> dict:
         for key, (make, per_item) in measurements.items():
             r = _timed(make, per_item, args.batches)
             samples[key].append(r)
-            print(f"rep {i} {key[0]:>20} {key[1]:<22} {r['images_per_sec']:7.0f} img/s "
-                  f"{r['images_per_cpu_sec']:7.0f} img/CPU-s", flush=True)  # fmt: skip
+            print(
+                f"rep {i} {key[0]:>20} {key[1]:<22} {r['images_per_sec']:7.0f} img/s "
+                f"{r['images_per_cpu_sec']:7.0f} img/CPU-s",
+                flush=True,
+            )
     result: dict = {"image_sets": {}}
     for name in image_sets:
         rates = summarize({k[1]: v for k, v in samples.items() if k[0] == name})
@@ -447,18 +494,27 @@ def main(argv=None) -> dict:
         result["image_sets"][name] = {"stats": stats[name], "rates": rates}
     basis = "imagenet-size proxy" if args.proxy_dir else "imagenette"
     per_core = result["image_sets"][basis]["rates"]["train pipeline"]["images_per_cpu_sec"]
-    result.update({
-        "cores_basis": basis,
-        "per_core": per_core,
-        "cores_needed": cores_table(per_core, args.chip_rates),
-        "settings": {"threads": args.threads, "cpus": cpus, "reps": args.reps,
-                     "batches": args.batches, "image_size": args.image_size,
-                     "train_batch": TRAIN_BATCH, "eval_batch": EVAL_BATCH,
-                     "tensorflow": tf.__version__, "load_average_at_end": os.getloadavg()},
-        "command": "python tools/bench_input.py " + " ".join(sys.argv[1:] if argv is None
-                                                             else argv),
-        "run": run_info(),
-    })  # fmt: skip
+    result.update(
+        {
+            "cores_basis": basis,
+            "per_core": per_core,
+            "cores_needed": cores_table(per_core, args.chip_rates),
+            "settings": {
+                "threads": args.threads,
+                "cpus": cpus,
+                "reps": args.reps,
+                "batches": args.batches,
+                "image_size": args.image_size,
+                "train_batch": TRAIN_BATCH,
+                "eval_batch": EVAL_BATCH,
+                "tensorflow": tf.__version__,
+                "load_average_at_end": os.getloadavg(),
+            },
+            "command": "python tools/bench_input.py "
+            + " ".join(sys.argv[1:] if argv is None else argv),
+            "run": run_info(),
+        }
+    )
     table = markdown(result)
     print(table)
     if args.out:

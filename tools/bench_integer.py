@@ -65,18 +65,21 @@ def main() -> None:
     size_probe = Interpreter(model_path=args.model)
     shape = tuple(int(d) for d in size_probe.get_input_details()[0]["shape"][1:])
     print(f"model {args.model}: input {shape}, {len(int_model.layers)} layers")
-    print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} ({jax.default_backend()}), "
-          f"threads: {'XLA default (all cores)' if args.threads == 0 else 1}, "
-          f"LiteRT num_threads={threads}")  # fmt: skip
+    print(
+        f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} ({jax.default_backend()}), "
+        f"threads: {'XLA default (all cores)' if args.threads == 0 else 1}, "
+        f"LiteRT num_threads={threads}"
+    )
 
     float_apply = jax.jit(lambda v, x: float_model.apply(v, x))
     interpreters = {
         "litert_builtin": Interpreter(
-            model_path=args.model, num_threads=threads,
+            model_path=args.model,
+            num_threads=threads,
             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
         ),
         "litert_xnnpack": Interpreter(model_path=args.model, num_threads=threads),
-    }  # fmt: skip
+    }
     for it in interpreters.values():
         it.allocate_tensors()
 
@@ -109,9 +112,11 @@ def main() -> None:
         ips = {k: bs / v for k, v in times.items()}
         rows.append((bs, ips))
         print(f"batch {bs:4d}: " + "  ".join(f"{k} {v:9.1f} img/s" for k, v in ips.items()))
-        print(f"            int/float {ips['int_pass'] / ips['float_pass']:.2f}x   "
-              f"int/litert_builtin {ips['int_pass'] / ips['litert_builtin']:.2f}x   "
-              f"int/litert_xnnpack {ips['int_pass'] / ips['litert_xnnpack']:.2f}x")  # fmt: skip
+        print(
+            f"            int/float {ips['int_pass'] / ips['float_pass']:.2f}x   "
+            f"int/litert_builtin {ips['int_pass'] / ips['litert_builtin']:.2f}x   "
+            f"int/litert_xnnpack {ips['int_pass'] / ips['litert_xnnpack']:.2f}x"
+        )
     if args.out:
         io_utils.write_json(
             os.path.abspath(args.out),

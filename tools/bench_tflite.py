@@ -54,8 +54,9 @@ def build_exported(block: str, width: float, image_size: int, num_classes: int, 
     from qfsep_jax import integer, ptq
     from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 
-    model = MobileNetV1(num_classes=num_classes, width_multiplier=width, block=block,
-                        dropout_rate=0.0)  # fmt: skip
+    model = MobileNetV1(
+        num_classes=num_classes, width_multiplier=width, block=block, dropout_rate=0.0
+    )
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (8, image_size, image_size, 3)).astype(np.float32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1])
@@ -108,8 +109,9 @@ def main(argv=None) -> dict:
             models[block] = given
         else:
             name = f"{block}_{args.width}_{args.image_size}_{args.num_classes}.tflite"
-            models[block] = build_exported(block, args.width, args.image_size, args.num_classes,
-                                           os.path.join(folder, name))  # fmt: skip
+            models[block] = build_exported(
+                block, args.width, args.image_size, args.num_classes, os.path.join(folder, name)
+            )
     models["official"] = args.official
     configs = {}
     for model, path in models.items():
@@ -118,13 +120,17 @@ def main(argv=None) -> dict:
                 it = _interpreter(path, engine, t)
                 detail = it.get_input_details()[0]
                 image = np.random.default_rng(0).integers(
-                    np.iinfo(detail["dtype"]).min, np.iinfo(detail["dtype"]).max + 1,
-                    detail["shape"], dtype=detail["dtype"],
-                )  # fmt: skip
+                    np.iinfo(detail["dtype"]).min,
+                    np.iinfo(detail["dtype"]).max + 1,
+                    detail["shape"],
+                    dtype=detail["dtype"],
+                )
                 it.set_tensor(detail["index"], image)
                 configs[model, engine, t] = it
-    shapes = {m: [int(d) for d in _interpreter(p, "builtin", 1).get_input_details()[0]["shape"]]
-              for m, p in models.items()}  # fmt: skip
+    shapes = {
+        m: [int(d) for d in _interpreter(p, "builtin", 1).get_input_details()[0]["shape"]]
+        for m, p in models.items()
+    }
     print("models: " + ", ".join(f"{m} {shapes[m]} ({p})" for m, p in models.items()))
     print(f"machine: {os.cpu_count()} CPUs; LiteRT threads {threads}, batch 1")
     for it in configs.values():  # warm-up (XNNPACK packs its weights on the first run)
@@ -141,25 +147,40 @@ def main(argv=None) -> dict:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows = []
     for (model, engine, t), values in rates.items():
-        rows.append({"model": model, "engine": engine, "threads": t,
-                     "images_per_sec_best": max(values),
-                     "images_per_sec_median": statistics.median(values)})  # fmt: skip
+        rows.append(
+            {
+                "model": model,
+                "engine": engine,
+                "threads": t,
+                "images_per_sec_best": max(values),
+                "images_per_sec_median": statistics.median(values),
+            }
+        )
     best = {(r["model"], r["engine"], r["threads"]): r["images_per_sec_best"] for r in rows}
     ratios = []
     for engine in ("builtin", "xnnpack"):
         for t in threads:
             qf = best["qf", engine, t]
-            ratios.append({"engine": engine, "threads": t,
-                           "qf_over_original": qf / best["original", engine, t],
-                           "qf_over_official": qf / best["official", engine, t]})  # fmt: skip
+            ratios.append(
+                {
+                    "engine": engine,
+                    "threads": t,
+                    "qf_over_original": qf / best["original", engine, t],
+                    "qf_over_official": qf / best["official", engine, t],
+                }
+            )
     print(f"{'model':10s} {'engine':8s} {'threads':>7s} {'img/s best':>11s} {'median':>9s}")
     for r in rows:
-        print(f"{r['model']:10s} {r['engine']:8s} {r['threads']:7d} "
-              f"{r['images_per_sec_best']:11.1f} {r['images_per_sec_median']:9.1f}")  # fmt: skip
+        print(
+            f"{r['model']:10s} {r['engine']:8s} {r['threads']:7d} "
+            f"{r['images_per_sec_best']:11.1f} {r['images_per_sec_median']:9.1f}"
+        )
     print(f"load average (1/5/15 min) before {load_before}, after {os.getloadavg()}")
     for r in ratios:
-        print(f"{r['engine']:8s} {r['threads']} thread(s): QF/original "
-              f"{r['qf_over_original']:.3f}, QF/official {r['qf_over_official']:.3f}")  # fmt: skip
+        print(
+            f"{r['engine']:8s} {r['threads']} thread(s): QF/original "
+            f"{r['qf_over_original']:.3f}, QF/official {r['qf_over_official']:.3f}"
+        )
     out = {
         "models": models,
         "input_shapes": shapes,

@@ -67,19 +67,24 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=7, help="reps per framework")
     p.add_argument("--depthwise_impl", default="auto", help="auto | lax | shift | native")
     p.add_argument(
-        "--malloc_tune", action=argparse.BooleanOptionalAction, default=True,
+        "--malloc_tune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="keep freed memory in glibc's heap (both frameworks)",
-    )  # fmt: skip
+    )
     p.add_argument("--out", default="", help="also write the results as JSON here (atomically)")
     p.add_argument(
-        "--processes", type=int, default=1,
+        "--processes",
+        type=int,
+        default=1,
         help="run the benchmark in this many fresh processes and report medians over them",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--omp_passive", action="store_true",
+        "--omp_passive",
+        action="store_true",
         help="OMP_WAIT_POLICY=PASSIVE for torch: idle OpenMP threads sleep instead of spinning "
         "(off by default; on a busy machine torch's spinning threads collapse its throughput)",
-    )  # fmt: skip
+    )
     args = p.parse_args(argv)
     for name in args.rows.split(","):
         if name not in ROWS:
@@ -97,8 +102,10 @@ def _parse(argv=None) -> argparse.Namespace:
 
 def row_label(record: dict) -> str:
     """``w=… px=… stem=… batch=… mode`` of a row record."""
-    return (f"w={record['width']} px={record['image_size']} stem={record['stem_stride']} "
-            f"batch={record['batch']} {record['mode']}")  # fmt: skip
+    return (
+        f"w={record['width']} px={record['image_size']} stem={record['stem_stride']} "
+        f"batch={record['batch']} {record['mode']}"
+    )
 
 
 def _summary_line(jax_rate, torch_rate, ratio, paired, label: str, extra: str = "") -> str:
@@ -125,18 +132,21 @@ def combine_processes(rows_per_process: list[list[dict]]) -> list[dict]:
         }
         ratios = [
             r["best_images_per_sec"]["jax"] / r["best_images_per_sec"]["torch"]
-            for r in per if {"jax", "torch"} <= set(r["best_images_per_sec"])
-        ]  # fmt: skip
+            for r in per
+            if {"jax", "torch"} <= set(r["best_images_per_sec"])
+        ]
         paired = [r["paired_median_ratio"] for r in per if r["paired_median_ratio"] is not None]
         keys = ("row", "mode", "width", "image_size", "stem_stride", "batch")
-        records.append({
-            **{key: first[key] for key in keys},
-            "best_images_per_sec": best,
-            "ratio_per_process": ratios,
-            "ratio_median_over_processes": statistics.median(ratios) if ratios else None,
-            "paired_median_ratio": statistics.median(paired) if paired else None,
-            "paired_median_ratio_per_process": paired,
-        })  # fmt: skip
+        records.append(
+            {
+                **{key: first[key] for key in keys},
+                "best_images_per_sec": best,
+                "ratio_per_process": ratios,
+                "ratio_median_over_processes": statistics.median(ratios) if ratios else None,
+                "paired_median_ratio": statistics.median(paired) if paired else None,
+                "paired_median_ratio_per_process": paired,
+            }
+        )
     return records
 
 
@@ -167,18 +177,26 @@ def run_processes(args: argparse.Namespace, argv: list[str]) -> None:
     print(f"# summary over {args.processes} processes (medians; best rep within each)")
     for record in records:
         ratio = record["ratio_median_over_processes"]
-        print(_summary_line(
-            record["best_images_per_sec"].get("jax"), record["best_images_per_sec"].get("torch"),
-            float("nan") if ratio is None else ratio, record["paired_median_ratio"],
-            row_label(record),
-            f"; ratio per process {', '.join(f'{r:.2f}' for r in record['ratio_per_process'])}",
-        ))  # fmt: skip
+        print(
+            _summary_line(
+                record["best_images_per_sec"].get("jax"),
+                record["best_images_per_sec"].get("torch"),
+                float("nan") if ratio is None else ratio,
+                record["paired_median_ratio"],
+                row_label(record),
+                f"; ratio per process {', '.join(f'{r:.2f}' for r in record['ratio_per_process'])}",
+            )
+        )
     if args.out:
         from qfsep_jax import io_utils
 
         combined = {key: runs[0][key] for key in runs[0] if key not in ("rows", "run")}
-        combined.update(processes=args.processes, rows=records, run=io_utils.run_info(),
-                        per_process=[run["rows"] for run in runs])  # fmt: skip
+        combined.update(
+            processes=args.processes,
+            rows=records,
+            run=io_utils.run_info(),
+            per_process=[run["rows"] for run in runs],
+        )
         io_utils.write_json(os.path.abspath(args.out), combined)
     sys.stdout.flush()
 
@@ -214,9 +232,14 @@ def main(argv=None) -> None:
         width, size, stem, batch = ROWS[row]
         for mode in args.modes.split(","):
             label = row_label(
-                {"width": width, "image_size": size, "stem_stride": stem, "batch": batch,
-                 "mode": mode}
-            )  # fmt: skip
+                {
+                    "width": width,
+                    "image_size": size,
+                    "stem_stride": stem,
+                    "batch": batch,
+                    "mode": mode,
+                }
+            )
             runners = {}
             for fw in frameworks:
                 start = time.perf_counter()
@@ -256,15 +279,24 @@ def main(argv=None) -> None:
             # between reps, where best-of-reps keeps whichever framework met the quietest moment.
             paired = (
                 statistics.median(j / t for j, t in zip(rates["jax"], rates["torch"], strict=True))
-                if {"jax", "torch"} <= set(rates) else None
-            )  # fmt: skip
+                if {"jax", "torch"} <= set(rates)
+                else None
+            )
             results.append((label, best, paired))
-            records.append({
-                "row": row, "mode": mode, "width": width, "image_size": size, "stem_stride": stem,
-                "batch": batch, "best_images_per_sec": best, "paired_median_ratio": paired,
-                "median_images_per_sec": {fw: statistics.median(r) for fw, r in rates.items()},
-                "cpu_ms_per_step_min": {fw: min(c) for fw, c in cpu_ms.items()},
-            })  # fmt: skip
+            records.append(
+                {
+                    "row": row,
+                    "mode": mode,
+                    "width": width,
+                    "image_size": size,
+                    "stem_stride": stem,
+                    "batch": batch,
+                    "best_images_per_sec": best,
+                    "paired_median_ratio": paired,
+                    "median_images_per_sec": {fw: statistics.median(r) for fw, r in rates.items()},
+                    "cpu_ms_per_step_min": {fw: min(c) for fw, c in cpu_ms.items()},
+                }
+            )
             del runners
     print("# summary (best rep, images/s)")
     for label, best, paired in results:

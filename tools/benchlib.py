@@ -51,9 +51,13 @@ def jax_step(row: str, mode: str, depthwise_impl: str):
     qat = mode == "qat"
     quant = QuantConfig(scheme="tf8", observer="ema", ema_decay=0.999) if qat else None
     model = MobileNetV1(
-        num_classes=NUM_CLASSES, width_multiplier=width, stem_stride=stem, quant=quant,
-        depthwise_impl=depthwise_impl, axis_name=train.AXIS,
-    )  # fmt: skip
+        num_classes=NUM_CLASSES,
+        width_multiplier=width,
+        stem_stride=stem,
+        quant=quant,
+        depthwise_impl=depthwise_impl,
+        axis_name=train.AXIS,
+    )
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)
     )
@@ -95,9 +99,20 @@ def jax_runner(row: str, mode: str, depthwise_impl: str):
 
 
 BLOCKS = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
-)  # fmt: skip
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+)
 
 
 def torch_mobilenet(width: float, stem_stride: int, qat: bool):
@@ -113,11 +128,13 @@ def torch_mobilenet(width: float, stem_stride: int, qat: bool):
 
     def conv_bn_relu6(cin, cout, k, stride, groups=1):
         i = len(layers)
-        layers.extend([
-            nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout, eps=1e-3),
-            nn.ReLU6(),
-        ])  # fmt: skip
+        layers.extend(
+            [
+                nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                nn.BatchNorm2d(cout, eps=1e-3),
+                nn.ReLU6(),
+            ]
+        )
         fuse.append([str(i), str(i + 1)])
 
     c = depth(32)
@@ -138,14 +155,20 @@ def torch_mobilenet(width: float, stem_stride: int, qat: bool):
 
     model.qconfig = tq.QConfig(
         activation=tq.FakeQuantize.with_args(
-            observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-            dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+            observer=tq.MovingAverageMinMaxObserver,
+            quant_min=0,
+            quant_max=255,
+            dtype=torch.quint8,
+            qscheme=torch.per_tensor_affine,
         ),
         weight=tq.FakeQuantize.with_args(
-            observer=tq.MinMaxObserver, quant_min=-128, quant_max=127,
-            dtype=torch.qint8, qscheme=torch.per_tensor_affine,
+            observer=tq.MinMaxObserver,
+            quant_min=-128,
+            quant_max=127,
+            dtype=torch.qint8,
+            qscheme=torch.per_tensor_affine,
         ),
-    )  # fmt: skip
+    )
     tq.prepare_qat(model, inplace=True)
     # One activation fake-quant per layer, after ReLU6 (as the JAX model): drop ConvBn2d's own.
     for module in model:

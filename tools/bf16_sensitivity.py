@@ -29,8 +29,10 @@ def rel(a, b) -> float:
     import jax
 
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-              for x, y in zip(la, lb, strict=True))  # fmt: skip
+    num = sum(
+        float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+        for x, y in zip(la, lb, strict=True)
+    )
     den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in lb)
     return float(np.sqrt(num / den))
 
@@ -51,25 +53,25 @@ def layer_rows() -> list[tuple[str, dict]]:
             dict(features=16, kernel_size=3, depthwise=True, use_bn=False, use_bias=True),
             16,
             {},
-        ),  # fmt: skip
+        ),
         (
             "pointwise + BN, QAT correction",
             dict(features=24, kernel_size=1),
             16,
             dict(quant_mode="qat", quant_active=False),
-        ),  # fmt: skip
+        ),
         (
             "depthwise, QAT frozen BN",
             dict(features=16, kernel_size=3, depthwise=True),
             16,
             dict(quant_mode="qat", quant_active=False, bn_frozen=True),
-        ),  # fmt: skip
+        ),
         (
             "conv 3x3 s2 + BN + ReLU6",
             dict(features=16, kernel_size=3, stride=2, activation="relu6"),
             8,
             {},
-        ),  # fmt: skip
+        ),
     ]
     rows = []
     for name, attrs, cin, kw in cases:
@@ -78,15 +80,19 @@ def layer_rows() -> list[tuple[str, dict]]:
         x = np.random.RandomState(0).normal(size=(4, 12, 12, cin)).astype(np.float32)
         x = jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)
         v = layer.init(jax.random.key(0), x)
-        shape = jax.eval_shape(lambda v=v, layer=layer, kw=kw, x=x: layer.apply(
-            v, x, train=True, mutable=MUTABLE, **kw)[0]).shape  # fmt: skip
+        shape = jax.eval_shape(
+            lambda v=v, layer=layer, kw=kw, x=x: layer.apply(
+                v, x, train=True, mutable=MUTABLE, **kw
+            )[0]
+        ).shape
         r = jnp.asarray(np.random.RandomState(1).normal(size=shape).astype(np.float32))
         grads = {}
         for dtype in (jnp.float32, jnp.bfloat16):
 
             def loss(p, xx, dtype=dtype, layer=layer, v=v, kw=kw, r=r):
-                y, _ = layer.apply({**v, "params": p}, xx.astype(dtype), train=True,
-                                   mutable=MUTABLE, **kw)  # fmt: skip
+                y, _ = layer.apply(
+                    {**v, "params": p}, xx.astype(dtype), train=True, mutable=MUTABLE, **kw
+                )
                 return jnp.sum(y.astype(jnp.float32) * r)
 
             grads[dtype] = jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
@@ -107,8 +113,9 @@ def model_row(width: float, batch: int, size: int) -> dict:
     y = jnp.asarray(rs.randint(0, 10, batch))
 
     def grads(dtype, images):
-        m = MobileNetV1(num_classes=10, width_multiplier=width, stem_stride=1, dropout_rate=0.0,
-                        dtype=dtype)  # fmt: skip
+        m = MobileNetV1(
+            num_classes=10, width_multiplier=width, stem_stride=1, dropout_rate=0.0, dtype=dtype
+        )
         v = m.init(jax.random.key(0), x)
 
         def loss(p):
@@ -136,13 +143,17 @@ def main(argv=None) -> None:
     print("per layer: relative difference of the bfloat16 gradients from float32's")
     for name, row in layer_rows():
         print(f"  {name:32s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
-    print(f"whole MobileNetV1 ({args.size} px, random init, training mode): relative difference "
-          "of the gradient from float32's")  # fmt: skip
+    print(
+        f"whole MobileNetV1 ({args.size} px, random init, training mode): relative difference "
+        "of the gradient from float32's"
+    )
     for width in (float(w) for w in args.widths.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             row = model_row(width, batch, args.size)
-            print(f"  width {width} batch {batch}: " +
-                  "  ".join(f"{k} {v:.3f}" for k, v in row.items()))  # fmt: skip
+            print(
+                f"  width {width} batch {batch}: "
+                + "  ".join(f"{k} {v:.3f}" for k, v in row.items())
+            )
 
 
 if __name__ == "__main__":

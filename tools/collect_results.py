@@ -150,8 +150,9 @@ def format_table1(results: Mapping[str, Any], path: str) -> dict[str, str]:
         f"{r['name']} {r['top1']:.1f}" + (f" / {r['int_top1']:.1f}" if "int_top1" in r else "")
         for r in rows
     )
-    expected = _expected(path, results, f"top-1 % (fake-quant / integer-only) on "
-                         f"{rows[0]['n']} images: {scores}.")  # fmt: skip
+    expected = _expected(
+        path, results, f"top-1 % (fake-quant / integer-only) on {rows[0]['n']} images: {scores}."
+    )
     return {
         "table1": "\n".join([_provenance(path), markdown_table(header, body), "", note]),
         "table1_expected": expected,
@@ -170,10 +171,17 @@ def format_analyze(results: Mapping[str, Any], path: str) -> dict[str, str]:
             f"equal to 4 decimals: **{'yes' if cmp['matches_4_decimals'] else 'no'}**.\n"
         )
     body = [
-        [f"`{name}`", s["channels"], s["zero_variance_channels"], s["alpha_min"],
-         s["alpha_median"], s["alpha_max"], s["max_over_median"]]
+        [
+            f"`{name}`",
+            s["channels"],
+            s["zero_variance_channels"],
+            s["alpha_min"],
+            s["alpha_median"],
+            s["alpha_max"],
+            s["max_over_median"],
+        ]
         for name, s in alpha["summary"].items()
-    ]  # fmt: skip
+    ]
     lines.append(
         markdown_table(
             ["layer", "channels", "zero-variance", "α min", "α median", "α max", "max/median"],
@@ -232,37 +240,58 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
         paper = v.get("paper", {})
         zero_var = v.get("zero_variance_channels") or [None]
         zero_var = "–" if zero_var[0] is None else "/".join(str(z) for z in zero_var)
-        body.append([
-            f"`{name}`", v["label"], v["num_seeds"], zero_var, _mean_pm(v["float_top1"]),
-            _mean_pm(v["fake_quant_top1"]), _mean_pm(v.get("integer_top1")),
-            paper.get("float"), paper.get("8bit"),
-        ])  # fmt: skip
+        body.append(
+            [
+                f"`{name}`",
+                v["label"],
+                v["num_seeds"],
+                zero_var,
+                _mean_pm(v["float_top1"]),
+                _mean_pm(v["fake_quant_top1"]),
+                _mean_pm(v.get("integer_top1")),
+                paper.get("float"),
+                paper.get("8bit"),
+            ]
+        )
     header = [
-        "variant", "core layer", "seeds", "zero-variance DW-BN channels", "float top-1 %",
-        "8-bit fake-quant top-1 %", "8-bit integer top-1 %", "paper float (ImageNet)",
+        "variant",
+        "core layer",
+        "seeds",
+        "zero-variance DW-BN channels",
+        "float top-1 %",
+        "8-bit fake-quant top-1 %",
+        "8-bit integer top-1 %",
+        "paper float (ImageNet)",
         "paper 8-bit (ImageNet)",
-    ]  # fmt: skip
+    ]
     note = f"{summary['description']} Spread: ± population std over seeds." + _measured(summary)
     acc_md = "\n".join([_provenance(path), markdown_table(header, body), "", note])
     expected = {}
     for name, v in summary["variants"].items():
-        cells = [_mean_pm(v[k]) for k in ("float_top1", "fake_quant_top1", "integer_top1")
-                 if v.get(k)]  # fmt: skip
-        expected[name] = (f"{name} top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std "
-                          f"over {v['num_seeds']} seeds): " + " / ".join(cells))  # fmt: skip
+        cells = [
+            _mean_pm(v[k]) for k in ("float_top1", "fake_quant_top1", "integer_top1") if v.get(k)
+        ]
+        expected[name] = (
+            f"{name} top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std "
+            f"over {v['num_seeds']} seeds): " + " / ".join(cells)
+        )
     tables = {"figure5_expected": _expected(path, summary, "; ".join(expected.values()) + ".")}
-    tables.update({f"figure5_expected_{n}": _expected(path, summary, t + ".")
-                   for n, t in expected.items()})  # fmt: skip
+    tables.update(
+        {f"figure5_expected_{n}": _expected(path, summary, t + ".") for n, t in expected.items()}
+    )
 
     sqnr = summary["sqnr"]
     variants = list(sqnr)
     layers = list(next(iter(sqnr.values()))) if sqnr else []
     body = [[f"`{layer}`"] + [sqnr[v].get(layer) for v in variants] for layer in layers]
-    sqnr_md = "\n".join([
-        _provenance(path),
-        markdown_table(["layer"] + [f"`{v}`" for v in variants], body, digits=1),
-        "", "Fake-quant SQNR in dB (mean over seeds), definition as in the analysis table.",
-    ])  # fmt: skip
+    sqnr_md = "\n".join(
+        [
+            _provenance(path),
+            markdown_table(["layer"] + [f"`{v}`" for v in variants], body, digits=1),
+            "",
+            "Fake-quant SQNR in dB (mean over seeds), definition as in the analysis table.",
+        ]
+    )
     return {"figure5": acc_md, "figure5_sqnr": sqnr_md, **tables}
 
 
@@ -290,10 +319,14 @@ def format_bench_integer(results: Mapping[str, Any], path: str) -> dict[str, str
     body = []
     for bs, ips in results["images_per_sec"].items():
         body.append(
-            [bs] + [ips[e] for e in engines]
-            + [ips["int_pass"] / ips["float_pass"], ips["int_pass"] / ips["litert_builtin"],
-               ips["int_pass"] / ips["litert_xnnpack"]]
-        )  # fmt: skip
+            [bs]
+            + [ips[e] for e in engines]
+            + [
+                ips["int_pass"] / ips["float_pass"],
+                ips["int_pass"] / ips["litert_builtin"],
+                ips["int_pass"] / ips["litert_xnnpack"],
+            ]
+        )
     header = ["batch"] + [f"{e} img/s" for e in engines]
     header += ["int/float", "int/LiteRT builtin", "int/LiteRT XNNPACK"]
     note = (
@@ -301,8 +334,7 @@ def format_bench_integer(results: Mapping[str, Any], path: str) -> dict[str, str
         f"{results['threads']}, LiteRT num_threads={results['litert_num_threads']}. Best of "
         f"repeated runs." + _measured(results)
     )
-    return {"bench_integer": "\n".join([_provenance(path), markdown_table(header, body), "",
-                                        note])}  # fmt: skip
+    return {"bench_integer": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
 
 
 def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
@@ -314,8 +346,10 @@ def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
         jax_rate, torch_rate = best.get("jax"), best.get("torch")
         row = [
             f"{r['width']}, {r['image_size']} px (stem stride {r['stem_stride']}), {r['batch']}",
-            r["mode"], jax_rate, torch_rate,
-        ]  # fmt: skip
+            r["mode"],
+            jax_rate,
+            torch_rate,
+        ]
         if processes > 1:
             row += [
                 r["ratio_median_over_processes"],
@@ -323,8 +357,10 @@ def format_bench_train(results: Mapping[str, Any], path: str) -> dict[str, str]:
                 r.get("paired_median_ratio"),
             ]
         else:
-            row += [jax_rate / torch_rate if jax_rate and torch_rate else None,
-                    r.get("paired_median_ratio")]  # fmt: skip
+            row += [
+                jax_rate / torch_rate if jax_rate and torch_rate else None,
+                r.get("paired_median_ratio"),
+            ]
         body.append(row)
     header = ["width, input, batch", "mode", "JAX img/s", "PyTorch img/s", "ratio JAX/PyTorch"]
     header += ["ratio per process"] if processes > 1 else []
@@ -361,22 +397,27 @@ def format_bench_depthwise(results: Mapping[str, Any], path: str) -> dict[str, s
     named.append(("sum", results["layer_totals_ms"]))
     if "stem" in results:  # the RGB stem conv (regular conv; backward = kernel gradient)
         st = results["stem"]
-        named.append((
-            f"stem conv {st['input']} -> {st['out_channels']} channels, {st['stride']} "
-            "(bwd: kernel gradient only)", st["ms"],
-        ))  # fmt: skip
+        named.append(
+            (
+                f"stem conv {st['input']} -> {st['out_channels']} channels, {st['stride']} "
+                "(bwd: kernel gradient only)",
+                st["ms"],
+            )
+        )
     for name, ms in named:
         body.append(
-            [name] + [ms[f"{i} {k}"] for k in kinds for i in impls]
+            [name]
+            + [ms[f"{i} {k}"] for k in kinds for i in impls]
             + [ms[f"{ref} {k}"] / ms[f"{i} {k}"] for k in kinds for i in others]
-        )  # fmt: skip
+        )
     step_header = ["row", "mode"] + [f"{i} ms/step" for i in impls]
     step_header += [f"speedup of {i} over {ref}" for i in others]
     step_body = [
-        [s["row"], s["mode"]] + [s["ms_best"][i] for i in impls]
+        [s["row"], s["mode"]]
+        + [s["ms_best"][i] for i in impls]
         + [s["speedup_vs_first_median"][i] for i in others]
         for s in results["steps"]
-    ]  # fmt: skip
+    ]
     note = (
         f"jax {results['jax']}, CPUs {results['cpus']}; layers: MobileNetV1 1.0/224 at batch 32, "
         f"best of {results['reps']} interleaved reps; steps: `tools/bench_train.py`'s rows "
@@ -419,12 +460,21 @@ def format_agreement(summary: Mapping[str, Any], path: str) -> dict[str, str]:
     if not rows:
         raise ValueError(f"{path}: no agreement reports summarized")
     header = [
-        "model", "quantized by", "classes", "layer codes differing, same input (worst layer)",
-        "fine logit error rms (LSB)", "images with top-2 gap < 1 LSB", "top-1 agreement, "
-        "8-bit codes", "tie-aware", "**fine logits**", "simulation vs itself reordered",
-        "simulation vs itself in float64", "integer vs float64 simulation: fine top-1",
-        "float64: logit error rms (LSB)", "float64: layer codes differing (worst layer)",
-    ]  # fmt: skip
+        "model",
+        "quantized by",
+        "classes",
+        "layer codes differing, same input (worst layer)",
+        "fine logit error rms (LSB)",
+        "images with top-2 gap < 1 LSB",
+        "top-1 agreement, 8-bit codes",
+        "tie-aware",
+        "**fine logits**",
+        "simulation vs itself reordered",
+        "simulation vs itself in float64",
+        "integer vs float64 simulation: fine top-1",
+        "float64: logit error rms (LSB)",
+        "float64: layer codes differing (worst layer)",
+    ]
     kinds = list(dict.fromkeys(r.get("simulation", "plain") for r in rows))
     lines = [_provenance(path)]
     for kind in kinds:
@@ -433,18 +483,24 @@ def format_agreement(summary: Mapping[str, Any], path: str) -> dict[str, str]:
             if r.get("simulation", "plain") != kind:
                 continue
             classes = 10 if r["label_space"] == "imagenette" else 1001
-            body.append([
-                f"`{r['model']}`", r["recipe"], classes,
-                _pct(r["max_layer_frac_differing"], 3),
-                f"{r['fine_logit_error_lsb_rms']:.2f}",
-                f"{r['top2_gap_below_1_lsb']} of {r['n']}", _pct(r["top1_agreement"]),
-                _pct(r["top1_agreement_tie_aware"]), f"**{_pct(r['top1_agreement_fine'])}**",
-                _pct(r["sim_reordered_agreement_fine"]),
-                _pct(r.get("sim_float64_agreement_fine")),
-                _pct(r["int_vs_float64_agreement_fine"]),
-                _fmt(r.get("int_vs_float64_logit_error_lsb_rms")),
-                _pct(r.get("max_layer_frac_differing_float64"), 3),
-            ])  # fmt: skip
+            body.append(
+                [
+                    f"`{r['model']}`",
+                    r["recipe"],
+                    classes,
+                    _pct(r["max_layer_frac_differing"], 3),
+                    f"{r['fine_logit_error_lsb_rms']:.2f}",
+                    f"{r['top2_gap_below_1_lsb']} of {r['n']}",
+                    _pct(r["top1_agreement"]),
+                    _pct(r["top1_agreement_tie_aware"]),
+                    f"**{_pct(r['top1_agreement_fine'])}**",
+                    _pct(r["sim_reordered_agreement_fine"]),
+                    _pct(r.get("sim_float64_agreement_fine")),
+                    _pct(r["int_vs_float64_agreement_fine"]),
+                    _fmt(r.get("int_vs_float64_logit_error_lsb_rms")),
+                    _pct(r.get("max_layer_frac_differing_float64"), 3),
+                ]
+            )
         lines += [f"Simulation: **{kind}**", "", markdown_table(header, body), ""]
     dates = sorted(r["run"]["date"] for r in rows if r.get("run"))
     runs = [r["run"] for r in rows if r.get("run")]
@@ -526,9 +582,12 @@ def default_documents() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--doc", action="append", default=None, dest="docs",
+        "--doc",
+        action="append",
+        default=None,
+        dest="docs",
         help="a document holding result markers; repeatable (default: README.md, docs/*.md)",
-    )  # fmt: skip
+    )
     parser.add_argument("--results", default="results", help="folder of the default result paths")
     parser.add_argument("--check", action="store_true", help="exit 1 if a document is stale")
     parser.add_argument("sources", nargs="*", metavar="SOURCE=PATH")

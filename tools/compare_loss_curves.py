@@ -45,8 +45,13 @@ def compare(curves: dict[str, dict[int, float]], reference: str, window: int) ->
         if name != reference:
             diff = np.abs(loss - ref)
             ma = np.abs(moving_average(loss, window) - moving_average(ref, window))
-            row.update({"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
-                        "max_abs_diff_moving_average": float(ma.max())})  # fmt: skip
+            row.update(
+                {
+                    "mean_abs_diff": float(diff.mean()),
+                    "max_abs_diff": float(diff.max()),
+                    "max_abs_diff_moving_average": float(ma.max()),
+                }
+            )
         out["runs"][name] = row
     return out
 
@@ -90,8 +95,13 @@ def main(argv=None) -> dict:
     for name, row in result["runs"].items():
         (line,) = ax.plot(steps, row["train_loss"], lw=0.6, alpha=0.35)
         ma_steps = steps[args.window - 1 :]
-        ax.plot(ma_steps, row["moving_average"], lw=1.8, color=line.get_color(),
-                label=f"{name} ({args.window}-step mean)")  # fmt: skip
+        ax.plot(
+            ma_steps,
+            row["moving_average"],
+            lw=1.8,
+            color=line.get_color(),
+            label=f"{name} ({args.window}-step mean)",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.set_title(args.title)
@@ -99,9 +109,11 @@ def main(argv=None) -> dict:
     save_figure(fig, os.path.join(args.out, "loss_curves.png"))
     for name, row in result["runs"].items():
         if "max_abs_diff" in row:
-            print(f"{name} vs {args.reference}: mean |diff| {row['mean_abs_diff']:.4f}, "
-                  f"max |diff| {row['max_abs_diff']:.4f}, max |diff| of {args.window}-step means "
-                  f"{row['max_abs_diff_moving_average']:.4f}")  # fmt: skip
+            print(
+                f"{name} vs {args.reference}: mean |diff| {row['mean_abs_diff']:.4f}, "
+                f"max |diff| {row['max_abs_diff']:.4f}, max |diff| of {args.window}-step means "
+                f"{row['max_abs_diff_moving_average']:.4f}"
+            )
     return result
 
 

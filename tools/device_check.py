@@ -93,8 +93,11 @@ class Report:
 
     def __init__(self, out: str, argv: list[str]):
         self.out = out
-        self.data = {"command": "tools/device_check.sh " + " ".join(argv), "sections": {},
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}  # fmt: skip
+        self.data = {
+            "command": "tools/device_check.sh " + " ".join(argv),
+            "sections": {},
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
         os.makedirs(out, exist_ok=True)
 
     def run(self, name: str, fn) -> None:
@@ -104,12 +107,16 @@ class Report:
             details = fn()
             status = details.pop("status", "ok") if isinstance(details, dict) else "ok"
         except Exception as err:  # a failing section is reported, the next one still runs
-            details = {"error": f"{type(err).__name__}: {err}",
-                       "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
+            details = {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
             status = "failed"
-        self.data["sections"][name] = {"status": status,
-                                       "seconds": round(time.perf_counter() - start, 1),
-                                       **details}  # fmt: skip
+        self.data["sections"][name] = {
+            "status": status,
+            "seconds": round(time.perf_counter() - start, 1),
+            **details,
+        }
         print(f"   {status} ({self.data['sections'][name]['seconds']} s)", flush=True)
         self.write()
 
@@ -130,26 +137,34 @@ class Report:
 
 def text_summary(data: dict) -> str:
     """A short human-readable form of the summary."""
-    lines = [f"device check: {data['command']}", f"started {data['started']}, "
-             f"last written {data.get('finished', '')}"]  # fmt: skip
+    lines = [
+        f"device check: {data['command']}",
+        f"started {data['started']}, last written {data.get('finished', '')}",
+    ]
     env = data["sections"].get("environment", {})
     if env:
-        lines.append(f"jax {env.get('jax')} backend {env.get('backend')}: "
-                     f"{env.get('device_count')} x {env.get('device_kind')}")  # fmt: skip
+        lines.append(
+            f"jax {env.get('jax')} backend {env.get('backend')}: "
+            f"{env.get('device_count')} x {env.get('device_kind')}"
+        )
     for name, s in data["sections"].items():
         lines.append(f"[{s['status']}] {name} ({s['seconds']} s)")
         if name == "tests" and "counts" in s:
             lines.append(f"    {s['counts']}")
         if name == "train" and "rows" in s:
             for row in s["rows"]:
-                lines.append(f"    {row['mode']}: float32 {row['float32_images_per_sec']:.0f} "
-                             f"img/s, bfloat16 {row['bfloat16_images_per_sec']:.0f} img/s, "
-                             f"bf16/f32 {row['ratio_bf16_over_f32']:.2f} "
-                             f"({row['setting']})")  # fmt: skip
+                lines.append(
+                    f"    {row['mode']}: float32 {row['float32_images_per_sec']:.0f} "
+                    f"img/s, bfloat16 {row['bfloat16_images_per_sec']:.0f} img/s, "
+                    f"bf16/f32 {row['ratio_bf16_over_f32']:.2f} "
+                    f"({row['setting']})"
+                )
         if name == "integer" and "bit_exact" in s:
-            lines.append(f"    bit-exact {s['bit_exact']} on {s['layers']} layers; "
-                         f"{s['device']}: {s['device_images_per_sec']:.0f} img/s, "
-                         f"cpu: {s['cpu_images_per_sec']:.0f} img/s")  # fmt: skip
+            lines.append(
+                f"    bit-exact {s['bit_exact']} on {s['layers']} layers; "
+                f"{s['device']}: {s['device_images_per_sec']:.0f} img/s, "
+                f"cpu: {s['cpu_images_per_sec']:.0f} img/s"
+            )
         if name == "pmap" and "note" in s:
             lines.append(f"    {s['note']}")
         if "error" in s:
@@ -218,14 +233,24 @@ def run_tests(targets: list[str], k: str | None, timeout: float, out: str) -> di
     junit = os.path.join(out, "tests_junit.xml")
     if os.path.exists(junit):
         os.remove(junit)
-    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", *targets]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-v",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *targets,
+    ]
     if k:
         cmd += ["-k", k]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_FORCE_GPU_ALLOW_GROWTH="true")
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)  # fmt: skip
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
         output, timed_out = proc.stdout + proc.stderr, False
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else err.stdout or ""
@@ -237,10 +262,14 @@ def run_tests(targets: list[str], k: str | None, timeout: float, out: str) -> di
     for r in results.values():
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     failed = sorted(n for n, r in results.items() if r["outcome"] in ("failed", "error"))
-    details = {"command": " ".join(cmd[1:]), "counts": counts, "failed": failed,
-               "needs_data": sorted(n for n, r in results.items() if r["outcome"] == "needs data"),
-               "messages": {n: results[n]["message"] for n in failed},
-               "timed_out": timed_out}  # fmt: skip
+    details = {
+        "command": " ".join(cmd[1:]),
+        "counts": counts,
+        "failed": failed,
+        "needs_data": sorted(n for n, r in results.items() if r["outcome"] == "needs data"),
+        "messages": {n: results[n]["message"] for n in failed},
+        "timed_out": timed_out,
+    }
     if not results:
         details["status"] = "failed"
         details["error"] = "no test results (see tests_output.txt)"
@@ -267,8 +296,9 @@ def _initial_variables(width: float, size: int, stem: int, qat: bool) -> dict:
     key = ("variables", width, size, stem, qat)
     if key not in _CACHE:
         quant = QuantConfig(scheme="tf8", observer="ema", ema_decay=0.999) if qat else None
-        model = MobileNetV1(num_classes=NUM_CLASSES, width_multiplier=width, stem_stride=stem,
-                            quant=quant)  # fmt: skip
+        model = MobileNetV1(
+            num_classes=NUM_CLASSES, width_multiplier=width, stem_stride=stem, quant=quant
+        )
         variables = jax.jit(functools.partial(model.init, train=False))(
             jax.random.key(0), np.zeros((1, size, size, 3), np.float32)
         )
@@ -295,8 +325,14 @@ def _train_setup(mode: str, dtype, size_key: str, devices):
     key = ("step", mode, dtype, size_key, tuple(devices))
     if key not in _CACHE:
         quant = QuantConfig(scheme="tf8", observer="ema", ema_decay=0.999) if qat else None
-        model = MobileNetV1(num_classes=NUM_CLASSES, width_multiplier=width, stem_stride=stem,
-                            quant=quant, axis_name=train.AXIS, dtype=dtype)  # fmt: skip
+        model = MobileNetV1(
+            num_classes=NUM_CLASSES,
+            width_multiplier=width,
+            stem_stride=stem,
+            quant=quant,
+            axis_name=train.AXIS,
+            dtype=dtype,
+        )
         hp = train.StepConfig(num_classes=NUM_CLASSES, qat=qat)
         _CACHE[key] = train.pmap_step(
             functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, hp=hp),
@@ -348,16 +384,20 @@ def train_throughput(modes: list[str], size_key: str) -> dict:
                 run(steps)
                 rates[name].append(images / (time.perf_counter() - t0))
         ratios = [b / f for b, f in zip(rates["bfloat16"], rates["float32"], strict=True)]
-        rows.append({
-            "mode": mode,
-            "setting": f"width {width}, {size} px, batch {per_device} x {len(devices)} devices, "
-                       f"{reps} reps x {steps} steps after {warmup} warm-up",
-            "float32_images_per_sec": statistics.median(rates["float32"]),
-            "bfloat16_images_per_sec": statistics.median(rates["bfloat16"]),
-            "ratio_bf16_over_f32": statistics.median(ratios),
-            "per_rep": rates,
-            "warmup_seconds": {k: round(v[1], 1) for k, v in runners.items()},
-        })  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "setting": (
+                    f"width {width}, {size} px, batch {per_device} x {len(devices)} devices, "
+                    f"{reps} reps x {steps} steps after {warmup} warm-up"
+                ),
+                "float32_images_per_sec": statistics.median(rates["float32"]),
+                "bfloat16_images_per_sec": statistics.median(rates["bfloat16"]),
+                "ratio_bf16_over_f32": statistics.median(ratios),
+                "per_rep": rates,
+                "warmup_seconds": {k: round(v[1], 1) for k, v in runners.items()},
+            }
+        )
     return {"rows": rows}
 
 
@@ -399,18 +439,23 @@ def integer_check(size_key: str) -> dict:
     from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 
     width, size, stem, batch = INTPASS_SIZES[size_key]
-    model = MobileNetV1(num_classes=NUM_CLASSES, width_multiplier=width, stem_stride=stem,
-                        dropout_rate=0.0)  # fmt: skip
+    model = MobileNetV1(
+        num_classes=NUM_CLASSES, width_multiplier=width, stem_stride=stem, dropout_rate=0.0
+    )
     rs = np.random.RandomState(0)
     variables = dict(_initial_variables(width, size, stem, qat=False))
     # Moving statistics other than the initial 0 / 1, so that folding changes the weights.
     variables["batch_stats"] = jax.tree.map(
-        lambda a: (rs.uniform(0.5, 2.0, a.shape) if a.ndim and np.all(a == 1)
-                   else rs.normal(0.0, 0.1, a.shape)).astype(np.float32),
+        lambda a: (
+            rs.uniform(0.5, 2.0, a.shape)
+            if a.ndim and np.all(a == 1)
+            else rs.normal(0.0, 0.1, a.shape)
+        ).astype(np.float32),
         variables["batch_stats"],
-    )  # fmt: skip
-    calib = [{"image": rs.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)}
-             for _ in range(2)]  # fmt: skip
+    )
+    calib = [
+        {"image": rs.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)} for _ in range(2)
+    ]
     recipe = ptq.recipe_by_name("tf8_per_tensor")
     quantized = ptq.quantize_post_training(model, variables, recipe, lambda: iter(calib), 2)
     int_model = integer.from_quantized(quantized)
@@ -437,14 +482,14 @@ def integer_check(size_key: str) -> dict:
     }
     details = {
         "model": f"MobileNetV1 {width}/{size} (random weights and BN statistics, tf8 "
-                 f"per-tensor PTQ on random images), batch {batch}",
+        f"per-tensor PTQ on random images), batch {batch}",
         "device": str(jax.devices()[0]),
         "layers": len(int_model.layer_names),
         "bit_exact": not differing,
         "differing_codes": differing,
         "device_images_per_sec": rates["device"],
         "cpu_images_per_sec": rates["cpu"],
-    }  # fmt: skip
+    }
     if differing:
         details["status"] = "failed"
     return details

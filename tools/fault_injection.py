@@ -44,8 +44,15 @@ PARTIAL_SAVE = ".orbax-checkpoint-tmp"
 
 def train_command(config: str, workdir: str, overrides: list[str]) -> list[str]:
     """The ``launch/main.py`` command line of one training run."""
-    return [sys.executable, os.path.join(REPO, "launch", "main.py"), "--config", config,
-            "--workdir", workdir, *overrides]  # fmt: skip
+    return [
+        sys.executable,
+        os.path.join(REPO, "launch", "main.py"),
+        "--config",
+        config,
+        "--workdir",
+        workdir,
+        *overrides,
+    ]
 
 
 def child_env(cache_dir: str, devices: int | None = None) -> dict[str, str]:
@@ -94,8 +101,14 @@ def _last_logged_step(path: str, offset: int) -> int | None:
     return None
 
 
-def run_and_kill(cmd: list[str], workdir: str, env: dict[str, str], at_step: int, delay_s: float,
-                 timeout_s: float = 600.0) -> dict[str, Any]:  # fmt: skip
+def run_and_kill(
+    cmd: list[str],
+    workdir: str,
+    env: dict[str, str],
+    at_step: int,
+    delay_s: float,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
     """Starts ``cmd``; once it has logged ``at_step`` (in this process), waits ``delay_s`` and
     sends SIGKILL. Returns what happened (``killed`` is False if the run ended first)."""
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -153,10 +166,12 @@ def _final_state(workdir: str) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     step = checkpoint_steps(workdir)[-1]
-    tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
-                                                           "state"))  # fmt: skip
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
+    tree = ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, "checkpoints", str(step), "state")
+    )
+    return {
+        jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def compare_runs(reference: str, other: str) -> dict[str, Any]:
@@ -207,8 +222,9 @@ def compare_runs(reference: str, other: str) -> dict[str, Any]:
     }
 
 
-def kill_schedule(kills: int, total_steps: int, checkpoint_every: int,
-                  rng: random.Random) -> list[tuple[int, bool]]:  # fmt: skip
+def kill_schedule(
+    kills: int, total_steps: int, checkpoint_every: int, rng: random.Random
+) -> list[tuple[int, bool]]:
     """``kills`` distinct steps in ``[1, total_steps)``, ascending, each with whether it aims at
     an asynchronous save: half of them are checkpoint steps (killed a few ms after the step is
     logged, while its checkpoint is written), the others any other step."""
@@ -223,8 +239,15 @@ def kill_schedule(kills: int, total_steps: int, checkpoint_every: int,
     return sorted(chosen)
 
 
-def inject(cmd: list[str], workdir: str, env: dict[str, str], kills: int, total_steps: int,
-           checkpoint_every: int, rng: random.Random) -> list[dict[str, Any]]:  # fmt: skip
+def inject(
+    cmd: list[str],
+    workdir: str,
+    env: dict[str, str],
+    kills: int,
+    total_steps: int,
+    checkpoint_every: int,
+    rng: random.Random,
+) -> list[dict[str, Any]]:
     """Kills the run in ``workdir`` at each step of :func:`kill_schedule`, then lets it finish.
 
     A restart resumes from the newest checkpoint, which is at or before the previous kill's
@@ -274,8 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     ref_seconds = run_to_end(train_command(args.config, ref_dir, overrides), env)
     print(f"reference run: {ref_seconds:.0f}s", flush=True)
-    log = inject(train_command(args.config, faulted_dir, overrides), faulted_dir, env, args.kills,
-                 args.total_steps, args.checkpoint_every, random.Random(args.seed))  # fmt: skip
+    log = inject(
+        train_command(args.config, faulted_dir, overrides),
+        faulted_dir,
+        env,
+        args.kills,
+        args.total_steps,
+        args.checkpoint_every,
+        random.Random(args.seed),
+    )
     comparison = compare_runs(ref_dir, faulted_dir)
     killed = [k for k in log if k["killed"]]
     from qfsep_jax.io_utils import run_info, write_json
@@ -296,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         "run": run_info(),
     }
     write_json(args.out, result)
-    print(f"{len(killed)} kills ({result['kills_leaving_a_partial_save']} left a partial save); "
-          f"bit-exact: {comparison['bit_exact']}", flush=True)  # fmt: skip
+    print(
+        f"{len(killed)} kills ({result['kills_leaving_a_partial_save']} left a partial save); "
+        f"bit-exact: {comparison['bit_exact']}",
+        flush=True,
+    )
     for m in comparison["mismatches"]:
         print("  mismatch:", m)
     return 0 if comparison["bit_exact"] and len(killed) == args.kills else 1

@@ -50,9 +50,20 @@ from tools import benchlib
 
 # Ops whose presence inside a fusion names its kind (the rest are plain elementwise work).
 MARKER_OPS = (
-    "convolution", "dot", "reduce", "reduce-window", "pad", "slice", "transpose",
-    "concatenate", "divide", "floor", "sqrt", "rsqrt", "select",
-)  # fmt: skip
+    "convolution",
+    "dot",
+    "reduce",
+    "reduce-window",
+    "pad",
+    "slice",
+    "transpose",
+    "concatenate",
+    "divide",
+    "floor",
+    "sqrt",
+    "rsqrt",
+    "select",
+)
 LAYER_TYPES = ("depthwise", "pointwise", "Conv2d_0", "Logits", "input_quant")
 
 
@@ -63,10 +74,12 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed and profiled steps each")
     p.add_argument(
-        "--warmup", type=int, default=4,
+        "--warmup",
+        type=int,
+        default=4,
         help="untimed steps first (compilation; the heap can still grow in a later step, "
         "seen as late as the ninth: one step with ~330k page faults)",
-    )  # fmt: skip
+    )
     p.add_argument("--top", type=int, default=25, help="how many single ops to list")
     p.add_argument("--depthwise_impl", default="auto", help="auto | lax | shift | native")
     p.add_argument("--framework", default="jax", choices=["jax", "torch"])
@@ -281,10 +294,13 @@ def profile_torch(args: argparse.Namespace) -> dict:
         timed_ms - sum(per_cat.values()), 0.0
     )
     return {
-        "framework": f"torch {torch.__version__}", "wall_ms": wall_ms, "cpu_ms": cpu_ms,
-        "profiled_wall_ms": timed_ms, "by_category": per_cat,
+        "framework": f"torch {torch.__version__}",
+        "wall_ms": wall_ms,
+        "cpu_ms": cpu_ms,
+        "profiled_wall_ms": timed_ms,
+        "by_category": per_cat,
         "wall_by_component": _components(per_cat),
-    }  # fmt: skip
+    }
 
 
 def profile_events(fn, steps: int) -> list[dict]:
@@ -363,18 +379,23 @@ def profile_jax(args: argparse.Namespace) -> dict:
         wall_cat[category(instructions[name])] += us / 1e3 / args.steps
     wall_cat[("idle (no XLA op running)", "-", "-")] = idle_us / 1e3 / args.steps
     return {
-        "framework": f"jax {jax.__version__}", "wall_ms": wall_ms, "cpu_ms": cpu_ms,
-        "profiled_wall_ms": span_us / 1e3 / args.steps, "op_ms": sum(per_op.values()),
-        "n_ops": len(per_op), "step_spans_ms": step_spans_ms,
+        "framework": f"jax {jax.__version__}",
+        "wall_ms": wall_ms,
+        "cpu_ms": cpu_ms,
+        "profiled_wall_ms": span_us / 1e3 / args.steps,
+        "op_ms": sum(per_op.values()),
+        "n_ops": len(per_op),
+        "step_spans_ms": step_spans_ms,
         "depthwise_impl": args.depthwise_impl,
         "depthwise_impl_resolved": resolve_impl(args.depthwise_impl),
-        "by_category": per_cat, "wall_by_category": wall_cat,
+        "by_category": per_cat,
+        "wall_by_category": wall_cat,
         "wall_by_component": _components(wall_cat),
         "top_ops": [
             {"name": n, "ms": ms, **{k: instructions[n][k] for k in ("kind", "shape", "op_name")}}
             for n, ms in per_op.most_common(args.top)
         ],
-    }  # fmt: skip
+    }
 
 
 def main(argv=None) -> None:
@@ -394,12 +415,15 @@ def main(argv=None) -> None:
     if args.framework == "torch":
         _print_categories(
             "module kind / direction / layer (wall time between its hooks)",
-            result["by_category"], result["profiled_wall_ms"],
-        )  # fmt: skip
+            result["by_category"],
+            result["profiled_wall_ms"],
+        )
     else:
         spans = ", ".join(f"{ms:.0f}" for ms in result["step_spans_ms"])
-        print(f"# op time: {result['op_ms']:.0f} ms/step in {result['n_ops']} XLA ops "
-              f"(depthwise_impl={args.depthwise_impl}); profiled steps {spans} ms")  # fmt: skip
+        print(
+            f"# op time: {result['op_ms']:.0f} ms/step in {result['n_ops']} XLA ops "
+            f"(depthwise_impl={args.depthwise_impl}); profiled steps {spans} ms"
+        )
         _print_categories("kind / direction / layer", result["by_category"], result["op_ms"])
         print("# wall time per step, each instant shared among the ops running then")
         _print_categories(
@@ -407,8 +431,10 @@ def main(argv=None) -> None:
         )
         print(f"# top {args.top} ops (op time)")
         for op in result["top_ops"]:
-            print(f"{op['ms']:8.2f} ms  {op['name']:30s} {op['kind']:28s} "
-                  f"{op['shape'][:34]:34s} {op['op_name'][-70:]}")  # fmt: skip
+            print(
+                f"{op['ms']:8.2f} ms  {op['name']:30s} {op['kind']:28s} "
+                f"{op['shape'][:34]:34s} {op['op_name'][-70:]}"
+            )
     print("# wall time per step by component")
     for name, ms in result["wall_by_component"].items():
         print(f"{ms:8.1f} {100 * ms / result['profiled_wall_ms']:5.1f}%  {name}")

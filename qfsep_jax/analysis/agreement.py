@@ -137,8 +137,9 @@ def _layerwise_outputs(model, variables, alignment, int_model, images, deq, deq_
     names = int_model.layer_names
     prev_name = {n: (names[i - 1] if i else None) for i, n in enumerate(names)}
     path = _pre_quant_path(int_model)
-    fn = _cached(("layerwise", model, tuple(names)),
-                 lambda: _make_layerwise_fn(model, prev_name, path))  # fmt: skip
+    fn = _cached(
+        ("layerwise", model, tuple(names)), lambda: _make_layerwise_fn(model, prev_name, path)
+    )
     return fn(variables, alignment, jnp.asarray(images, dtype), deq, deq_input)
 
 
@@ -192,12 +193,14 @@ def _layer_code_differences(
     dtype = jnp.float64 if float64 else jnp.float32
     with jax.enable_x64(float64):
         deq = inference.dequantize_intermediates(int_model, ints, dtype)
-        deq_input = inference.dequantize_codes(q, int_model.input_scale,
-                                                 int_model.input_zero_point, dtype)  # fmt: skip
+        deq_input = inference.dequantize_codes(
+            q, int_model.input_scale, int_model.input_zero_point, dtype
+        )
         if float64:
             images = deq_input  # the input quantizer gives back exactly the codes q
-        fake, pre_same = _layerwise_outputs(model, variables, alignment, int_model, images, deq,
-                                            deq_input, dtype)  # fmt: skip
+        fake, pre_same = _layerwise_outputs(
+            model, variables, alignment, int_model, images, deq, deq_input, dtype
+        )
         codes = {n: inference.round_codes(fake[n], *params[n], dtype) for n in fake}
         diffs = {n: np.abs(np.asarray(ints[n], np.int32) - codes[n]) for n in int_model.layer_names}
         return diffs, np.asarray(pre_same, np.float64)
@@ -231,8 +234,9 @@ def layerwise_agreement(
     _, ints = inference.run(int_model, q, return_intermediates=True)
     if float64:
         variables, alignment = _float64_tree(variables), _float64_tree(alignment)
-    diffs, _ = _layer_code_differences(model, variables, alignment, int_model, images, q, ints,
-                                       float64)  # fmt: skip
+    diffs, _ = _layer_code_differences(
+        model, variables, alignment, int_model, images, q, ints, float64
+    )
     return {
         name: {"max_lsb": int(d.max()), "frac_differing": float(np.mean(d > 0))}
         for name, d in diffs.items()
@@ -248,8 +252,9 @@ def _sim_pre_quant_float64(model, variables64, alignment64, int_model: IntModel,
     this is the simulation with its float32 rounding errors removed.
     """
     with jax.enable_x64(True):
-        x = inference.dequantize_codes(codes, int_model.input_scale,
-                                         int_model.input_zero_point, jnp.float64)  # fmt: skip
+        x = inference.dequantize_codes(
+            codes, int_model.input_scale, int_model.input_zero_point, jnp.float64
+        )
         _, pre, _ = _sim_logits(model, variables64, alignment64, int_model, x, dtype=jnp.float64)
         if pre.dtype != jnp.float64:
             raise RuntimeError(f"the float64 simulation computed in {pre.dtype}")
@@ -281,8 +286,12 @@ def end_to_end_agreement(
     int_codes = np.asarray(ints[int_model.layer_names[-1]]).reshape(len(q), -1)
     agree = np.argmax(int_codes, -1) == np.argmax(np.asarray(fake_logits), -1)
     agree_fine = np.argmax(np.asarray(int_fine), -1) == np.argmax(np.asarray(fake_pre), -1)
-    return {"top1_agreement": float(agree.mean()), "top1_agreement_fine": float(agree_fine.mean()),
-            "n": int(agree.size), "layers": layers}  # fmt: skip
+    return {
+        "top1_agreement": float(agree.mean()),
+        "top1_agreement_fine": float(agree_fine.mean()),
+        "n": int(agree.size),
+        "layers": layers,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,12 +386,17 @@ def agreement_report(
     """
     fake_model, fake_vars = folded(model, variables)
     sim = _Simulation(
-        fake_model, fake_vars, alignment,
-        reordered=(fake_model.clone(depthwise_impl=_other_depthwise_impl(fake_model.depthwise_impl))
-                   if reorder_check else None),
+        fake_model,
+        fake_vars,
+        alignment,
+        reordered=(
+            fake_model.clone(depthwise_impl=_other_depthwise_impl(fake_model.depthwise_impl))
+            if reorder_check
+            else None
+        ),
         variables64=_float64_tree(fake_vars) if float64_check else None,
         alignment64=_float64_tree(alignment) if float64_check else None,
-    )  # fmt: skip
+    )
     parts, n = [], 0
     for batch in batches:
         valid = int(batch["mask"].sum())
@@ -410,32 +424,41 @@ def _run_integer(int_model: IntModel, images) -> _IntegerPass:
 
 
 def _compare_batch(
-    sim: _Simulation, int_model: IntModel, images, ints: _IntegerPass, first_image: int,
+    sim: _Simulation,
+    int_model: IntModel,
+    images,
+    ints: _IntegerPass,
+    first_image: int,
     locate: bool,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Everything one batch adds to the report (see :func:`_report` for how parts combine)."""
     valid = len(images)
     scale, zp = inference.output_qparams(int_model)[int_model.layer_names[-1]]
     fine_unit = 2**inference.FINE_LOGIT_BITS
     part: dict[str, Any] = {"n": valid}
     # Layer-wise (each simulated layer fed the integer pass's input).
-    diffs, pre_same = _layer_code_differences(sim.model, sim.variables, sim.alignment, int_model,
-                                              images, ints.q, ints.intermediates)  # fmt: skip
+    diffs, pre_same = _layer_code_differences(
+        sim.model, sim.variables, sim.alignment, int_model, images, ints.q, ints.intermediates
+    )
     part["layers"] = _layer_stats(diffs, valid)
     # End to end, 8-bit codes.
-    fake_logits, fake_pre, _ = _sim_logits(sim.model, sim.variables, sim.alignment, int_model,
-                                           images)  # fmt: skip
+    fake_logits, fake_pre, _ = _sim_logits(
+        sim.model, sim.variables, sim.alignment, int_model, images
+    )
     fake_codes = inference.round_codes(fake_logits, scale, zp)
     int_top, fake_top = np.argmax(ints.codes, -1), np.argmax(fake_codes, -1)
     rows = np.arange(valid)
     part["agree"] = int(np.sum(int_top == fake_top))
     # Tie-aware: each pass's top-1 class is also a (tied) maximum of the other's logits.
     ties = (fake_codes[rows, int_top] == fake_codes.max(-1)) | (
-        ints.codes[rows, fake_top] == ints.codes.max(-1))  # fmt: skip
+        ints.codes[rows, fake_top] == ints.codes.max(-1)
+    )
     part["agree_ties"] = int(np.sum(ties))
     # How far apart the two top-1 classes are in the simulation's logits (codes).
-    part["gaps"] = [int(fake_codes[i, fake_top[i]] - fake_codes[i, int_top[i]])
-                    for i in np.flatnonzero(int_top != fake_top)]  # fmt: skip
+    part["gaps"] = [
+        int(fake_codes[i, fake_top[i]] - fake_codes[i, int_top[i]])
+        for i in np.flatnonzero(int_top != fake_top)
+    ]
     # End to end, fine logits vs pre-quant logits.
     fake_pre = np.asarray(fake_pre, np.float64)
     int_top_f, fake_top_f = np.argmax(ints.fine, -1), np.argmax(fake_pre, -1)
@@ -445,8 +468,7 @@ def _compare_batch(
     part["err_same"] = float(np.abs(ints.fine / fine_unit - pre_same / scale).max())
     # End-to-end logit error and how close each image's top-2 is (output LSBs).
     err = ints.fine / fine_unit - fake_pre / scale
-    part.update(err_sq=float(np.sum(err**2)), err_count=err.size,
-                err_max=float(np.abs(err).max()))  # fmt: skip
+    part.update(err_sq=float(np.sum(err**2)), err_count=err.size, err_max=float(np.abs(err).max()))
     top2 = np.argsort(-fake_pre, axis=-1, kind="stable")[:, :2]
     sim_pair = (fake_pre[rows, top2[:, 0]] - fake_pre[rows, top2[:, 1]]) / scale
     int_pair = (ints.fine[rows, top2[:, 0]] - ints.fine[rows, top2[:, 1]]) / fine_unit
@@ -456,11 +478,15 @@ def _compare_batch(
     part["fine_dis"] = []
     for i in bad:
         a, b = int(int_top_f[i]), int(fake_top_f[i])
-        part["fine_dis"].append({
-            "image": first_image + int(i), "int_top1": a, "sim_top1": b,
-            "sim_gap_lsb": float((fake_pre[i, b] - fake_pre[i, a]) / scale),
-            "int_gap_lsb": float((ints.fine[i, a] - ints.fine[i, b]) / fine_unit),
-        })  # fmt: skip
+        part["fine_dis"].append(
+            {
+                "image": first_image + int(i),
+                "int_top1": a,
+                "sim_top1": b,
+                "sim_gap_lsb": float((fake_pre[i, b] - fake_pre[i, a]) / scale),
+                "int_gap_lsb": float((ints.fine[i, a] - ints.fine[i, b]) / fine_unit),
+            }
+        )
     if sim.reordered is not None:
         _, re_pre, _ = _sim_logits(sim.reordered, sim.variables, sim.alignment, int_model, images)
         re_top = np.argmax(np.asarray(re_pre), -1)
@@ -470,26 +496,40 @@ def _compare_batch(
             "sq": float(np.sum(np.square((np.asarray(re_pre, np.float64) - fake_pre) / scale))),
         }
     if sim.variables64 is not None:
-        part["float64"] = _float64_batch(sim, int_model, images, ints, fake_pre, fake_top_f,
-                                         int_top_f, scale, fine_unit)  # fmt: skip
+        part["float64"] = _float64_batch(
+            sim, int_model, images, ints, fake_pre, fake_top_f, int_top_f, scale, fine_unit
+        )
     if locate and bad.size:
-        found = locate_disagreements(sim.model, sim.variables, int_model, images[bad],
-                                     alignment=sim.alignment)  # fmt: skip
+        found = locate_disagreements(
+            sim.model, sim.variables, int_model, images[bad], alignment=sim.alignment
+        )
         for entry, loc in zip(part["fine_dis"], found, strict=True):
-            entry.update(culprit=loc["culprit"],
-                         culprit_codes_differing=loc["culprit_codes_differing"])  # fmt: skip
-    part["top1s"] = {"int": int_top, "fake": fake_top, "int_fine": int_top_f,
-                     "fake_pre_quant": fake_top_f}  # fmt: skip
+            entry.update(
+                culprit=loc["culprit"], culprit_codes_differing=loc["culprit_codes_differing"]
+            )
+    part["top1s"] = {
+        "int": int_top,
+        "fake": fake_top,
+        "int_fine": int_top_f,
+        "fake_pre_quant": fake_top_f,
+    }
     return part
 
 
-def _float64_batch(sim, int_model, images, ints, fake_pre, fake_top_f, int_top_f, scale,
-                   fine_unit) -> dict[str, Any]:  # fmt: skip
+def _float64_batch(
+    sim, int_model, images, ints, fake_pre, fake_top_f, int_top_f, scale, fine_unit
+) -> dict[str, Any]:
     """One batch of the float64 simulation: layer by layer and end to end."""
     diffs64, _ = _layer_code_differences(
-        sim.model, sim.variables64, sim.alignment64, int_model, images, ints.q,
-        ints.intermediates, float64=True,
-    )  # fmt: skip
+        sim.model,
+        sim.variables64,
+        sim.alignment64,
+        int_model,
+        images,
+        ints.q,
+        ints.intermediates,
+        float64=True,
+    )
     pre64 = _sim_pre_quant_float64(sim.model, sim.variables64, sim.alignment64, int_model, ints.q)
     top64 = np.argmax(pre64, -1)
     return {
@@ -570,7 +610,7 @@ def _report(parts: list[dict], n: int, sim: _Simulation, labels: bool) -> dict[s
             "top1_agreement_fine_with_int": _total(parts, "with_int", "reordered") / n,
             "logit_difference_lsb_rms": float(
                 np.sqrt(_total(parts, "sq", "reordered") / err_count)
-            ),  # fmt: skip
+            ),
         }
     if sim.variables64 is not None:
         max64, frac64 = _combine_layers([p["float64"]["layers"] for p in parts], n)
@@ -580,14 +620,17 @@ def _report(parts: list[dict], n: int, sim: _Simulation, labels: bool) -> dict[s
             "logit_difference_lsb_rms": float(np.sqrt(_total(parts, "sq", "float64") / err_count)),
             "int_logit_error_lsb_rms": float(
                 np.sqrt(_total(parts, "int_sq", "float64") / err_count)
-            ),  # fmt: skip
+            ),
             "layerwise_max_lsb": max64,
             "layerwise_frac_differing": frac64,
         }
     if labels:
-        for key, name in (("int", "top1_int"), ("fake", "top1_fake"),
-                          ("int_fine", "top1_int_fine"),
-                          ("fake_pre_quant", "top1_fake_pre_quant")):  # fmt: skip
+        for key, name in (
+            ("int", "top1_int"),
+            ("fake", "top1_fake"),
+            ("int_fine", "top1_int_fine"),
+            ("fake_pre_quant", "top1_fake_pre_quant"),
+        ):
             out[name] = 100.0 * _total(parts, key, "hits") / n
     return out
 
@@ -645,11 +688,13 @@ def locate_disagreements(
     for i in range(count):
         bad = np.flatnonzero(~hybrid_agrees[:, i])
         last = int(bad[-1]) if bad.size else None
-        out.append({
-            "culprit": None if last is None else convs[last],
-            "culprit_codes_differing": 0 if last is None else int(differing[last, i]),
-            "hybrid_agrees": hybrid_agrees[:, i].astype(int).tolist(),
-        })  # fmt: skip
+        out.append(
+            {
+                "culprit": None if last is None else convs[last],
+                "culprit_codes_differing": 0 if last is None else int(differing[last, i]),
+                "hybrid_agrees": hybrid_agrees[:, i].astype(int).tolist(),
+            }
+        )
     return out
 
 
@@ -673,7 +718,9 @@ def _make_hybrid_fn(model, convs: tuple[str, ...], params: dict, pre_quant_path)
         with _captured_pre_quant(pre_quant_path) as pre, aligned(alignment):
             with nn.intercept_methods(take_int_outputs):
                 model.apply(variables, images, quant_mode="fake")
-        return (jnp.reshape(pre[-1], (images.shape[0], -1)),
-                jnp.stack([counts[name] for name in convs]))  # fmt: skip
+        return (
+            jnp.reshape(pre[-1], (images.shape[0], -1)),
+            jnp.stack([counts[name] for name in convs]),
+        )
 
     return hybrid

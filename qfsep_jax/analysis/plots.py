@@ -133,8 +133,14 @@ def plot_accuracy(
     for j, m in enumerate(measures):
         y = [table[v].get(m, np.nan) for v in variants]
         err = [spreads[v].get(m, 0.0) for v in variants] if spreads else None
-        ax.bar(np.arange(len(variants)) + (j - (len(measures) - 1) / 2) * width, y, width,
-               yerr=err, label=m, capsize=3)  # fmt: skip
+        ax.bar(
+            np.arange(len(variants)) + (j - (len(measures) - 1) / 2) * width,
+            y,
+            width,
+            yerr=err,
+            label=m,
+            capsize=3,
+        )
     ax.set_xticks(np.arange(len(variants)))
     ax.set_xticklabels(variants, rotation=15)
     ax.set_ylabel("top-1 (%)")
@@ -156,10 +162,22 @@ def plot_top2_margins(per_image: Mapping[str, Sequence], path: str, title: str =
     err = np.maximum(np.abs(np.asarray(per_image["top2_pair_error_lsb"], np.float64)), 1e-4)
     agrees = np.asarray(per_image["fine_top1_agrees"], bool)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    ax.scatter(gap[agrees], err[agrees], s=8, c="tab:blue", alpha=0.6,
-               label=f"same top-1 ({int(agrees.sum())})")  # fmt: skip
-    ax.scatter(gap[~agrees], err[~agrees], s=24, c="tab:red", marker="x",
-               label=f"top-1 differs ({int((~agrees).sum())})")  # fmt: skip
+    ax.scatter(
+        gap[agrees],
+        err[agrees],
+        s=8,
+        c="tab:blue",
+        alpha=0.6,
+        label=f"same top-1 ({int(agrees.sum())})",
+    )
+    ax.scatter(
+        gap[~agrees],
+        err[~agrees],
+        s=24,
+        c="tab:red",
+        marker="x",
+        label=f"top-1 differs ({int((~agrees).sum())})",
+    )
     lo = max(1e-4, min(float(gap.min()), float(err.min())) / 2)
     hi = max(float(gap.max()), float(err.max())) * 1.5
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = gap")

@@ -176,6 +176,12 @@ def make_source(
         return folder_source(data_dir, parts[0], label_space)
     name, split = parts
     return tfds_source(
-        name, split, tfds_data_dir, manual_dir, shuffle_files, process_split,
-        label_space=label_space, data_dir=data_dir,
-    )  # fmt: skip
+        name,
+        split,
+        tfds_data_dir,
+        manual_dir,
+        shuffle_files,
+        process_split,
+        label_space=label_space,
+        data_dir=data_dir,
+    )

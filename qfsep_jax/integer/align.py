@@ -62,7 +62,8 @@ def snap_biases(model, variables: dict, int_model: IntModel) -> tuple[Any, dict]
         # float64: the product of the two float32 scales is exact there, so a float64
         # simulation sees the int32 bias itself (to 2**-53); a float32 one rounds it on use.
         bias_scale = np.float64(np.float32(layer.input_scale)) * np.asarray(
-            layer.weight_scale, np.float32).astype(np.float64)  # fmt: skip
+            layer.weight_scale, np.float32
+        ).astype(np.float64)
         node["bias"] = np.asarray(layer.bias).astype(np.float64) * bias_scale
     return model, {**variables, "params": params}
 
@@ -114,9 +115,11 @@ def multiplier_ratios(int_model: IntModel) -> dict[str, np.ndarray]:
         if layer.kind == "avgpool":
             continue
         stored = np.asarray(layer.multiplier, np.float64) * np.exp2(
-            np.asarray(layer.shift, np.float64) - 31)  # fmt: skip
-        real = kernels.conv_multiplier(layer.input_scale, layer.weight_scale, layer.output_scale,
-                                       per_channel=True)  # fmt: skip
+            np.asarray(layer.shift, np.float64) - 31
+        )
+        real = kernels.conv_multiplier(
+            layer.input_scale, layer.weight_scale, layer.output_scale, per_channel=True
+        )
         out[layer.name] = stored / real
     return out
 
@@ -197,11 +200,16 @@ def _aligned_pool(module: MobileNetV1, alignment: Alignment, next_fun, args, kwa
     if not alignment["pool"]:
         return next_fun(*args, **kwargs)
     if window > MAX_POOL_WINDOW:
-        raise ValueError(f"the pool's tie rule is modelled for windows of up to "
-                         f"{MAX_POOL_WINDOW} values, got {window}")  # fmt: skip
+        raise ValueError(
+            f"the pool's tie rule is modelled for windows of up to "
+            f"{MAX_POOL_WINDOW} values, got {window}"
+        )
     scale, zero_point = qparams(lo, hi, module.quant.act_int_range)
     moved = move_rounding_threshold(
-        pooled, scale, alignment["pool"]["positive"], alignment["pool"]["negative"],
+        pooled,
+        scale,
+        alignment["pool"]["positive"],
+        alignment["pool"]["negative"],
         sign_of=pooled / scale + zero_point.astype(pooled.dtype),
-    )  # fmt: skip
+    )
     return next_fun(moved, lo, hi, window, **kwargs)

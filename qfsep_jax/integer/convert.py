@@ -86,8 +86,9 @@ def from_variables(
     params, ranges = variables["params"], variables["quant_ranges"]
     act_range = quant.act_int_range
     records = _trace_conv_layers(model, variables)
-    kernels_f = [np.asarray(subtree(params, rec.path, "params")["kernel"], np.float32)
-                 for rec in records]  # fmt: skip
+    kernels_f = [
+        np.asarray(subtree(params, rec.path, "params")["kernel"], np.float32) for rec in records
+    ]
     w_codes, w_scales, w_zps = _quantize_kernels(kernels_f, quant)
     in_scale, in_zp = _act_qparams(ranges, ("input_quant",), act_range)
     layers: list[IntLayer] = []
@@ -107,11 +108,14 @@ def from_variables(
         layers.append(_conv_layer(rec, weights, quant, (prev_scale, prev_zp), (out_scale, out_zp)))
         prev_scale, prev_zp, prev_shape = out_scale, out_zp, rec.out_shape
     int_model = IntModel(
-        tuple(layers), in_scale, in_zp, "uint8" if act_range.qmin == 0 else "int8",
+        tuple(layers),
+        in_scale,
+        in_zp,
+        "uint8" if act_range.qmin == 0 else "int8",
         parse_rounding(rounding),
         source=f"MobileNetV1(width={model.width_multiplier}, block={model.block}, "
         f"scheme={quant.scheme}, per_channel={quant.per_channel_weights})",
-    )  # fmt: skip
+    )
     if check:
         check_accumulator_range(int_model)
     return int_model
@@ -133,10 +137,22 @@ def _check_convertible(model, variables: dict) -> None:
 def _pool_layer(scale: float, zero_point: int, act_range) -> IntLayer:
     """The global average pool, which keeps its input's scale and zero point."""
     return IntLayer(
-        None, None, None, None, None, name=POOL_NAME, kind="avgpool", window=None,
-        padding="VALID", input_zero_point=zero_point, output_zero_point=zero_point,
-        act_min=act_range.qmin, act_max=act_range.qmax, input_scale=scale, output_scale=scale,
-    )  # fmt: skip
+        None,
+        None,
+        None,
+        None,
+        None,
+        name=POOL_NAME,
+        kind="avgpool",
+        window=None,
+        padding="VALID",
+        input_zero_point=zero_point,
+        output_zero_point=zero_point,
+        act_min=act_range.qmin,
+        act_max=act_range.qmax,
+        input_scale=scale,
+        output_scale=scale,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +177,14 @@ def _conv_layer(rec: _ConvRecord, w: _LayerWeights, quant, qin: tuple, qout: tup
     w_q = np.asarray(w.codes).astype(np.uint8 if w_range.qmin == 0 else np.int8)
     w_scale = np.broadcast_to(np.asarray(w.scale, np.float32), (cout,))
     w_zp = np.broadcast_to(np.asarray(w.zero_point, np.int32), (cout,)).copy()
-    w_scale, w_q, w_zp, widened = _fit_bias(w.kernel, bias, w_scale, w_q, w_zp, in_scale,
-                                            w_range)  # fmt: skip
+    w_scale, w_q, w_zp, widened = _fit_bias(w.kernel, bias, w_scale, w_q, w_zp, in_scale, w_range)
     if widened:
-        logging.warning("%s: widened the weight scale of channels %s so that their int32 "
-                        "bias fits (as TFLite's converter does)", name, widened)  # fmt: skip
+        logging.warning(
+            "%s: widened the weight scale of channels %s so that their int32 "
+            "bias fits (as TFLite's converter does)",
+            name,
+            widened,
+        )
     bias_scale = (np.float32(in_scale) * w_scale).astype(np.float64)
     bias_q = round_half_away_from_zero(bias.astype(np.float64) / bias_scale).astype(np.int32)
     # TFLite's int8 kernels form every multiplier in double, per-tensor weights included.
@@ -179,12 +198,24 @@ def _conv_layer(rec: _ConvRecord, w: _LayerWeights, quant, qin: tuple, qout: tup
     if mod.depthwise:
         w_q = w_q.reshape(w.kernel.shape[0], w.kernel.shape[1], cout)
     return IntLayer(
-        w_q, w_zp, bias_q, m0, shift, name=name, kind="depthwise" if mod.depthwise else "conv",
-        stride=int(mod.stride), padding="SAME", input_zero_point=in_zp,
-        output_zero_point=out_zp, act_min=act_min, act_max=act_max, activation=mod.activation,
-        input_scale=in_scale, output_scale=out_scale,
+        w_q,
+        w_zp,
+        bias_q,
+        m0,
+        shift,
+        name=name,
+        kind="depthwise" if mod.depthwise else "conv",
+        stride=int(mod.stride),
+        padding="SAME",
+        input_zero_point=in_zp,
+        output_zero_point=out_zp,
+        act_min=act_min,
+        act_max=act_max,
+        activation=mod.activation,
+        input_scale=in_scale,
+        output_scale=out_scale,
         weight_scale=tuple(float(s) for s in w_scale),
-    )  # fmt: skip
+    )
 
 
 _BIAS_LIMIT = 2**30  # int32 bias codes stay within ±2^30, leaving headroom for the sum

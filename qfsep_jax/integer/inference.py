@@ -45,9 +45,15 @@ def apply_layer(layer: IntLayer, x: Array, rounding: Rounding) -> Array:
 
 def _requantize_codes(layer: IntLayer, acc: Array, dtype, rule: str) -> Array:
     return kernels.requantize(
-        acc, layer.multiplier, layer.shift, layer.output_zero_point,
-        layer.act_min, layer.act_max, dtype, rule,
-    )  # fmt: skip
+        acc,
+        layer.multiplier,
+        layer.shift,
+        layer.output_zero_point,
+        layer.act_min,
+        layer.act_max,
+        dtype,
+        rule,
+    )
 
 
 # The fine logits' grid: the classifier's output scale / 2**FINE_LOGIT_BITS (see :func:`run`).
@@ -68,14 +74,16 @@ def fine_logits_from_accumulators(layer: IntLayer, acc: Array) -> Array:
         upper = (layer.act_max - layer.output_zero_point) << FINE_LOGIT_BITS
     return kernels.requantize_fine(
         acc, layer.multiplier, layer.shift, FINE_LOGIT_BITS, lower, upper
-    )  # fmt: skip
+    )
 
 
 def _check_fine_logits(int_model: IntModel) -> None:
     last = int_model.layers[-1]
     if last.kind == "avgpool":
-        raise ValueError("fine logits need a conv layer (the classifier) last; this model ends "
-                         f"with {last.name} ({last.kind})")  # fmt: skip
+        raise ValueError(
+            "fine logits need a conv layer (the classifier) last; this model ends "
+            f"with {last.name} ({last.kind})"
+        )
     if isinstance(last.shift, jax.core.Tracer):
         return  # traced (e.g. make_jaxpr of forward): run() checks concrete models
     shift = np.asarray(last.shift)

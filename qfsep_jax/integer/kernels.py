@@ -467,6 +467,9 @@ def _np_window_sum(x: np.ndarray, kh: int, kw: int, stride: int, pads) -> np.nda
     out = np.zeros((x.shape[0], out_h, out_w, x.shape[3]), x.dtype)
     for i in range(kh):
         for j in range(kw):
-            out += xp[:, i : i + (out_h - 1) * stride + 1 : stride,
-                      j : j + (out_w - 1) * stride + 1 : stride]  # fmt: skip
+            out += xp[
+                :,
+                i : i + (out_h - 1) * stride + 1 : stride,
+                j : j + (out_w - 1) * stride + 1 : stride,
+            ]
     return out

@@ -32,9 +32,14 @@ _PADDINGS = {0: "SAME", 1: "VALID"}
 _CODES = {2: np.int32, 3: np.uint8, 9: np.int8}
 _TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 7: "int16", 9: "int8"}
 SUPPORTED_OPS = (
-    "CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "FULLY_CONNECTED", "RESHAPE", "SQUEEZE",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "AVERAGE_POOL_2D",
+    "FULLY_CONNECTED",
+    "RESHAPE",
+    "SQUEEZE",
     "SOFTMAX",
-)  # fmt: skip
+)
 
 
 class TFLiteImportError(ValueError):
@@ -120,9 +125,15 @@ class _Graph:
         if data is not None:
             data = data.reshape(shape)
         return _Tensor(
-            index, t.Name().decode(errors="replace"), shape, t.Type(),
-            np.asarray(scale, np.float32), np.asarray(zp, np.int64), int(qdim), data,
-        )  # fmt: skip
+            index,
+            t.Name().decode(errors="replace"),
+            shape,
+            t.Type(),
+            np.asarray(scale, np.float32),
+            np.asarray(zp, np.int64),
+            int(qdim),
+            data,
+        )
 
 
 @dataclasses.dataclass
@@ -225,12 +236,24 @@ def _conv_layer(g: _Graph, st: _State, name_op: str, inputs, out_t: _Tensor, op)
     act_min, act_max = kernels.activation_range(activation, s_out, int(out_t.zero_point[0]), lo, hi)
     name = _layer_name(st, kind)
     return IntLayer(
-        np.asarray(weight), w_zp, bias, m0, shift, name=name, kind=kind, stride=stride,
-        padding=padding, input_zero_point=int(in_t.zero_point[0]),
-        output_zero_point=int(out_t.zero_point[0]), act_min=act_min, act_max=act_max,
-        activation=activation, input_scale=s_in, output_scale=s_out,
+        np.asarray(weight),
+        w_zp,
+        bias,
+        m0,
+        shift,
+        name=name,
+        kind=kind,
+        stride=stride,
+        padding=padding,
+        input_zero_point=int(in_t.zero_point[0]),
+        output_zero_point=int(out_t.zero_point[0]),
+        act_min=act_min,
+        act_max=act_max,
+        activation=activation,
+        input_scale=s_in,
+        output_scale=s_out,
         weight_scale=tuple(float(s) for s in w_scale),
-    )  # fmt: skip
+    )
 
 
 def _layer_name(st: _State, kind: str) -> str:
@@ -322,13 +345,24 @@ def _parse(g: _Graph, st: _State, file_index: int) -> None:
             activation = _activation(o.FusedActivationFunction(), g, name_op)
             act_min, act_max = kernels.activation_range(activation, st.scale, st.zero_point, lo, hi)
             layer = IntLayer(
-                None, None, None, None, None, name=_layer_name(st, "avgpool"), kind="avgpool",
+                None,
+                None,
+                None,
+                None,
+                None,
+                name=_layer_name(st, "avgpool"),
+                kind="avgpool",
                 stride=_square_stride(o.StrideH(), o.StrideW(), g, name_op),
-                padding=_PADDINGS[o.Padding()], window=(o.FilterHeight(), o.FilterWidth()),
-                input_zero_point=st.zero_point, output_zero_point=st.zero_point,
-                act_min=act_min, act_max=act_max, activation=activation, input_scale=st.scale,
+                padding=_PADDINGS[o.Padding()],
+                window=(o.FilterHeight(), o.FilterWidth()),
+                input_zero_point=st.zero_point,
+                output_zero_point=st.zero_point,
+                act_min=act_min,
+                act_max=act_max,
+                activation=activation,
+                input_scale=st.scale,
                 output_scale=st.scale,
-            )  # fmt: skip
+            )
             st.after = "avgpool"
         else:
             layer = _conv_layer(g, st, name_op, inputs, out_t, op)
@@ -366,17 +400,21 @@ def from_tflite(
                 f: None if getattr(layer, f) is None else np.asarray(getattr(layer, f))
                 for f in ("weight", "weight_zero_point", "bias", "multiplier", "shift")
             },
-        )  # fmt: skip
+        )
         for layer in st.layers
     )
     source = path if head_path is None else f"{path} + {head_path}"
     g0 = graphs[0]
     first = g0.tensor(g0.inputs[0])
     model = IntModel(
-        layers, float(first.scale[0]), int(first.zero_point[0]),
-        "uint8" if first.type == 3 else "int8", parse_rounding(rounding), source,
+        layers,
+        float(first.scale[0]),
+        int(first.zero_point[0]),
+        "uint8" if first.type == 3 else "int8",
+        parse_rounding(rounding),
+        source,
         tuple(st.tensor_map),
-    )  # fmt: skip
+    )
     _check_shapes(model, graphs, first.shape)
     return model
 

@@ -53,20 +53,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     alignment = align.rounding_alignment(int_model) if config.sim_rounding else None
     data = eval_input(config, config.eval_data, limit=config.limit)
     report = agreement.agreement_report(
-        model, variables, int_model, data.make(), locate=config.locate,
-        reorder_check=config.reorder_check, float64_check=config.float64_check,
+        model,
+        variables,
+        int_model,
+        data.make(),
+        locate=config.locate,
+        reorder_check=config.reorder_check,
+        float64_check=config.float64_check,
         alignment=alignment,
-    )  # fmt: skip
+    )
     report.update(
         model=source,
         recipe=config.recipe if calibrated else dataclasses.asdict(qmodel.recipe),
         eval_data=config.eval_data,
         calibration_data=config.calibration_data if calibrated else None,
-        image_size=config.image_size, label_space=config.label_space, run=io_utils.run_info(),
-        snap_biases=config.snap_biases, sim_rounding=config.sim_rounding,
+        image_size=config.image_size,
+        label_space=config.label_space,
+        run=io_utils.run_info(),
+        snap_biases=config.snap_biases,
+        sim_rounding=config.sim_rounding,
         rounding=str(int_model.rounding),
         calibration_images=calibration_images,
-    )  # fmt: skip
+    )
     print(format_report(report))
     path = os.path.join(workdir, REPORT)
     io_utils.write_json(path, report)
@@ -123,15 +131,17 @@ def _simulation_kind(report: dict) -> str:
         for key, name in (("snap_biases", "int32 biases"), ("sim_rounding", "integer rounding"))
         if report.get(key)
     ]
-    return " + ".join(parts) if parts else "plain"  # fmt: skip
+    return " + ".join(parts) if parts else "plain"
 
 
 def margin_title(report: dict) -> str:
     """The margin plot's title: model, quantization, simulation kind and the fine agreement."""
     where = os.path.join(*os.path.normpath(report["model"]).split(os.sep)[-3:])
     recipe = report["recipe"] if isinstance(report["recipe"], str) else "exported"
-    return (f"{where} ({recipe}), {_simulation_kind(report)} simulation:\n"
-            f"fine top-1 agrees on {100 * report['top1_agreement_fine']:.1f} %")  # fmt: skip
+    return (
+        f"{where} ({recipe}), {_simulation_kind(report)} simulation:\n"
+        f"fine top-1 agrees on {100 * report['top1_agreement_fine']:.1f} %"
+    )
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -185,8 +195,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"codes differ"
         )
     for d in report["fine_disagreements"]:
-        where = f", culprit {d['culprit']} ({d['culprit_codes_differing']} codes differ)" if (
-            "culprit" in d) else ""  # fmt: skip
+        where = (
+            f", culprit {d['culprit']} ({d['culprit_codes_differing']} codes differ)"
+            if ("culprit" in d)
+            else ""
+        )
         lines.append(
             f"  image {d['image']}: integer top-1 {d['int_top1']}, simulation {d['sim_top1']}; "
             f"gap {d['sim_gap_lsb']:.4f} LSB (simulation), {d['int_gap_lsb']:.4f} LSB "
@@ -226,33 +239,40 @@ def summarize_reports(paths: list[str]) -> dict:
         if missing:
             raise ValueError(f"{path} is not an agreement report (no {missing})")
         recipe = r.get("recipe")
-        rows.append({
-            "report": path,
-            "model": _display_path(r.get("model", "official float graph")),
-            "recipe": recipe if isinstance(recipe, str) else "exported (QAT)",
-            "label_space": r.get("label_space", "imagenet1001"),
-            "rounding": r.get("rounding", "conv=double,depthwise=double"),
-            "simulation": _simulation_kind(r),
-            "n": r["n"],
-            "top1_agreement": r["top1_agreement"],
-            "top1_agreement_tie_aware": r["top1_agreement_tie_aware"],
-            "top1_agreement_fine": r["top1_agreement_fine"],
-            "fine_logit_error_lsb_rms": r["fine_logit_error_lsb"]["rms"],
-            "top2_gap_below_1_lsb": r["top2_gap_lsb_below"]["1.0"],
-            "max_layer_frac_differing": max(r["layerwise_frac_differing"].values()),
-            "sim_reordered_agreement_fine": r.get("sim_reordered", {}).get(
-                "top1_agreement_fine_with_sim"),
-            "sim_float64_agreement_fine": r.get("sim_float64", {}).get(
-                "top1_agreement_fine_with_sim"),
-            "int_vs_float64_agreement_fine": r.get("sim_float64", {}).get(
-                "top1_agreement_fine_with_int"),
-            "int_vs_float64_logit_error_lsb_rms": r.get("sim_float64", {}).get(
-                "int_logit_error_lsb_rms"),
-            "max_layer_frac_differing_float64": max(
-                r.get("sim_float64", {}).get("layerwise_frac_differing", {}).values(),
-                default=None),
-            "run": r.get("run"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "report": path,
+                "model": _display_path(r.get("model", "official float graph")),
+                "recipe": recipe if isinstance(recipe, str) else "exported (QAT)",
+                "label_space": r.get("label_space", "imagenet1001"),
+                "rounding": r.get("rounding", "conv=double,depthwise=double"),
+                "simulation": _simulation_kind(r),
+                "n": r["n"],
+                "top1_agreement": r["top1_agreement"],
+                "top1_agreement_tie_aware": r["top1_agreement_tie_aware"],
+                "top1_agreement_fine": r["top1_agreement_fine"],
+                "fine_logit_error_lsb_rms": r["fine_logit_error_lsb"]["rms"],
+                "top2_gap_below_1_lsb": r["top2_gap_lsb_below"]["1.0"],
+                "max_layer_frac_differing": max(r["layerwise_frac_differing"].values()),
+                "sim_reordered_agreement_fine": r.get("sim_reordered", {}).get(
+                    "top1_agreement_fine_with_sim"
+                ),
+                "sim_float64_agreement_fine": r.get("sim_float64", {}).get(
+                    "top1_agreement_fine_with_sim"
+                ),
+                "int_vs_float64_agreement_fine": r.get("sim_float64", {}).get(
+                    "top1_agreement_fine_with_int"
+                ),
+                "int_vs_float64_logit_error_lsb_rms": r.get("sim_float64", {}).get(
+                    "int_logit_error_lsb_rms"
+                ),
+                "max_layer_frac_differing_float64": max(
+                    r.get("sim_float64", {}).get("layerwise_frac_differing", {}).values(),
+                    default=None,
+                ),
+                "run": r.get("run"),
+            }
+        )
     return {"rows": rows}
 
 

@@ -58,10 +58,12 @@ def analyze_alpha(variables: dict, eps: float, threshold: float, workdir: str, p
         first = next(iter(alphas))
         published = paper.FIG3_ALPHA if first == paper.FIG3_LAYER else None
         plots_lib.plot_alpha_channels(
-            alphas[first]["alpha"], os.path.join(workdir, f"alpha_{first}.png"),
-            zero_variance=alphas[first]["zero_variance"], paper=published,
+            alphas[first]["alpha"],
+            os.path.join(workdir, f"alpha_{first}.png"),
+            zero_variance=alphas[first]["zero_variance"],
+            paper=published,
             title=f"{first}: folded BN scale α per channel (red: zero variance)",
-        )  # fmt: skip
+        )
         plots_lib.plot_alpha_layers(alphas, os.path.join(workdir, "alpha_layers.png"))
     if comparison is not None:
         comparison = {k: v for k, v in comparison.items() if k not in ("ours", "paper")}
@@ -90,9 +92,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if cmp is not None:
         logging.info(
             "alpha of %s vs paper Figure 3: max abs diff %.3g, max rel diff %.3g, "
-            "matches to 4 decimals: %s", cmp["layer"], cmp["max_abs_diff"], cmp["max_rel_diff"],
+            "matches to 4 decimals: %s",
+            cmp["layer"],
+            cmp["max_abs_diff"],
+            cmp["max_rel_diff"],
             cmp["matches_4_decimals"],
-        )  # fmt: skip
+        )
 
     calib = common.calibration_input(config)
     data = eval_input(
@@ -100,9 +105,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     logging.info(
         "SQNR on %d images of %s; calibration on %d images of %s; integer pass: %s",
-        data.num_examples, data.name, calib.num_examples, calib.name,
+        data.num_examples,
+        data.name,
+        calib.num_examples,
+        calib.name,
         "yes" if use_integer else integer_note,
-    )  # fmt: skip
+    )
 
     detail, tables, range_tables, info, integer_skipped = {}, {}, {}, {}, {}
     for name in config.pipelines:
@@ -182,13 +190,16 @@ def _ranges_markdown(range_tables: dict) -> str:
     parts = []
     for name, t in range_tables.items():
         parts.append(f"## {name}: weights (after folding)\n")
-        parts.append(ranges_lib.format_markdown(
-            t["weights"], ["min", "max", "abs_max_channel_median", "max_over_median", "step_max"]
-        ))  # fmt: skip
+        parts.append(
+            ranges_lib.format_markdown(
+                t["weights"],
+                ["min", "max", "abs_max_channel_median", "max_over_median", "step_max"],
+            )
+        )
         parts.append(f"\n\n## {name}: activations\n")
-        parts.append(ranges_lib.format_markdown(
-            t["activations"], ["min", "max", "scale", "zero_point"]
-        ))  # fmt: skip
+        parts.append(
+            ranges_lib.format_markdown(t["activations"], ["min", "max", "scale", "zero_point"])
+        )
         parts.append("\n\n")
     return "".join(parts)
 
@@ -205,9 +216,10 @@ def _plot_sqnr(tables: dict, workdir: str) -> None:
     integer = {n: t["integer"] for n, t in tables.items() if "integer" in t}
     if integer:
         plots_lib.plot_sqnr(
-            integer, os.path.join(workdir, "sqnr_integer.png"),
+            integer,
+            os.path.join(workdir, "sqnr_integer.png"),
             title="per-layer SQNR, integer-only pass",
-        )  # fmt: skip
+        )
 
 
 def format_summary(results: dict) -> str:
@@ -220,8 +232,11 @@ def format_summary(results: dict) -> str:
             f"{cmp['max_abs_diff']:.2e}, max rel diff {cmp['max_rel_diff']:.2e}, "
             f"matches to 4 decimals: {cmp['matches_4_decimals']}"
         )
-    zero = {k: v["zero_variance_channels"] for k, v in results["alpha"]["summary"].items()
-            if v["zero_variance_channels"]}  # fmt: skip
+    zero = {
+        k: v["zero_variance_channels"]
+        for k, v in results["alpha"]["summary"].items()
+        if v["zero_variance_channels"]
+    }
     lines.append(f"zero-variance channels per depthwise BN: {zero}")
     lines.append(f"SQNR (dB), {results['num_sqnr_images']} images of {results['sqnr_data']}:")
     names = list(results["sqnr"])

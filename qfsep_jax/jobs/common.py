@@ -46,10 +46,14 @@ def quantize(
     :func:`calibration_input`)."""
     calib = calib or calibration_input(config)
     return ptq.quantize_post_training(
-        model, variables, recipe, calib.make, calib.num_batches,
+        model,
+        variables,
+        recipe,
+        calib.make,
+        calib.num_batches,
         zero_variance_threshold=config.get("zero_variance_threshold", 1e-10),
         cle_iterations=config.get("cle_iterations", 20),
-    )  # fmt: skip
+    )
 
 
 def recipe_with_observer(name: str, config: ml_collections.ConfigDict) -> PTQRecipe:
@@ -63,9 +67,7 @@ def parse_source(source: str, kinds: tuple[str, ...]) -> tuple[str, str]:
     """``"kind:value"`` → ``(kind, value)``, with an error that lists the allowed kinds."""
     kind, sep, value = source.partition(":")
     if not sep or kind not in kinds or not value:
-        raise ValueError(
-            f"source {source!r}: use one of " + ", ".join(f"'{k}:...'" for k in kinds)
-        )
+        raise ValueError(f"source {source!r}: use one of " + ", ".join(f"'{k}:...'" for k in kinds))
     return kind, value
 
 

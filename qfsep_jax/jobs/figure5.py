@@ -158,9 +158,11 @@ def step_evaluate(train_config, qmodel, model, variables, config) -> dict:
 def step_sqnr(train_config, qmodel, config) -> dict:
     """Per-layer SQNR (fake-quant, integer-only where available) on the first val images."""
     data = eval_input(
-        train_config, train_config.eval_data, limit=config.num_sqnr_images,
+        train_config,
+        train_config.eval_data,
+        limit=config.num_sqnr_images,
         batch_size=config.sqnr_batch_size,
-    )  # fmt: skip
+    )
     integer_fn, integer_error = None, None
     if config.integer:
         try:
@@ -319,14 +321,19 @@ def _plot(variants: Mapping[str, Any], workdir: str) -> None:
     table, spreads = {}, {}
     for v, s in variants.items():
         table[v], spreads[v] = {}, {}
-        for key, label in (("float_top1", "float"), ("fake_quant_top1", "8-bit fake-quant"),
-                           ("integer_top1", "8-bit integer")):  # fmt: skip
+        for key, label in (
+            ("float_top1", "float"),
+            ("fake_quant_top1", "8-bit fake-quant"),
+            ("integer_top1", "8-bit integer"),
+        ):
             if s[key]:
                 table[v][label], spreads[v][label] = s[key]["mean"], s[key]["std"]
     plots.plot_accuracy(
-        table, os.path.join(workdir, "figure5_accuracy.png"), spreads,
+        table,
+        os.path.join(workdir, "figure5_accuracy.png"),
+        spreads,
         title="Imagenette val top-1 by core layer (TF8 post-training quantization)",
-    )  # fmt: skip
+    )
     for key, name in (
         ("sqnr_fake_quant", "figure5_sqnr"),
         ("sqnr_integer", "figure5_sqnr_integer"),
@@ -334,10 +341,11 @@ def _plot(variants: Mapping[str, Any], workdir: str) -> None:
         curves = {v: s[key] for v, s in variants.items() if s[key]}
         if curves:
             plots.plot_sqnr(
-                curves, os.path.join(workdir, f"{name}.png"),
+                curves,
+                os.path.join(workdir, f"{name}.png"),
                 spreads={v: variants[v][key + "_std"] for v in curves},
                 title=f"per-layer SQNR by core layer ({key.split('_', 1)[1].replace('_', '-')})",
-            )  # fmt: skip
+            )
 
 
 # ---------------------------------------------------------------- driver
@@ -381,10 +389,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     out = step_evaluate(tc, qmodel, model, variables, config)
                     out.update({"variant": variant, "seed": seed})
                     logging.info(
-                        "%s: top-1 float %.2f, fake-quant %.2f, integer %s", key,
-                        out["float"]["top1"], out["fake_quant"]["top1"],
+                        "%s: top-1 float %.2f, fake-quant %.2f, integer %s",
+                        key,
+                        out["float"]["top1"],
+                        out["fake_quant"]["top1"],
                         "-" if out["integer"] is None else f"{out['integer']['top1']:.2f}",
-                    )  # fmt: skip
+                    )
                 else:
                     out = step_sqnr(tc, qmodel, config)
                 io_utils.write_json(path, out)

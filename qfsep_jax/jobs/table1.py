@@ -45,9 +45,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluate_data = eval_input(config, config.eval_data, limit=config.limit)
     calib = common.calibration_input(config)
     logging.info(
-        "eval %s: %d images; calibration %s: %d images", evaluate_data.name,
-        evaluate_data.num_examples, calib.name, calib.num_examples,
-    )  # fmt: skip
+        "eval %s: %d images; calibration %s: %d images",
+        evaluate_data.name,
+        evaluate_data.num_examples,
+        calib.name,
+        calib.num_examples,
+    )
 
     def score(logits_fn, name):
         return evaluation.evaluate(
@@ -81,8 +84,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if "zero_variance_channels" in qmodel.info:
                 row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
             rows.append(row)
-        logging.info("%s: top1 %.2f top5 %.2f (n=%d)", name, rows[-1]["top1"], rows[-1]["top5"],
-                     rows[-1]["n"])  # fmt: skip
+        logging.info(
+            "%s: top1 %.2f top5 %.2f (n=%d)",
+            name,
+            rows[-1]["top1"],
+            rows[-1]["top5"],
+            rows[-1]["n"],
+        )
         jax.clear_caches()
     out = {
         "rows": rows,

@@ -38,14 +38,21 @@ def compare_tensors(int_model, ints: dict, ref: dict, i: int, runner) -> dict | 
         theirs = ref[(f, t)].reshape(-1)
         if mine.shape != theirs.shape or np.any(mine != theirs):
             if mine.shape != theirs.shape:
-                return {"layer": name, "tflite_tensor": runner.tensor_name(f, t),
-                        "file": f, "shape_mismatch": [mine.shape, theirs.shape]}  # fmt: skip
+                return {
+                    "layer": name,
+                    "tflite_tensor": runner.tensor_name(f, t),
+                    "file": f,
+                    "shape_mismatch": [mine.shape, theirs.shape],
+                }
             diff = np.abs(mine.astype(np.int32) - theirs.astype(np.int32))
             return {
-                "layer": name, "tflite_tensor": runner.tensor_name(f, t), "file": f,
+                "layer": name,
+                "tflite_tensor": runner.tensor_name(f, t),
+                "file": f,
                 "differing_elements": int(np.count_nonzero(diff)),
-                "max_abs_diff": int(diff.max()), "first_index": int(np.flatnonzero(diff)[0]),
-            }  # fmt: skip
+                "max_abs_diff": int(diff.max()),
+                "first_index": int(np.flatnonzero(diff)[0]),
+            }
     return None
 
 
@@ -79,8 +86,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.image_size and config.image_size != height:
         raise ValueError(f"config.image_size={config.image_size} but the model takes {height}")
     data = eval_input(config, config.eval_data, limit=config.limit, uint8=True, image_size=height)
-    logging.info("%s on %s: %d images at %d px", int_model.source, data.name,
-                 data.num_examples, height)  # fmt: skip
+    logging.info(
+        "%s on %s: %d images at %d px", int_model.source, data.name, data.num_examples, height
+    )
     num_classes = int_model.layers[-1].out_channels
     score = num_classes == 1001 and config.label_space == "imagenet1001"
 
@@ -95,8 +103,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             candidates[preset] = _count_differences(int_model, ints, refs)
         expected = expected_rounding(config.op_resolver, int_model.dtype)
         rounding = min(candidates, key=lambda k: (candidates[k], k != expected))
-        logging.info("rounding candidates (differing elements, first batch): %s -> %s",
-                     candidates, rounding)  # fmt: skip
+        logging.info(
+            "rounding candidates (differing elements, first batch): %s -> %s", candidates, rounding
+        )
     else:
         rounding = config.rounding
     int_model = int_model.with_rounding(rounding)
@@ -148,8 +157,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if score:
         out["top1_int"] = 100.0 * hits["int"] / n
         out["top1_litert"] = 100.0 * hits["litert"] / n
-        print(f"top-1 (1001-way): integer pass {out['top1_int']:.2f}%, "
-              f"LiteRT {out['top1_litert']:.2f}%")  # fmt: skip
+        print(
+            f"top-1 (1001-way): integer pass {out['top1_int']:.2f}%, "
+            f"LiteRT {out['top1_litert']:.2f}%"
+        )
     io_utils.write_json(os.path.join(workdir, "results.json"), out)
     print(f"rounding: {rounding} ({int_model.rounding}); op resolver: {config.op_resolver}")
     if first_mismatch is not None:

@@ -229,9 +229,12 @@ def _bn_train_bwd(epsilon, axis_name, activation, native_sums, residuals, cotang
     if native_sums:
         params = jnp.stack([mean, alpha, beta]).astype(jnp.float32)
         sum_g, sum_gy = _channel_sums(
-            native.BN_GRAD_SUMS_TARGET, g.astype(jnp.float32), y, params,
+            native.BN_GRAD_SUMS_TARGET,
+            g.astype(jnp.float32),
+            y,
+            params,
             activation=np.int64(ACTIVATION_CODES[activation]),
-        )  # fmt: skip
+        )
     else:
         sum_g = jnp.sum(g_act, axis=(0, 1, 2))
         sum_gy = jnp.sum(g_act * y, axis=(0, 1, 2))
@@ -403,9 +406,14 @@ class ConvLayer(nn.Module):
             alpha = bn.gamma * jax.lax.rsqrt(bn.var.value + self.bn_epsilon)
             return (y - bn.mean.value) * alpha + bn.beta, False
         y, mean, var = batch_norm_train(
-            y, bn.gamma, bn.beta, self.bn_epsilon, self.axis_name, self.activation,
+            y,
+            bn.gamma,
+            bn.beta,
+            self.bn_epsilon,
+            self.axis_name,
+            self.activation,
             native_bn_sums(self.depthwise_impl, y),
-        )  # fmt: skip
+        )
         if bn.update:
             m = self.bn_momentum
             bn.mean.value = m * bn.mean.value + (1 - m) * mean

@@ -17,9 +17,20 @@ from qfsep_jax.quant.scheme import QuantConfig
 
 # (output depth, stride) of the 13 separable blocks (paper's Table 2, last block stride 1).
 BLOCK_SPECS: tuple[tuple[int, int], ...] = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
-)  # fmt: skip
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+)
 BLOCK_TYPES = ("original", "qf")
 
 
@@ -58,11 +69,16 @@ class SeparableBlock(_SeparableBase):
             train=train, quant_mode=quant_mode, bn_frozen=bn_frozen, quant_active=quant_active
         )
         x = self._layer(
-            "depthwise", features=x.shape[-1], kernel_size=3, stride=self.stride,
-            depthwise=True, activation=self.activation,
-        )(x, **kw)  # fmt: skip
-        return self._layer("pointwise", features=self.features, kernel_size=1,
-                           activation=self.activation)(x, **kw)  # fmt: skip
+            "depthwise",
+            features=x.shape[-1],
+            kernel_size=3,
+            stride=self.stride,
+            depthwise=True,
+            activation=self.activation,
+        )(x, **kw)
+        return self._layer(
+            "pointwise", features=self.features, kernel_size=1, activation=self.activation
+        )(x, **kw)
 
 
 class QFSeparableBlock(_SeparableBase):
@@ -78,11 +94,18 @@ class QFSeparableBlock(_SeparableBase):
             train=train, quant_mode=quant_mode, bn_frozen=bn_frozen, quant_active=quant_active
         )
         x = self._layer(
-            "depthwise", features=x.shape[-1], kernel_size=3, stride=self.stride,
-            depthwise=True, use_bn=False, use_bias=self.depthwise_bias, activation="none",
-        )(x, **kw)  # fmt: skip
-        return self._layer("pointwise", features=self.features, kernel_size=1,
-                           activation=self.activation)(x, **kw)  # fmt: skip
+            "depthwise",
+            features=x.shape[-1],
+            kernel_size=3,
+            stride=self.stride,
+            depthwise=True,
+            use_bn=False,
+            use_bias=self.depthwise_bias,
+            activation="none",
+        )(x, **kw)
+        return self._layer(
+            "pointwise", features=self.features, kernel_size=1, activation=self.activation
+        )(x, **kw)
 
 
 def block_class(block: str) -> type[_SeparableBase]:
@@ -174,26 +197,37 @@ class MobileNetV1(nn.Module):
             train=train, quant_mode=quant_mode, bn_frozen=bn_frozen, quant_active=quant_active
         )
         common = dict(
-            bn_folded=self.bn_folded, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-            quant=self.quant, axis_name=self.axis_name, depthwise_impl=self.depthwise_impl,
-        )  # fmt: skip
+            bn_folded=self.bn_folded,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            quant=self.quant,
+            axis_name=self.axis_name,
+            depthwise_impl=self.depthwise_impl,
+        )
         x = ActQuant(self.quant, self.axis_name, name="input_quant")(
             images, quant_mode, train, quant_active
         )
         if self.dtype is not None:
             x = x.astype(self.dtype)
         x = ConvLayer(
-            scaled_depth(32, self.width_multiplier, self.min_depth), kernel_size=3,
-            stride=self.stem_stride, activation=self.activation, name="Conv2d_0", **common,
-        )(x, **kw)  # fmt: skip
+            scaled_depth(32, self.width_multiplier, self.min_depth),
+            kernel_size=3,
+            stride=self.stem_stride,
+            activation=self.activation,
+            name="Conv2d_0",
+            **common,
+        )(x, **kw)
         block_cls = block_class(self.block)
         blk = None
         for i, (depth, stride) in enumerate(BLOCK_SPECS, start=1):
             blk = block_cls(
-                scaled_depth(depth, self.width_multiplier, self.min_depth), stride=stride,
-                activation=self.activation, depthwise_bias=self.depthwise_bias,
-                name=f"Conv2d_{i}", **common,
-            )  # fmt: skip
+                scaled_depth(depth, self.width_multiplier, self.min_depth),
+                stride=stride,
+                activation=self.activation,
+                depthwise_bias=self.depthwise_bias,
+                name=f"Conv2d_{i}",
+                **common,
+            )
             x = blk(x, **kw)
         window = x.shape[1] * x.shape[2]
         x = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.promote_types(x.dtype, jnp.float32))
@@ -205,7 +239,12 @@ class MobileNetV1(nn.Module):
             x = _where(quant_active, pooled_q, x)  # no rounding during a QAT quant delay
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = ConvLayer(
-            self.num_classes, kernel_size=1, use_bn=False, use_bias=True, activation="none",
-            name="Logits", **common,
-        )(x, **kw)  # fmt: skip
+            self.num_classes,
+            kernel_size=1,
+            use_bn=False,
+            use_bias=True,
+            activation="none",
+            name="Logits",
+            **common,
+        )(x, **kw)
         return jnp.reshape(x, (x.shape[0], self.num_classes))

@@ -71,10 +71,14 @@ def build(compiler: str | None = None) -> str:
         source = f.read()
     key = hashlib.sha256(
         b"\0".join(
-            [source, jaxlib.__version__.encode(), " ".join((compiler, *_FLAGS)).encode(),
-             _cpu_signature().encode()]
+            [
+                source,
+                jaxlib.__version__.encode(),
+                " ".join((compiler, *_FLAGS)).encode(),
+                _cpu_signature().encode(),
+            ]
         )
-    ).hexdigest()[:16]  # fmt: skip
+    ).hexdigest()[:16]
     out_dir = cache_dir()
     path = os.path.join(out_dir, f"cpu_kernels_{key}.so")
     if os.path.exists(path):
