@@ -268,6 +268,8 @@ def _train(config, check_paths: bool) -> None:
     _number(config, "num_epochs", 0.0, lo_open=True)
     _int(config, "total_steps", 1, optional="num_epochs decides")
 
+    if _get(config, "half_precision") is not None:  # None: bfloat16 on GPU/TPU only
+        _bool(config, "half_precision")
     _bool(config, "qat.enabled")
     _choice(config, "qat.scheme", scheme.SCHEMES)
     _bool(config, "qat.per_channel_weights")

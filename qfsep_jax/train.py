@@ -175,13 +175,13 @@ def model_variables(state: TrainState) -> Variables:
     return out
 
 
-def _quant_kwargs(step: jax.Array, hp: StepConfig) -> dict[str, Any]:
-    if not hp.qat:
+def _quant_kwargs(step: jax.Array, step_config: StepConfig) -> dict[str, Any]:
+    if not step_config.qat:
         return {}
-    bn_frozen = step >= hp.bn_freeze_step if hp.bn_freeze_step >= 0 else False
+    bn_frozen = step >= step_config.bn_freeze_step if step_config.bn_freeze_step >= 0 else False
     return {
         "quant_mode": "qat",
-        "quant_active": step >= hp.quant_delay_steps,
+        "quant_active": step >= step_config.quant_delay_steps,
         "bn_frozen": bn_frozen,
     }
 
@@ -193,7 +193,7 @@ def train_step(
     model: MobileNetV1,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    hp: StepConfig,
+    step_config: StepConfig,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on this device's part of the global batch (run under :func:`pmap_step`).
 
@@ -203,7 +203,7 @@ def train_step(
     """
     key = jax.random.wrap_key_data(state.rng)
     dropout_key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(AXIS))
-    mutable = ["batch_stats", "quant_ranges"] if hp.qat else ["batch_stats"]
+    mutable = ["batch_stats", "quant_ranges"] if step_config.qat else ["batch_stats"]
 
     def loss_fn(params):
         variables = model_variables(state.replace(params=params))
@@ -213,10 +213,12 @@ def train_step(
             train=True,
             mutable=mutable,
             rngs={"dropout": dropout_key},
-            **_quant_kwargs(state.step, hp),
+            **_quant_kwargs(state.step, step_config),
         )
-        ce = cross_entropy_loss(logits, batch["label"], hp.num_classes, hp.label_smoothing)
-        wd = weight_decay_loss(params, hp.weight_decay, hp.depthwise_weight_decay)
+        ce = cross_entropy_loss(
+            logits, batch["label"], step_config.num_classes, step_config.label_smoothing
+        )
+        wd = weight_decay_loss(params, step_config.weight_decay, step_config.depthwise_weight_decay)
         return ce + wd, (new_vars, logits, ce, wd)
 
     (loss, (new_vars, logits, ce, wd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -315,21 +317,21 @@ def create_train_state(
 # Evaluation over all processes.
 
 
-def evaluate(
+def evaluate_on_devices(
     p_eval: Callable, state: TrainState, config, local_devices: Sequence[jax.Device]
 ) -> dict[str, float]:
     """Top-1/top-5 (%) over ``config.eval_data``, every image counted once over all processes."""
-    pi, pc = jax.process_index(), jax.process_count()
-    per_process = config.eval_batch_size // pc
+    process_index, process_count = jax.process_index(), jax.process_count()
+    per_process = config.eval_batch_size // process_count
     # eval_limit counts images over all processes: this process's share of the first N.
     limit = config.get("eval_limit")
-    limit = None if limit is None else len(range(pi, limit, pc))
+    limit = None if limit is None else len(range(process_index, limit, process_count))
     inp = data_input.eval_input(
         config,
         config.eval_data,
         limit=limit,
         batch_size=per_process,
-        shard=(pi, pc),
+        shard=(process_index, process_count),
     )
     # Every process must run the same number of steps (collectives): pad with empty batches.
     num_batches = int(np.max(multihost_utils.process_allgather(np.int64(inp.num_batches))))
@@ -347,7 +349,7 @@ def evaluate(
         desc="eval",
         unit="batch",
         leave=False,
-        disable=pi != 0,
+        disable=process_index != 0,
     ):
         skipped = max(skipped, int(batch.get("skipped", 0)))
         batch = {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}
@@ -441,10 +443,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         label_space=config.label_space,
         tfds_data_dir=config.get("tfds_data_dir") or None,
         manual_dir=config.get("manual_dir") or None,
-        process_split=(devices.pi, devices.pc),
+        process_split=(devices.process_index, devices.process_count),
     )
     # A random-access source is global; a streaming one holds this process's split only.
-    global_examples = train_source.num_examples * (1 if train_source.random_access else devices.pc)
+    global_examples = train_source.num_examples * (
+        1 if train_source.random_access else devices.process_count
+    )
     steps_per_epoch = max(1, global_examples // config.batch_size)
     total_steps = config.get("total_steps") or int(math.ceil(config.num_epochs * steps_per_epoch))
 
@@ -457,8 +461,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     stream = train_input.TrainStream(
         seed=config.seed,
         global_batch=config.batch_size,
-        process_index=devices.pi,
-        process_count=devices.pc,
+        process_index=devices.process_index,
+        process_count=devices.process_count,
         image_size=config.image_size,
         area_range=tuple(config.crop_area_range),
         aspect_ratio_range=tuple(config.crop_aspect_ratio_range),
@@ -467,7 +471,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         num_classes=num_classes,
     )
     batches = train_input.prefetch_to_devices(
-        train_input.train_batches(train_source, stream, start_step, int(skipped[devices.pi])),
+        train_input.train_batches(
+            train_source, stream, start_step, int(skipped[devices.process_index])
+        ),
         devices.local,
         size=config.prefetch_batches,
     )
@@ -478,14 +484,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         steps_per_epoch,
         config.batch_size,
         len(devices.local),
-        devices.pc,
+        devices.process_count,
     )
 
     # Lay the state out as the step returns it (replicated over the local mesh), so the first
     # step does not compile a second executable for host inputs.
     replicated = NamedSharding(train_input.device_mesh(devices.local), PartitionSpec())
     state = jax.device_put(state, replicated)
-    state = _train_loop(run, state, start_step, int(skipped[devices.pi]), batches, p_train, p_eval)
+    state = _train_loop(
+        run, state, start_step, int(skipped[devices.process_index]), batches, p_train, p_eval
+    )
     if start_step >= total_steps and config.eval_every_steps >= 0:
         run.evaluate_finished_run(state, p_eval)
     run.close()
@@ -504,24 +512,24 @@ class _Devices:
 
     local: list
     pmap: list | None
-    pi: int
-    pc: int
+    process_index: int
+    process_count: int
 
     @property
     def num_global(self) -> int:
-        return len(self.local) * self.pc
+        return len(self.local) * self.process_count
 
     @classmethod
     def of(cls, config) -> _Devices:
-        pi, pc = jax.process_index(), jax.process_count()
+        process_index, process_count = jax.process_index(), jax.process_count()
         local, pmap = list(jax.local_devices()), None
         if config.get("num_devices"):
-            if pc > 1:
+            if process_count > 1:
                 raise ValueError("config.num_devices is for single-process runs; unset it")
             if config.num_devices > len(local):
                 raise ValueError(f"num_devices={config.num_devices} > {len(local)} devices")
             local = pmap = local[: config.num_devices]
-        devices = cls(local, pmap, pi, pc)
+        devices = cls(local, pmap, process_index, process_count)
         for name in ("batch_size", "eval_batch_size"):
             if config[name] % devices.num_global:
                 raise ValueError(
@@ -533,7 +541,7 @@ class _Devices:
 
 def _pmapped_steps(config, model, tx, schedule, num_classes: int, devices: _Devices):
     """The pmapped :func:`train_step` and :func:`eval_step` of this run."""
-    hp = StepConfig(
+    step_config = StepConfig(
         num_classes=num_classes,
         label_smoothing=config.label_smoothing,
         weight_decay=config.weight_decay,
@@ -543,7 +551,10 @@ def _pmapped_steps(config, model, tx, schedule, num_classes: int, devices: _Devi
         bn_freeze_step=config.qat.bn_freeze_step,
     )
     p_train = pmap_step(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, hp=hp), devices.pmap
+        functools.partial(
+            train_step, model=model, tx=tx, schedule=schedule, step_config=step_config
+        ),
+        devices.pmap,
     )
     quant_mode = "qat" if config.qat.enabled else "float"
     p_eval = pmap_step(
@@ -557,15 +568,15 @@ class _Run:
 
     def __init__(self, config, workdir: str, devices: _Devices, total_steps: int):
         self.config, self.workdir, self.devices = config, workdir, devices
-        self.is_main = devices.pi == 0
+        self.is_main = devices.process_index == 0
         self.ckpt = checkpointing.Checkpointer(
             os.path.join(workdir, checkpointing.CHECKPOINT_DIR),
             max_to_keep=config.keep_checkpoints,
             asynchronous=config.async_checkpoints,
         )
         self.ckpt_closed = False
-        self.meta = _stream_meta(config, devices.pc)
-        self.writer = metrics_log.create_writer(workdir, self.is_main)
+        self.meta = _stream_meta(config, devices.process_count)
+        self.writer = None  # created once the restart is accepted (a refusal writes nothing)
         self.summary: dict[str, Any] = {
             "total_steps": total_steps,
             "num_devices": devices.num_global,
@@ -575,7 +586,7 @@ class _Run:
         """``(state, start step, skipped corrupt files per process)``, from the newest checkpoint
         if there is one (a resume must see the same data stream and no result-changing config
         change); else writes ``config.json``."""
-        start_step, skipped = 0, np.zeros((self.devices.pc,), np.int64)
+        start_step, skipped = 0, np.zeros((self.devices.process_count,), np.int64)
         latest = self.ckpt.latest_step()
         if latest is not None:
             state, meta = self.ckpt.restore(latest, state)
@@ -601,6 +612,7 @@ class _Run:
                 self.config.to_json_best_effort(indent=2),
             )
         self.summary = {"start_step": start_step, **self.summary}
+        self.writer = metrics_log.create_writer(self.workdir, self.is_main)
         return state, start_step, skipped
 
     def keep_work_and_raise(self, err: Exception, step: int, what: str) -> None:
@@ -622,7 +634,7 @@ class _Run:
             last = metrics_log.read_metrics(self.workdir).get(self.summary["total_steps"], {})
             self.summary.update({k: last[k] for k in ("train_loss",) if k in last})
         try:
-            self.summary.update(evaluate(p_eval, state, self.config, self.devices.local))
+            self.summary.update(evaluate_on_devices(p_eval, state, self.config, self.devices.local))
         except Exception as err:
             self.keep_work_and_raise(err, int(state.step), "evaluation")
 
@@ -653,7 +665,7 @@ def _train_loop(
 ) -> TrainState:
     """Steps from ``start_step`` to the end (or ``halt_after_steps``), logging, checkpointing
     (before each evaluation, so that a failing evaluation loses no training) and evaluating."""
-    config, pc = run.config, run.devices.pc
+    config, process_count = run.config, run.devices.process_count
     total_steps = run.summary["total_steps"]
     window: list[dict[str, jax.Array]] = []
     window_start, t0 = start_step, time.perf_counter()
@@ -676,7 +688,7 @@ def _train_loop(
         _check_finite(rows, window_start)  # before anything of this state is saved
         scalars = _window_scalars(rows, time.perf_counter() - t0, config.batch_size)
         skipped_all = multihost_utils.process_allgather(np.int64(last_skipped))
-        skipped_all = np.asarray(skipped_all, np.int64).reshape(pc)
+        skipped_all = np.asarray(skipped_all, np.int64).reshape(process_count)
         scalars["skipped_corrupt"] = int(skipped_all.sum())
         run.summary["train_loss"] = scalars["train_loss"]
         meta = {
@@ -689,7 +701,7 @@ def _train_loop(
             run.ckpt.save(done, state, meta)
         if do_eval:
             try:
-                scalars.update(evaluate(p_eval, state, config, run.devices.local))
+                scalars.update(evaluate_on_devices(p_eval, state, config, run.devices.local))
             except Exception as err:
                 if not do_ckpt:
                     run.ckpt.save(done, state, meta)

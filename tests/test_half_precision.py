@@ -313,9 +313,11 @@ def bf16_qat_run():
     schedule = optax.constant_schedule(0.01)
     tx = optax.sgd(schedule, momentum=0.9)
     state = train.create_train_state(variables, tx, 0)
-    hp = train.StepConfig(num_classes=10, qat=True)
+    step_config = train.StepConfig(num_classes=10, qat=True)
     step = train.pmap_step(
-        functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, hp=hp),
+        functools.partial(
+            train.train_step, model=model, tx=tx, schedule=schedule, step_config=step_config
+        ),
         jax.local_devices()[:1],
     )
     state, metrics = step(state, {"image": images, "label": labels})

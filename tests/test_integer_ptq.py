@@ -260,7 +260,7 @@ def test_agreement_job_on_an_exported_model(setup, tf8, data_dir, tmp_path, caps
     with pytest.raises(ValueError, match="not an agreement report"):
         agreement_job.summarize_reports([str(tmp_path / "exported" / "model.json")])
     config.source = "exported:somewhere"
-    with pytest.raises(ValueError, match="'trained:...', 'quantized:...'"):
+    with pytest.raises(ValueError, match="config.source='exported:somewhere': must be 'official'"):
         agreement_job.run(config, str(tmp_path / "bad"))
 
 

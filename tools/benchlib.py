@@ -64,9 +64,11 @@ def jax_step(row: str, mode: str, depthwise_impl: str):
     variables = jax.tree.map(np.asarray, dict(variables))
     schedule = optax.constant_schedule(LEARNING_RATE)
     tx = optax.sgd(schedule, momentum=MOMENTUM)
-    hp = train.StepConfig(num_classes=NUM_CLASSES, qat=qat)
+    step_config = train.StepConfig(num_classes=NUM_CLASSES, qat=qat)
     step = train.pmap_step(
-        functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, hp=hp),
+        functools.partial(
+            train.train_step, model=model, tx=tx, schedule=schedule, step_config=step_config
+        ),
         devices=jax.local_devices()[:1],
     )
     rs = np.random.RandomState(0)

@@ -333,9 +333,11 @@ def _train_setup(mode: str, dtype, size_key: str, devices):
             axis_name=train.AXIS,
             dtype=dtype,
         )
-        hp = train.StepConfig(num_classes=NUM_CLASSES, qat=qat)
+        step_config = train.StepConfig(num_classes=NUM_CLASSES, qat=qat)
         _CACHE[key] = train.pmap_step(
-            functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, hp=hp),
+            functools.partial(
+                train.train_step, model=model, tx=tx, schedule=schedule, step_config=step_config
+            ),
             devices,
         )
     step = _CACHE[key]
