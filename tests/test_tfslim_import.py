@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import FLOAT_GRAPH, require
 
 from configs import reproduce_table1
+from qfsep_jax import paper
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.importers.tfslim import (
     TFSlimImportError,
@@ -19,43 +21,6 @@ from qfsep_jax.importers.tfslim import (
 )
 from qfsep_jax.models import MobileNetV1
 from qfsep_jax.quant.fold import bn_alpha
-from tests.conftest import FLOAT_GRAPH, require
-
-# The paper's Figure 3: alpha of the 32 channels of the first depthwise layer.
-PAPER_FIG3_ALPHA = [
-    21.5191,
-    0.223199,
-    1.08687,
-    14.1944,
-    0.863097,
-    0.183423,
-    0.101928,
-    0.194357,
-    24.2374,
-    0.0637057,
-    0.113416,
-    1.48599,
-    0.299164,
-    0.6962,
-    0.932557,
-    3.70812,
-    14.8428,
-    0.0413136,
-    0.184471,
-    0.228431,
-    17.1846,
-    30.6505,
-    0.114515,
-    1.3315,
-    0.214905,
-    0.627026,
-    0.0899751,
-    0.199664,
-    0.0595126,
-    0.461869,
-    0.339099,
-    0.229413,
-]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +77,7 @@ def test_alpha_of_first_depthwise_is_the_papers_figure3(official):
     p = official.variables["params"]["Conv2d_1"]["depthwise"]
     s = official.variables["batch_stats"]["Conv2d_1"]["depthwise"]
     alpha = np.asarray(bn_alpha(p["bn_scale"], s["bn_var"], official.model_kwargs["bn_epsilon"]))
-    np.testing.assert_allclose(alpha, PAPER_FIG3_ALPHA, rtol=5e-5, atol=1e-4)
+    np.testing.assert_allclose(alpha, paper.FIG3_ALPHA, rtol=5e-5, atol=1e-4)
 
 
 def _write_tf1_checkpoint(tensors: dict, prefix: str) -> None:

@@ -100,23 +100,6 @@ def jax_runner(row: str, mode: str, depthwise_impl: str):
 # PyTorch: the same architecture.
 
 
-BLOCKS = (
-    (64, 1),
-    (128, 2),
-    (128, 1),
-    (256, 2),
-    (256, 1),
-    (512, 2),
-    (512, 1),
-    (512, 1),
-    (512, 1),
-    (512, 1),
-    (512, 1),
-    (1024, 2),
-    (1024, 1),
-)
-
-
 def torch_mobilenet(width: float, stem_stride: int, qat: bool):
     """MobileNetV1 as a ``torch.nn.Sequential`` (TF-slim depths, ReLU6, dropout 0.001)."""
     import torch.ao.quantization as tq
@@ -141,7 +124,9 @@ def torch_mobilenet(width: float, stem_stride: int, qat: bool):
 
     c = depth(32)
     conv_bn_relu6(3, c, 3, stem_stride)
-    for d, s in BLOCKS:
+    from qfsep_jax.models.mobilenet_v1 import BLOCK_SPECS
+
+    for d, s in BLOCK_SPECS:
         conv_bn_relu6(c, c, 3, s, groups=c)
         conv_bn_relu6(c, depth(d), 1, 1)
         c = depth(d)
