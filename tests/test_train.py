@@ -594,7 +594,7 @@ def test_failing_evaluation_between_checkpoints_saves_the_state(data_dir, tmp_pa
     def broken_evaluation(*args, **kwargs):
         raise TypeError("'NoneType' object is not subscriptable")
 
-    monkeypatch.setattr(train, "evaluate", broken_evaluation)
+    monkeypatch.setattr(train, "evaluate_on_devices", broken_evaluation)
     config = smoke_config(
         data_dir,
         total_steps=3,
