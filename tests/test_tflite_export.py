@@ -18,7 +18,7 @@ from qfsep_jax import integer, ptq
 from qfsep_jax.integer import tflite_export
 from qfsep_jax.integer.reference import LiteRTRunner, make_interpreter
 from qfsep_jax.jobs import export_tflite as job
-from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+from qfsep_jax.models.mobilenet_v1 import MobileNetV1, random_variables
 
 SIZE = 32
 
@@ -35,21 +35,7 @@ def _tiny_ptq(block: str, recipe: str | ptq.PTQRecipe, seed: int = 0):
     )
     rng = np.random.default_rng(seed)
     images = rng.uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
-    # Variables from the shapes (compiling model.init costs more than the PTQ).
-    shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1])
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "kernel" in name:
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
-        if "mean" in name or "bias" in name:
-            return rng.normal(0, 0.2, leaf.shape).astype(np.float32)
-        return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)  # BN scales, variances
-
-    variables = jax.tree_util.tree_map_with_path(
-        fill, {k: v for k, v in shapes.items() if k != "quant_ranges"}
-    )
+    variables = random_variables(model, SIZE, seed)  # no compile of model.init
     if isinstance(recipe, str):
         recipe = ptq.recipe_by_name(recipe)
     qmodel = ptq.quantize_post_training(model, variables, recipe, lambda: [{"image": images}], 1)

@@ -48,31 +48,17 @@ def _parse(argv=None) -> argparse.Namespace:
 
 def build_exported(block: str, width: float, image_size: int, num_classes: int, path: str) -> str:
     """A random-weight MobileNetV1 of ``block``, TF8 post-training quantized, exported."""
-    import jax
     import numpy as np
 
     from qfsep_jax import integer, ptq
-    from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+    from qfsep_jax.models.mobilenet_v1 import MobileNetV1, random_variables
 
     model = MobileNetV1(
         num_classes=num_classes, width_multiplier=width, block=block, dropout_rate=0.0
     )
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (8, image_size, image_size, 3)).astype(np.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1])
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "kernel" in name:
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
-        if "mean" in name or "bias" in name:
-            return rng.normal(0, 0.2, leaf.shape).astype(np.float32)
-        return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-
-    variables = jax.tree_util.tree_map_with_path(
-        fill, {k: v for k, v in shapes.items() if k != "quant_ranges"}
-    )
+    variables = random_variables(model, image_size)
     qmodel = ptq.quantize_post_training(
         model, variables, ptq.recipe_by_name("tf8_per_tensor"), lambda: [{"image": images}], 1
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode, _where
 from qfsep_jax.quant.fake_quant import fake_quant
@@ -248,3 +249,28 @@ class MobileNetV1(nn.Module):
             **common,
         )(x, **kw)
         return jnp.reshape(x, (x.shape[0], self.num_classes))
+
+
+def random_variables(model: MobileNetV1, image_size: int, seed: int = 0) -> dict:
+    """Random ``params`` and ``batch_stats`` for ``model``, without compiling ``model.init``.
+
+    He-normal kernels; normal (std 0.2) biases, BN offsets and moving means; uniform [0.5, 1.5]
+    BN scales and moving variances. Unlike a fresh initialisation (BN mean 0, variance 1), BN
+    folding then changes every channel: for tests and benchmarks of quantized models.
+    """
+    rng = np.random.default_rng(seed)
+    shape = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), shape)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
+        if "mean" in name or "bias" in name:
+            return rng.normal(0, 0.2, leaf.shape).astype(np.float32)
+        return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)  # BN scales, variances
+
+    return jax.tree_util.tree_map_with_path(
+        fill, {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
+    )
