@@ -33,21 +33,18 @@ def pin_threads(threads: int) -> list[int]:
 # JAX: the project's train step.
 
 
-def jax_step(row: str, mode: str, depthwise_impl: str):
-    """The project's pmapped train step for a row and mode, with its initial state and batch.
-
-    Returns ``(step, state, batch)``; ``step(state, batch) -> (state, metrics)``.
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+def train_step_for(
+    width: float, stem: int, mode: str, devices, depthwise_impl: str = "auto", dtype=None
+):
+    """The project's pmapped train step on ``devices`` for a MobileNetV1 of ``width`` (float or
+    TF8 QAT ``mode``, compute ``dtype``): ``(step, model, tx)``. SGD momentum at a constant
+    learning rate; what the benchmarks and the device check time."""
     import optax
 
     from qfsep_jax import train
     from qfsep_jax.models.mobilenet_v1 import MobileNetV1
     from qfsep_jax.quant.scheme import QuantConfig
 
-    width, size, stem, batch = ROWS[row]
     qat = mode == "qat"
     quant = QuantConfig(scheme="tf8", observer="ema", ema_decay=0.999) if qat else None
     model = MobileNetV1(
@@ -57,11 +54,8 @@ def jax_step(row: str, mode: str, depthwise_impl: str):
         quant=quant,
         depthwise_impl=depthwise_impl,
         axis_name=train.AXIS,
+        dtype=dtype,
     )
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)
-    )
-    variables = jax.tree.map(np.asarray, dict(variables))
     schedule = optax.constant_schedule(LEARNING_RATE)
     tx = optax.sgd(schedule, momentum=MOMENTUM)
     step_config = train.StepConfig(num_classes=NUM_CLASSES, qat=qat)
@@ -69,8 +63,28 @@ def jax_step(row: str, mode: str, depthwise_impl: str):
         functools.partial(
             train.train_step, model=model, tx=tx, schedule=schedule, step_config=step_config
         ),
-        devices=jax.local_devices()[:1],
+        devices=devices,
     )
+    return step, model, tx
+
+
+def jax_step(row: str, mode: str, depthwise_impl: str):
+    """The project's pmapped train step for a row and mode, with its initial state and batch.
+
+    Returns ``(step, state, batch)``; ``step(state, batch) -> (state, metrics)``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qfsep_jax import train
+
+    width, size, stem, batch = ROWS[row]
+    step, model, tx = train_step_for(width, stem, mode, jax.local_devices()[:1], depthwise_impl)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)
+    )
+    variables = jax.tree.map(np.asarray, dict(variables))
     rs = np.random.RandomState(0)
     batch_arrays = {
         "image": rs.uniform(-1, 1, (1, batch, size, size, 3)).astype(np.float32),

@@ -310,37 +310,18 @@ def _train_setup(mode: str, dtype, size_key: str, devices):
     """A pmapped train step, its initial replicated state and a synthetic global batch."""
     import jax
     import numpy as np
-    import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
     from qfsep_jax import train
     from qfsep_jax.data.train_input import device_mesh
-    from qfsep_jax.models.mobilenet_v1 import MobileNetV1
-    from qfsep_jax.quant.scheme import QuantConfig
+    from tools.benchlib import train_step_for
 
     width, size, stem, per_device, *_ = SIZES[size_key]
     qat = mode == "qat"
-    schedule = optax.constant_schedule(0.01)
-    tx = optax.sgd(schedule, momentum=0.9)
     key = ("step", mode, dtype, size_key, tuple(devices))
     if key not in _CACHE:
-        quant = QuantConfig(scheme="tf8", observer="ema", ema_decay=0.999) if qat else None
-        model = MobileNetV1(
-            num_classes=NUM_CLASSES,
-            width_multiplier=width,
-            stem_stride=stem,
-            quant=quant,
-            axis_name=train.AXIS,
-            dtype=dtype,
-        )
-        step_config = train.StepConfig(num_classes=NUM_CLASSES, qat=qat)
-        _CACHE[key] = train.pmap_step(
-            functools.partial(
-                train.train_step, model=model, tx=tx, schedule=schedule, step_config=step_config
-            ),
-            devices,
-        )
-    step = _CACHE[key]
+        _CACHE[key] = train_step_for(width, stem, mode, devices, dtype=dtype)
+    step, _, tx = _CACHE[key]
     state = train.create_train_state(_initial_variables(width, size, stem, qat), tx, seed=0)
     # Laid out as the step returns it, so that the second call does not compile again.
     state = jax.device_put(state, NamedSharding(device_mesh(devices), PartitionSpec()))

@@ -45,6 +45,7 @@ from qfsep_jax import (
 from qfsep_jax.analysis import alpha as alpha_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input
+from qfsep_jax.jobs import common
 from qfsep_jax.quantized import QuantizedModel
 
 # How each variant's core layer computes (for tables and plots).
@@ -120,8 +121,9 @@ def quantize_trained(train_config, train_dir: str, config) -> tuple[QuantizedMod
     """
     model, variables = checkpointing.load_trained(train_config, train_dir)
     calib = eval_input(train_config, config.calibration_data, limit=config.num_calibration_images)
-    recipe = ptq.recipe_by_name(config.ptq_recipe)
-    qmodel = ptq.quantize_post_training(model, variables, recipe, calib.make, calib.num_batches)
+    qmodel = common.quantize(
+        model, variables, ptq.recipe_by_name(config.ptq_recipe), train_config, calib
+    )
     qmodel.info.update(
         {"calibration_data": calib.name, "num_calibration_images": calib.num_examples}
     )
