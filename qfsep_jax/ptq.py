@@ -30,7 +30,8 @@ Variables = dict[str, Any]
 # The rows of the paper's Table 1 reproduction, plus extra pipelines for comparison.
 RECIPES: dict[str, PTQRecipe] = {
     "tf8_per_tensor": PTQRecipe(),
-    "tf8_zero_variance_fix": PTQRecipe(zero_variance_fix=True),
+    "tf8_zero_variance_fix": PTQRecipe(zero_variance_fix=True),  # depthwise layers, the paper's
+    "tf8_zero_variance_fix_all": PTQRecipe(zero_variance_fix=True, zero_variance_scope="all"),
     "per_channel": PTQRecipe(per_channel_weights=True),
     "cle_per_tensor": PTQRecipe(cross_layer_equalization=True),
     "tf8_dynamic_ranges": PTQRecipe(dynamic_activation_ranges=True),
@@ -60,7 +61,10 @@ def prepare_folded(
         raise ValueError("prepare_folded expects an unfolded float model (bn_folded=False)")
     info: dict[str, Any] = {}
     if recipe.zero_variance_fix:
-        variables, fixed = fix_zero_variance(variables, zero_variance_threshold)
+        variables, fixed = fix_zero_variance(
+            variables, zero_variance_threshold, scope=recipe.zero_variance_scope
+        )
+        info["zero_variance_scope"] = recipe.zero_variance_scope
         info["zero_variance_channels"] = fixed
     qmodel, folded_vars = folded(model, variables)
     activation = model.activation

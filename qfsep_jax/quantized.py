@@ -19,7 +19,7 @@ import numpy as np
 
 from qfsep_jax.io_utils import write_json
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
-from qfsep_jax.quant.fold import folded
+from qfsep_jax.quant.fold import ZERO_VARIANCE_SCOPES, folded
 from qfsep_jax.quant.numerics import check_all_ranges
 from qfsep_jax.quant.scheme import QuantConfig
 
@@ -34,6 +34,8 @@ class PTQRecipe:
       scheme: ``tf8`` (uint8 asymmetric) or ``int8`` (symmetric int8 weights).
       per_channel_weights: one weight range per output channel.
       zero_variance_fix: the paper's fix (replace near-zero BN variances before folding).
+      zero_variance_scope: the BN layers the fix touches: ``depthwise`` (the paper's fix) or
+        ``all`` (also Conv2d_0 and the pointwise layers).
       cross_layer_equalization: Nagel et al.'s CLE on the folded weights (swaps ReLU6 → ReLU).
       observer: activation range observer (``minmax``, ``ema``, ``percentile``).
       dynamic_activation_ranges: per-input activation ranges instead of calibrated ones.
@@ -45,6 +47,14 @@ class PTQRecipe:
     cross_layer_equalization: bool = False
     observer: str = "minmax"
     dynamic_activation_ranges: bool = False
+    zero_variance_scope: str = "depthwise"
+
+    def __post_init__(self) -> None:
+        if self.zero_variance_scope not in ZERO_VARIANCE_SCOPES:
+            raise ValueError(
+                f"PTQRecipe.zero_variance_scope must be one of {ZERO_VARIANCE_SCOPES}, "
+                f"got {self.zero_variance_scope!r}"
+            )
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(
@@ -148,6 +158,6 @@ def load_quantized(directory: str) -> QuantizedModel:
     with ocp.StandardCheckpointer() as ckptr:
         variables = ckptr.restore(os.path.join(os.path.abspath(directory), "variables"))
     variables = jax.tree.map(np.asarray, variables)
-    return QuantizedModel(
-        MobileNetV1(**kw), variables, PTQRecipe(**desc["recipe"]), {"source": "qat"}
-    )
+    # A model saved before the recipe had a scope was fixed on all BN layers.
+    recipe = {"zero_variance_scope": "all", **desc["recipe"]}
+    return QuantizedModel(MobileNetV1(**kw), variables, PTQRecipe(**recipe), {"source": "qat"})

@@ -79,6 +79,41 @@ def test_zero_variance_fix_replaces_only_dead_channels():
     )
 
 
+def _plant_dead_channels(v, layers):
+    """Sets the BN variance of channels 1 and 4 of each ``(block, conv)`` layer to ~0."""
+    for block, conv in layers:
+        var = np.asarray(v["batch_stats"][block][conv]["bn_var"]).copy()
+        var[[1, 4]] = 4e-35
+        v["batch_stats"][block][conv]["bn_var"] = jnp.asarray(var)
+    return v
+
+
+def test_zero_variance_fix_scope_selects_the_depthwise_layers():
+    _, v = _random_model()
+    planted = [("Conv2d_0",), ("Conv2d_2", "depthwise"), ("Conv2d_3", "pointwise")]
+    v = _plant_dead_channels(v, [("Conv2d_2", "depthwise"), ("Conv2d_3", "pointwise")])
+    var = np.asarray(v["batch_stats"]["Conv2d_0"]["bn_var"]).copy()
+    var[[1, 4]] = 4e-35
+    v["batch_stats"]["Conv2d_0"]["bn_var"] = jnp.asarray(var)
+
+    dw_v, dw_fixed = fix_zero_variance(v, threshold=1e-10, scope="depthwise")
+    assert dw_fixed == {"Conv2d_2/depthwise": [1, 4]}
+    assert np.asarray(dw_v["batch_stats"]["Conv2d_2"]["depthwise"]["bn_var"])[1] > 0.5
+    for path in (("Conv2d_0",), ("Conv2d_3", "pointwise")):
+        node_new, node_old = dw_v["batch_stats"], v["batch_stats"]
+        for key in path:
+            node_new, node_old = node_new[key], node_old[key]
+        np.testing.assert_array_equal(node_new["bn_var"], node_old["bn_var"])
+
+    all_v, all_fixed = fix_zero_variance(v, threshold=1e-10, scope="all")
+    assert all_fixed == {"/".join(p): [1, 4] for p in planted}
+    assert np.asarray(all_v["batch_stats"]["Conv2d_3"]["pointwise"]["bn_var"])[4] > 0.5
+    assert np.asarray(all_v["batch_stats"]["Conv2d_0"]["bn_var"])[1] > 0.5
+
+    with pytest.raises(ValueError, match="scope must be one of"):
+        fix_zero_variance(v, threshold=1e-10, scope="pointwise")
+
+
 def test_cle_preserves_the_relu_function_and_equalizes_ranges():
     model, v = _random_model()
     folded = fold_batch_norm(v, model.bn_epsilon)

@@ -72,6 +72,45 @@ def test_recipes_and_errors():
         ptq.prepare_folded(qm, folded, ptq.RECIPES["tf8_per_tensor"])
 
 
+def test_zero_variance_scope_of_the_recipes(tmp_path):
+    from qfsep_jax.quantized import PTQRecipe, QuantizedModel, load_quantized, save_quantized
+
+    with pytest.raises(ValueError, match="zero_variance_scope must be one of"):
+        PTQRecipe(zero_variance_fix=True, zero_variance_scope="pointwise")
+    assert ptq.RECIPES["tf8_zero_variance_fix"].zero_variance_scope == "depthwise"
+    assert ptq.RECIPES["tf8_zero_variance_fix_all"].zero_variance_scope == "all"
+    model, v = _model_and_vars()
+    stats = v["batch_stats"]
+    for block, conv in (("Conv2d_2", "depthwise"), ("Conv2d_3", "pointwise")):
+        var = np.asarray(stats[block][conv]["bn_var"]).copy()
+        var[[0, 3]] = 0.0
+        stats[block][conv]["bn_var"] = jnp.asarray(var)
+    infos = {}
+    for name in ("tf8_zero_variance_fix", "tf8_zero_variance_fix_all"):
+        _, folded, infos[name] = ptq.prepare_folded(model, v, ptq.RECIPES[name])
+    assert infos["tf8_zero_variance_fix"]["zero_variance_scope"] == "depthwise"
+    assert infos["tf8_zero_variance_fix"]["zero_variance_channels"] == {
+        "Conv2d_2/depthwise": [0, 3]
+    }
+    assert infos["tf8_zero_variance_fix_all"]["zero_variance_scope"] == "all"
+    assert infos["tf8_zero_variance_fix_all"]["zero_variance_channels"] == {
+        "Conv2d_2/depthwise": [0, 3],
+        "Conv2d_3/pointwise": [0, 3],
+    }
+
+    # A model.json written before the recipe had a scope: that model was fixed on all layers.
+    qmodel, folded, _ = ptq.prepare_folded(model, v, ptq.RECIPES["tf8_zero_variance_fix"])
+    directory = tmp_path / "exported"
+    save_quantized(
+        QuantizedModel(qmodel, folded, ptq.RECIPES["tf8_zero_variance_fix"], {}), str(directory)
+    )
+    assert load_quantized(str(directory)).recipe.zero_variance_scope == "depthwise"
+    desc = json.loads((directory / "model.json").read_text())
+    del desc["recipe"]["zero_variance_scope"]
+    (directory / "model.json").write_text(json.dumps(desc))
+    assert load_quantized(str(directory)).recipe.zero_variance_scope == "all"
+
+
 def _main(workdir, *overrides):
     cmd = [
         sys.executable,

@@ -125,19 +125,33 @@ def _expected(path: str, results: Mapping[str, Any], text: str) -> str:
     return textwrap.fill(f"Expected ({path}{when}): {text}", width=96)
 
 
+def _zero_variance_fixed(row: Mapping[str, Any]) -> str:
+    """``N in L layers (scope)`` for a Table 1 row that ran the zero-variance fix, else ``–``."""
+    fixed = row.get("zero_variance_channels")
+    if fixed is None:
+        return "–"
+    channels = sum(len(c) for c in fixed.values())
+    # A row without a recorded scope predates the scope: it fixed every BN layer.
+    scope = row.get("zero_variance_scope", "all")
+    return f"{channels} in {len(fixed)} layers ({scope})"
+
+
 def format_table1(results: Mapping[str, Any], path: str) -> dict[str, str]:
     """Table 1 rows (top-1/top-5, integer top-1 where measured) with the published numbers."""
     from qfsep_jax.paper import TABLE1_TOP1
 
     rows = results["rows"]
     has_int = any("int_top1" in r for r in rows)
+    has_zero_var = any("zero_variance_channels" in r for r in rows)
     header = ["pipeline", "top-1 %", "top-5 %"] + (["integer top-1 %"] if has_int else [])
+    header += ["zero-variance channels fixed"] if has_zero_var else []
     header += ["images", "published top-1 % (source)"]
     body = []
     for r in rows:
         paper = TABLE1_TOP1.get(r["name"])
         line = [f"`{r['name']}`", r["top1"], r["top5"]]
         line += [r.get("int_top1")] if has_int else []
+        line += [_zero_variance_fixed(r)] if has_zero_var else []
         line += [r["n"], f"{paper[0]:.2f} ({paper[1]})" if paper else "–"]
         body.append(line)
     note = (

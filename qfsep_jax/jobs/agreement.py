@@ -65,6 +65,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     report.update(
         model=source,
         recipe=config.recipe if calibrated else dataclasses.asdict(qmodel.recipe),
+        zero_variance_scope=qmodel.recipe.zero_variance_scope,
         eval_data=config.eval_data,
         calibration_data=config.calibration_data if calibrated else None,
         image_size=config.image_size,
@@ -216,6 +217,11 @@ def _display_path(path: str) -> str:
     return path
 
 
+# Reports without a recorded ``zero_variance_scope`` ran this recipe name with the fix on every
+# BN layer, the registered ``tf8_zero_variance_fix_all``; the name now means the depthwise fix.
+_UNSCOPED_RECIPE_NAMES = {"tf8_zero_variance_fix": "tf8_zero_variance_fix_all"}
+
+
 def summarize_reports(paths: list[str]) -> dict:
     """One row per :func:`agreement_report` JSON (as :func:`run` writes them), for the README table.
 
@@ -239,6 +245,8 @@ def summarize_reports(paths: list[str]) -> dict:
         if missing:
             raise ValueError(f"{path} is not an agreement report (no {missing})")
         recipe = r.get("recipe")
+        if isinstance(recipe, str) and "zero_variance_scope" not in r:
+            recipe = _UNSCOPED_RECIPE_NAMES.get(recipe, recipe)
         rows.append(
             {
                 "report": path,

@@ -82,6 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "calibration_skipped_corrupt": qmodel.info["calibration_skipped_corrupt"],
                 }
             if "zero_variance_channels" in qmodel.info:
+                row["zero_variance_scope"] = qmodel.info["zero_variance_scope"]
                 row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
             rows.append(row)
         logging.info(

@@ -94,19 +94,45 @@ def folded(model: Any, variables: Variables) -> tuple[Any, Variables]:
     return model.clone(bn_folded=True), fold_batch_norm(variables, model.bn_epsilon)
 
 
+# Which BN layers the zero-variance fix may touch: the paper's fix is for the depthwise layers,
+# whose all-zero channels are the source of the exploding folded scales (paper Sec. 3.1);
+# "all" also fixes the standard convs (Conv2d_0 and the pointwise layers).
+ZERO_VARIANCE_SCOPES = ("depthwise", "all")
+
+
+def is_depthwise_path(path: tuple[str, ...]) -> bool:
+    """Whether a conv layer's module path is a depthwise layer (its last name is ``depthwise``).
+
+    The path, not the kernel shape, decides: the module name is what the model, the TF-slim
+    importer and :mod:`qfsep_jax.models.names` all key layers by, for both block types, while
+    the shape ``(k, k, 1, C)`` would equally match any conv with one input channel and depends
+    on the kernel layout.
+    """
+    return bool(path) and path[-1] == "depthwise"
+
+
 def fix_zero_variance(
-    variables: Variables, threshold: float, layer_filter: Callable[[dict], bool] | None = None
+    variables: Variables,
+    threshold: float,
+    layer_filter: Callable[[dict], bool] | None = None,
+    scope: str = "all",
 ) -> tuple[Variables, dict[str, list[int]]]:
     """The paper's fix: replace near-zero BN variances by the mean variance of the other channels.
 
     Channels whose moving variance is below ``threshold`` are the all-zero channels whose folded
     scale gamma/sqrt(var + eps) explodes. Their variance becomes the mean variance of the other
-    channels of the same layer, before folding. ``layer_filter(params)`` selects layers (default:
-    all BN layers). Returns the new variables and, per layer path, the indices that were fixed.
+    channels of the same layer, before folding. ``scope`` (one of :data:`ZERO_VARIANCE_SCOPES`)
+    picks the BN layers: ``"depthwise"`` only the depthwise layers (the paper's fix), ``"all"``
+    every BN layer; ``layer_filter(params)`` narrows them further. Returns the new variables and,
+    per layer path, the indices that were fixed.
     """
+    if scope not in ZERO_VARIANCE_SCOPES:
+        raise ValueError(f"scope must be one of {ZERO_VARIANCE_SCOPES}, got {scope!r}")
     fixed: dict[str, list[int]] = {}
 
     def fix(path, params, stats):
+        if scope == "depthwise" and not is_depthwise_path(path):
+            return params, stats
         if layer_filter is not None and not layer_filter(params):
             return params, stats
         var = np.asarray(stats["bn_var"])
