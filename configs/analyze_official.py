@@ -26,7 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     c = base.data_config()
     c.job = "analyze"
     c.model_path = "models/mobilenet_v1_1.0_224_retrained_graph.pb"  # relative to data_dir
-    c.pipelines = ("tf8_per_tensor", "tf8_zero_variance_fix", "per_channel")  # ptq.RECIPES names
+    c.pipelines = (  # ptq.RECIPES names
+        "tf8_per_tensor",
+        "tf8_zero_variance_fix",  # the paper's fix, on the depthwise layers
+        "tf8_zero_variance_fix_all",  # the same fix on every BN layer
+        "per_channel",
+    )
     c.calibration_data = "folder:imagenet_calib1000"
     c.num_calibration_images = 1000
     c.sqnr_data = "folder:imagenet_val500"
