@@ -19,6 +19,9 @@ report() {  # tag, then config overrides
 }
 report qat_tfslim --config.source=quantized:results/qat_tfslim/quantized_model
 report per_channel --config.recipe=per_channel
+# The committed tf8_zero_variance_fix reports ran with the fix on all BN layers (they record no
+# zero_variance_scope; the summary names them tf8_zero_variance_fix_all); this reruns the
+# paper's depthwise fix.
 report tf8_zero_variance_fix --config.recipe=tf8_zero_variance_fix
 report qat_imagenette_original \
   --config.source=quantized:results/qat_imagenette_original_eval/quantized_model

@@ -226,7 +226,8 @@ def summarize_reports(paths: list[str]) -> dict:
     """One row per :func:`agreement_report` JSON (as :func:`run` writes them), for the README table.
 
     Each row: the report's ``model`` (relative to the working directory where it lies below it),
-    ``recipe`` (a name, or ``exported (QAT)``), ``label_space``,
+    ``recipe`` (a name, or ``exported (QAT)``; a report without a recorded zero-variance scope
+    under the name of the recipe that now does what it ran), ``label_space``,
     the integer pass's ``rounding``, the ``simulation`` (``plain``, or what it models of the
     integer arithmetic: ``int32 biases``, ``integer rounding``), ``n``, the three top-1
     agreements (8-bit codes, tie-aware, fine logits), the fine logit error rms (LSB), how many
