@@ -107,6 +107,29 @@ def test_main_writes_table1_atomically_and_check_mode(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_table1_counts_the_zero_variance_channels_each_scope_fixed():
+    fixed = {"Conv2d_1/depthwise": [0, 3], "Conv2d_2/depthwise": [5]}
+    rows = [
+        {"name": "float", "top1": 70.0, "top5": 90.0, "n": 500},
+        {
+            "name": "tf8_zero_variance_fix",
+            **{"top1": 58.0, "top5": 81.0, "n": 500, "int_top1": 57.0},
+            "zero_variance_scope": "depthwise",
+            "zero_variance_channels": fixed,
+        },
+        {  # written before rows recorded a scope: the fix ran on all layers
+            "name": "old_fix",
+            **{"top1": 58.0, "top5": 81.0, "n": 500, "int_top1": 57.0},
+            "zero_variance_channels": {**fixed, "Conv2d_0": [1]},
+        },
+    ]
+    table = collect_results.format_table1({**TABLE1, "rows": rows}, "t1.json")["table1"]
+    assert "| zero-variance channels fixed |" in table
+    assert "| `float` | 70.00 | 90.00 | – | – | 500 |" in table
+    assert "| 57.00 | 3 in 2 layers (depthwise) | 500 |" in table
+    assert "| `old_fix` | 58.00 | 81.00 | 57.00 | 4 in 3 layers (all) | 500 | – |" in table
+
+
 def test_explicit_sources_must_exist_and_have_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("no markers here\n")

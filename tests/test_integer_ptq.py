@@ -264,6 +264,29 @@ def test_agreement_job_on_an_exported_model(setup, tf8, data_dir, tmp_path, caps
         agreement_job.run(config, str(tmp_path / "bad"))
 
 
+def test_agreement_summary_names_reports_without_a_zero_variance_scope(tmp_path):
+    from qfsep_jax.jobs import agreement as agreement_job
+
+    report = {
+        "n": 4,
+        "top1_agreement": 1.0,
+        "top1_agreement_tie_aware": 1.0,
+        "top1_agreement_fine": 1.0,
+        "fine_logit_error_lsb": {"rms": 0.1},
+        "top2_gap_lsb_below": {"1.0": 0},
+        "layerwise_frac_differing": {"Conv2d_0": 0.0},
+        "recipe": "tf8_zero_variance_fix",
+    }
+    paths = []
+    for name, extra in (("old", {}), ("new", {"zero_variance_scope": "depthwise"})):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump({**report, **extra}, f)
+    rows = agreement_job.summarize_reports(paths)["rows"]
+    # A report made before recipes had a scope ran the fix on every BN layer.
+    assert [r["recipe"] for r in rows] == ["tf8_zero_variance_fix_all", "tf8_zero_variance_fix"]
+
+
 def test_float64_simulation_is_free_of_summation_order(setup, tf8):
     # In float32 the two depthwise implementations differ by a fraction of an LSB end to end
     # (see above); in float64 their logits must agree to far below an LSB, which fails if any
