@@ -325,9 +325,11 @@ def test_analyze_job_on_official_model(tmp_path, data_dir):
     assert list(table["fake_quant"])[0] == "Conv2d_0" and len(table["fake_quant"]) == 28
     # accumulated error: the last layers are noisier than the first
     assert table["fake_quant"]["Conv2d_0"] > table["fake_quant"]["Conv2d_13_pointwise"] + 10
-    assert results["pipelines"]["tf8_zero_variance_fix"]["zero_variance_channels"][
-        "Conv2d_1/depthwise"
-    ] == [0, 3, 4, 8, 16, 20, 21]
+    fixed = results["pipelines"]["tf8_zero_variance_fix"]["zero_variance_channels"]
+    assert fixed["Conv2d_1/depthwise"] == [0, 3, 4, 8, 16, 20, 21]
+    # The paper's fix touches the depthwise layers only (the graph has dead channels elsewhere).
+    assert results["pipelines"]["tf8_zero_variance_fix"]["zero_variance_scope"] == "depthwise"
+    assert len(fixed) == 7 and all(layer.endswith("/depthwise") for layer in fixed), fixed
 
     with open(tmp_path / "ranges.json") as f:
         ranges = json.load(f)
