@@ -102,6 +102,12 @@ def load_source(config: ml_collections.ConfigDict) -> Source:
             "float_model": config.model_path,
             "calibration_data": calib.name,
             "calibration_images": calib.num_examples,
+            # Which BN layers the zero-variance fix touched, and the channels it fixed per layer.
+            **{
+                k: qmodel.info[k]
+                for k in ("zero_variance_scope", "zero_variance_channels")
+                if k in qmodel.info
+            },
         }
         return Source(
             integer.from_quantized(qmodel),

@@ -95,7 +95,7 @@ def folded(model: Any, variables: Variables) -> tuple[Any, Variables]:
 
 
 # Which BN layers the zero-variance fix may touch: the paper's fix is for the depthwise layers,
-# whose all-zero channels are the source of the exploding folded scales (paper Sec. 3.1);
+# whose all-zero channels are the source of the exploding folded scales (its first root cause);
 # "all" also fixes the standard convs (Conv2d_0 and the pointwise layers).
 ZERO_VARIANCE_SCOPES = ("depthwise", "all")
 
