@@ -88,8 +88,18 @@ def _plant_dead_channels(v, layers):
     return v
 
 
+def _bn_variables(seed=0):
+    """The variables tree of a width-0.25 MobileNetV1 (shapes only, no compile), BN variances
+    in [0.5, 2]: enough for the zero-variance fix, which reads paths and BN statistics."""
+    model = MobileNetV1(num_classes=6, width_multiplier=0.25, depthwise_impl="lax")
+    shapes = jax.eval_shape(model.init, jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+    rng = np.random.default_rng(seed)
+    v = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 2.0, s.shape), jnp.float32), shapes)
+    return {"params": v["params"], "batch_stats": v["batch_stats"]}
+
+
 def test_zero_variance_fix_scope_selects_the_depthwise_layers():
-    _, v = _random_model()
+    v = _bn_variables()
     planted = [("Conv2d_0",), ("Conv2d_2", "depthwise"), ("Conv2d_3", "pointwise")]
     v = _plant_dead_channels(v, [("Conv2d_2", "depthwise"), ("Conv2d_3", "pointwise")])
     var = np.asarray(v["batch_stats"]["Conv2d_0"]["bn_var"]).copy()

@@ -79,7 +79,10 @@ def test_zero_variance_scope_of_the_recipes(tmp_path):
         PTQRecipe(zero_variance_fix=True, zero_variance_scope="pointwise")
     assert ptq.RECIPES["tf8_zero_variance_fix"].zero_variance_scope == "depthwise"
     assert ptq.RECIPES["tf8_zero_variance_fix_all"].zero_variance_scope == "all"
-    model, v = _model_and_vars()
+    model = MobileNetV1(num_classes=5, width_multiplier=0.25, depthwise_impl="lax")
+    # Shapes only (no compile): prepare_folded reads the tree, it runs no layer.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    v = jax.tree.map(lambda s: np.ones(s.shape, np.float32), dict(shapes))
     stats = v["batch_stats"]
     for block, conv in (("Conv2d_2", "depthwise"), ("Conv2d_3", "pointwise")):
         var = np.asarray(stats[block][conv]["bn_var"]).copy()
