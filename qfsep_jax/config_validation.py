@@ -216,7 +216,7 @@ def _data_fields(config, check_paths: bool, image_size_min: int = 1) -> str:
 
 def _train(config, check_paths: bool) -> None:
     from qfsep_jax import distributed
-    from qfsep_jax.models import depthwise, layers, mobilenet_v1
+    from qfsep_jax.models import activations, depthwise, mobilenet_v1
     from qfsep_jax.quant import scheme
 
     data_dir = _data_fields(config, check_paths)
@@ -235,8 +235,9 @@ def _train(config, check_paths: bool) -> None:
     _int(config, "num_devices", 1, optional="all local devices")
 
     _number(config, "model.width_multiplier", 0.0, lo_open=True)
-    _choice(config, "model.block", mobilenet_v1.BLOCK_TYPES)
-    _choice(config, "model.activation", layers.ACTIVATIONS)
+    # Registered names: a user's blocks and activations once their module has registered them.
+    _choice(config, "model.block", mobilenet_v1.block_names())
+    _choice(config, "model.activation", activations.activation_names())
     _bool(config, "model.depthwise_bias")
     _int(config, "model.stem_stride", 1)
     _number(config, "model.bn_momentum", 0.0, 1.0, hi_open=True)
