@@ -87,6 +87,18 @@ class ScaledBetweenBlock(DWBNNoActBlock):
         )(0.5 * x, **kw)
 
 
+class OtherNamesBlock(SeparableBlockBase):
+    """DW → PW with layers named ``dw`` and ``pw``: the model needs its last one ``pointwise``."""
+
+    @nn.compact
+    def __call__(self, x, train=False, quant_mode="float", bn_frozen=False, quant_active=True):
+        kw = dict(
+            train=train, quant_mode=quant_mode, bn_frozen=bn_frozen, quant_active=quant_active
+        )
+        x = self._layer("dw", features=x.shape[-1], kernel_size=3, depthwise=True)(x, **kw)
+        return self._layer("pw", features=self.features, kernel_size=1)(x, **kw)
+
+
 RELU4 = Activation("test_relu4", clamp=(0.0, 4.0))  # clip(x, 0, 4)
 
 
@@ -230,6 +242,15 @@ def test_a_block_computing_between_its_layers_is_refused_by_the_integer_pass():
     qmodel, _ = _ptq(_tiny(ScaledBetweenBlock))
     with pytest.raises(ValueError, match="layer Conv2d_1_pointwise: its input is not the output"):
         integer.from_quantized(qmodel)
+
+
+def test_a_block_whose_last_layer_is_not_pointwise_is_refused_in_the_simulation():
+    model = _tiny(OtherNamesBlock).clone(quant=quantized.PTQRecipe().quant_config())
+    x = jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert set(variables["params"]["Conv2d_1"]) == {"dw", "pw"}
+    with pytest.raises(ValueError, match="OtherNamesBlock: its last layer must be a ConvLayer"):
+        jax.eval_shape(lambda v, x: model.apply(v, x, quant_mode="fake"), variables, x)
 
 
 def _bn_reference(y, gamma, beta, eps):
