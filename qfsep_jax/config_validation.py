@@ -277,7 +277,15 @@ def _train(config, check_paths: bool) -> None:
     _number(config, "qat.ema_decay", 0.0, 1.0, lo_open=True, hi_open=True)
     _int(config, "qat.quant_delay_steps", 0)
     _int(config, "qat.bn_freeze_step", -1)
-    _bool(config, "qat.integer")
+    if _bool(config, "qat.integer") and config.qat.enabled:
+        act = activations.get_activation(config.model.activation)
+        if not act.is_clamp:
+            _fail(
+                "model.activation",
+                act.name,
+                "must be a clamp (relu6, relu, none or a registered clamp Activation) when "
+                "qat.integer evaluates the QAT model integer-only",
+            )
 
     _int(config, "log_every_steps", 1)
     _int(config, "eval_every_steps", -1)

@@ -350,6 +350,11 @@ def test_configs_take_registered_names(registered):
     validate(config, "train", check_paths=False)
     model, _ = checkpointing.model_from_config(config, 10)
     assert model.block == "test_nobn" and model.activation == RELU4.name
+    config.qat.enabled, config.qat.integer, config.model.activation = True, True, "hard_swish"
+    with pytest.raises(ConfigError, match="model.activation='hard_swish': must be a clamp"):
+        validate(config, "train", check_paths=False)
+    config.qat.integer = False
+    validate(config, "train", check_paths=False)
     config.model.block = "fancy"
     with pytest.raises(ConfigError, match=r"must be one of \('original', 'qf', 'test_nobn'\)"):
         validate(config, "train", check_paths=False)
