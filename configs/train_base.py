@@ -37,8 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Model (MobileNetV1 attributes).
     c.model = ml_collections.ConfigDict()
     c.model.width_multiplier = 1.0
-    c.model.block = "original"  # original | qf
-    c.model.activation = "relu6"  # relu6 | relu
+    c.model.block = "original"  # original | qf | a registered name (docs/extending.md)
+    c.model.activation = "relu6"  # relu6 | relu | a registered name (docs/extending.md)
     c.model.depthwise_bias = True  # qf block only
     c.model.stem_stride = 2
     c.model.bn_momentum = 0.9997

@@ -216,7 +216,7 @@ def _data_fields(config, check_paths: bool, image_size_min: int = 1) -> str:
 
 def _train(config, check_paths: bool) -> None:
     from qfsep_jax import distributed
-    from qfsep_jax.models import depthwise, layers, mobilenet_v1
+    from qfsep_jax.models import activations, depthwise, mobilenet_v1
     from qfsep_jax.quant import scheme
 
     data_dir = _data_fields(config, check_paths)
@@ -235,8 +235,9 @@ def _train(config, check_paths: bool) -> None:
     _int(config, "num_devices", 1, optional="all local devices")
 
     _number(config, "model.width_multiplier", 0.0, lo_open=True)
-    _choice(config, "model.block", mobilenet_v1.BLOCK_TYPES)
-    _choice(config, "model.activation", layers.ACTIVATIONS)
+    # Registered names: a user's blocks and activations once their module has registered them.
+    _choice(config, "model.block", mobilenet_v1.block_names())
+    _choice(config, "model.activation", activations.activation_names())
     _bool(config, "model.depthwise_bias")
     _int(config, "model.stem_stride", 1)
     _number(config, "model.bn_momentum", 0.0, 1.0, hi_open=True)
@@ -276,7 +277,15 @@ def _train(config, check_paths: bool) -> None:
     _number(config, "qat.ema_decay", 0.0, 1.0, lo_open=True, hi_open=True)
     _int(config, "qat.quant_delay_steps", 0)
     _int(config, "qat.bn_freeze_step", -1)
-    _bool(config, "qat.integer")
+    if _bool(config, "qat.integer") and config.qat.enabled:
+        act = activations.get_activation(config.model.activation)
+        if not act.is_clamp:
+            _fail(
+                "model.activation",
+                act.name,
+                "must be a clamp (relu6, relu, none or a registered clamp Activation) when "
+                "qat.integer evaluates the QAT model integer-only",
+            )
 
     _int(config, "log_every_steps", 1)
     _int(config, "eval_every_steps", -1)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from qfsep_jax.models.activations import get_activation
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.models.names import layer_paths
 from qfsep_jax.quant import cle as cle_lib
@@ -69,6 +70,13 @@ def prepare_folded(
     qmodel, folded_vars = folded(model, variables)
     activation = model.activation
     if recipe.cross_layer_equalization:
+        act = get_activation(activation)
+        if act.clamp is None or act.clamp[0] != 0.0:
+            # CLE swaps a clamp [0, hi] for ReLU; other activations are not ReLU-like.
+            raise ValueError(
+                f"cross_layer_equalization needs a ReLU-type activation (a clamp [0, hi]); "
+                f"the model's is {act.name!r} (clamp {act.clamp})"
+            )
         folded_params, scales = cle_lib.equalize(
             folded_vars["params"], layer_paths(folded_vars["params"]), iterations=cle_iterations
         )

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from qfsep_jax.io_utils import write_json
-from qfsep_jax.models.mobilenet_v1 import MobileNetV1
+from qfsep_jax.models.activations import activation_name
+from qfsep_jax.models.mobilenet_v1 import MobileNetV1, block_name
 from qfsep_jax.quant.fold import ZERO_VARIANCE_SCOPES, folded
 from qfsep_jax.quant.numerics import check_all_ranges
 from qfsep_jax.quant.scheme import QuantConfig
@@ -106,12 +107,24 @@ def from_qat(model: MobileNetV1, variables: Variables) -> QuantizedModel:
 
 
 def model_kwargs(model: MobileNetV1) -> dict[str, Any]:
-    """The dataclass fields of a model as JSON-able values (``quant`` as a dict)."""
+    """The dataclass fields of a model as JSON-able values (``quant`` as a dict).
+
+    ``block`` and ``activation`` are saved by their registered names
+    (:func:`~qfsep_jax.models.mobilenet_v1.register_block`,
+    :func:`~qfsep_jax.models.activations.register_activation`); an unregistered block class or
+    :class:`~qfsep_jax.models.activations.Activation` raises ValueError, since a loader could not
+    rebuild it. The loading process must register the same names before
+    :func:`load_quantized`.
+    """
     out = {}
     for f in dataclasses.fields(model):
         if f.name in ("parent", "name"):
             continue
         v = getattr(model, f.name)
+        if f.name == "block":
+            v = block_name(v)
+        elif f.name == "activation":
+            v = activation_name(v)
         out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
     return out
 
@@ -145,7 +158,11 @@ def save_quantized(quantized: QuantizedModel, directory: str) -> None:
 
 
 def load_quantized(directory: str) -> QuantizedModel:
-    """Reads a model written by :func:`save_quantized`."""
+    """Reads a model written by :func:`save_quantized`.
+
+    A model with a user-registered block or activation needs those names registered in this
+    process first (else ValueError naming the registered ones).
+    """
     import orbax.checkpoint as ocp
 
     path = os.path.join(directory, "model.json")

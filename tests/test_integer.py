@@ -218,6 +218,16 @@ def test_activation_range():
     assert kernels.activation_range("none", 0.05, 10, -128, 127) == (-128, 127)
     with pytest.raises(ValueError, match="tanh"):
         kernels.activation_range("tanh", 0.05, 0, 0, 255)
+    # Any clamp (lo, hi) by the same rule; the fused activations are clamps.
+    assert kernels.activation_range((0.0, 4.0), 0.05, 10, 0, 255) == (10, 90)
+    assert kernels.activation_range((-0.5, None), 0.05, 10, 0, 255) == (0, 255)
+    assert kernels.activation_range((-0.25, 4.0), 0.05, 10, -128, 127) == (5, 90)
+    for name in ("relu6", "relu", "none", "relu_n1_to_1"):
+        clamp = kernels.FUSED_CLAMPS[name]
+        for s, z in ((0.05, 10), (0.0235, -3)):
+            assert kernels.activation_range(clamp, s, z, -128, 127) == kernels.activation_range(
+                name, s, z, -128, 127
+            )
 
 
 # ------------------------------------------------------------------------------------------

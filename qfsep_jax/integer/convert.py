@@ -20,6 +20,7 @@ import numpy as np
 
 from qfsep_jax.integer import kernels
 from qfsep_jax.integer.types import POOL_NAME, IntLayer, IntModel, Rounding, parse_rounding
+from qfsep_jax.models.activations import Activation, get_activation
 from qfsep_jax.models.layers import ConvLayer
 from qfsep_jax.models.names import layer_path, tfslim_name
 from qfsep_jax.quant.fold import folded
@@ -34,6 +35,9 @@ class _ConvRecord:
     module: Any
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...] | None = None
+    # The traced input and output values: whether each layer takes its predecessor's output.
+    inputs: Any = dataclasses.field(default=None, repr=False)
+    output: Any = dataclasses.field(default=None, repr=False)
 
 
 def _trace_conv_layers(model, variables, image_size: int = 64) -> list[_ConvRecord]:
@@ -43,8 +47,9 @@ def _trace_conv_layers(model, variables, image_size: int = 64) -> list[_ConvReco
     def interceptor(next_fun, args, kwargs, context):
         if isinstance(context.module, ConvLayer) and context.method_name == "__call__":
             rec = _ConvRecord(tuple(context.module.path), context.module, tuple(args[0].shape))
+            rec.inputs = args[0]
             out = next_fun(*args, **kwargs)
-            rec.out_shape = tuple(out.shape)
+            rec.out_shape, rec.output = tuple(out.shape), out
             records.append(rec)
             return out
         return next_fun(*args, **kwargs)
@@ -86,6 +91,8 @@ def from_variables(
     params, ranges = variables["params"], variables["quant_ranges"]
     act_range = quant.act_int_range
     records = _trace_conv_layers(model, variables)
+    for rec in records:
+        _clamp_activation(rec)
     kernels_f = [
         np.asarray(subtree(params, rec.path, "params")["kernel"], np.float32) for rec in records
     ]
@@ -100,6 +107,12 @@ def from_variables(
                 raise ValueError(f"unexpected spatial change before {name}: {prev_shape}")
             # MobileNetV1 global-average-pools and re-rounds to the last layer's grid.
             layers.append(_pool_layer(prev_scale, prev_zp, act_range))
+        elif k > 0 and rec.inputs is not records[k - 1].output:
+            raise ValueError(
+                f"layer {name}: its input is not the output of {tfslim_name(records[k - 1].path)}"
+                "; the integer pass runs a chain of ConvLayers and cannot express what the block "
+                "computes between them"
+            )
         if not rec.module.quantize_output:
             raise ValueError(f"layer {name} has no output quantizer; cannot run integer-only")
         out_scale, out_zp = _act_qparams(ranges, rec.path + ("act_quant",), act_range)
@@ -113,7 +126,8 @@ def from_variables(
         in_zp,
         "uint8" if act_range.qmin == 0 else "int8",
         parse_rounding(rounding),
-        source=f"MobileNetV1(width={model.width_multiplier}, block={model.block}, "
+        source=f"MobileNetV1(width={model.width_multiplier}, "
+        f"block={getattr(model.block, '__qualname__', model.block)}, "
         f"scheme={quant.scheme}, per_channel={quant.per_channel_weights})",
     )
     if check:
@@ -155,6 +169,18 @@ def _pool_layer(scale: float, zero_point: int, act_range) -> IntLayer:
     )
 
 
+def _clamp_activation(rec: _ConvRecord) -> Activation:
+    """The layer's activation, which must be a clamp: the integer pass clamps output codes."""
+    act = get_activation(rec.module.activation)
+    if not act.is_clamp:
+        raise ValueError(
+            f"layer {tfslim_name(rec.path)}: activation {act.name!r} is not a clamp [lo, hi] "
+            "(Activation.clamp is None); the integer-only pass applies an activation only as a "
+            "clamp of the output codes and cannot express it"
+        )
+    return act
+
+
 @dataclasses.dataclass(frozen=True)
 class _LayerWeights:
     """A layer's float kernel and bias, and its weight codes, scales and zero points."""
@@ -192,8 +218,9 @@ def _conv_layer(rec: _ConvRecord, w: _LayerWeights, quant, qin: tuple, qout: tup
     per_channel = quant.per_channel_weights or widened != [] or int8
     real_m = kernels.conv_multiplier(in_scale, w_scale, out_scale, per_channel=per_channel)
     m0, shift = kernels.quantize_multiplier(real_m)
+    act = _clamp_activation(rec)
     act_min, act_max = kernels.activation_range(
-        mod.activation, out_scale, out_zp, act_range.qmin, act_range.qmax
+        act.clamp, out_scale, out_zp, act_range.qmin, act_range.qmax
     )
     if mod.depthwise:
         w_q = w_q.reshape(w.kernel.shape[0], w.kernel.shape[1], cout)
@@ -211,7 +238,7 @@ def _conv_layer(rec: _ConvRecord, w: _LayerWeights, quant, qin: tuple, qout: tup
         output_zero_point=out_zp,
         act_min=act_min,
         act_max=act_max,
-        activation=mod.activation,
+        activation=act.name,
         input_scale=in_scale,
         output_scale=out_scale,
         weight_scale=tuple(float(s) for s in w_scale),

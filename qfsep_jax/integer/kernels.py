@@ -105,29 +105,46 @@ def conv_multiplier(
     return (s_in * s_w).astype(np.float64) / s_out
 
 
+# The clamps of TFLite's fused activations, ``(lo, hi)`` with ``None`` for an open side.
+FUSED_CLAMPS: dict[str, tuple[float | None, float | None]] = {
+    "none": (None, None),
+    "relu": (0.0, None),
+    "relu6": (0.0, 6.0),
+    "relu_n1_to_1": (-1.0, 1.0),
+}
+
+
 def activation_range(
-    activation: str, scale: float, zero_point: int, qmin: int, qmax: int
+    activation: str | tuple[float | None, float | None],
+    scale: float,
+    zero_point: int,
+    qmin: int,
+    qmax: int,
 ) -> tuple[int, int]:
     """TFLite's fused-activation clamp ``[act_min, act_max]`` in codes.
 
-    ``relu6``: ``[max(qmin, Z + round(0/S)), min(qmax, Z + round(6/S))]``, ``relu``:
-    ``[max(qmin, Z), qmax]``, ``relu_n1_to_1``: codes of ±1, ``none``: ``[qmin, qmax]``. The
-    division is float32 and the rounding half away from zero (``TfLiteRound``).
+    ``activation`` is a fused activation's name (:data:`FUSED_CLAMPS`) or a clamp ``(lo, hi)``
+    (``None`` for an open side). TFLite's rule (``CalculateActivationRangeQuantized``):
+    ``[max(qmin, Z + round(lo/S)), min(qmax, Z + round(hi/S))]``, an open side giving
+    ``qmin``/``qmax``: ``relu6`` is ``[max(qmin, Z + round(0/S)), min(qmax, Z + round(6/S))]``,
+    ``relu`` ``[max(qmin, Z), qmax]``, ``relu_n1_to_1`` the codes of ±1, ``none``
+    ``[qmin, qmax]``. The division is float32 and the rounding half away from zero
+    (``TfLiteRound``).
     """
 
     def q(f: float) -> int:
         v = np.float32(f) / np.float32(scale)
         return int(zero_point + int(np.sign(v) * np.floor(np.abs(np.float64(v)) + 0.5)))
 
-    if activation == "relu":
-        return max(qmin, q(0.0)), qmax
-    if activation == "relu6":
-        return max(qmin, q(0.0)), min(qmax, q(6.0))
-    if activation == "relu_n1_to_1":
-        return max(qmin, q(-1.0)), min(qmax, q(1.0))
-    if activation == "none":
-        return qmin, qmax
-    raise ValueError(f"unsupported fused activation {activation!r}")
+    if isinstance(activation, str):
+        if activation not in FUSED_CLAMPS:
+            raise ValueError(
+                f"unsupported fused activation {activation!r}; choose from "
+                f"{sorted(FUSED_CLAMPS)} or give a clamp (lo, hi)"
+            )
+        activation = FUSED_CLAMPS[activation]
+    lo, hi = activation
+    return (qmin if lo is None else max(qmin, q(lo)), qmax if hi is None else min(qmax, q(hi)))
 
 
 # --------------------------------------------------------------------------------------------

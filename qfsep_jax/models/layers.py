@@ -25,24 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from qfsep_jax.models import depthwise, native
+from qfsep_jax.models.activations import Activation, get_activation, is_builtin
 from qfsep_jax.quant import observers
 from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.fold import fold_bn
 from qfsep_jax.quant.scheme import QuantConfig, fake_quant_weights
 
 QUANT_MODES = ("float", "calibrate", "fake", "qat")
-ACTIVATIONS = ("relu6", "relu", "none")
 
 
-def activation_fn(name: str, x: jax.Array) -> jax.Array:
-    """Applies the named activation (``relu6``, ``relu`` or ``none``)."""
-    if name == "relu6":
-        return jnp.clip(x, 0.0, 6.0)
-    if name == "relu":
-        return jax.nn.relu(x)
-    if name == "none":
-        return x
-    raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
+def activation_fn(activation: str | Activation, x: jax.Array) -> jax.Array:
+    """Applies ``activation`` (a registered name or an :class:`Activation`) to ``x``."""
+    return get_activation(activation)(x)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "lax") -> jax.Array:
@@ -70,21 +64,23 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "lax") -> j
     )
 
 
-def activation_grad_weight(name: str, z: jax.Array) -> jax.Array | float:
+def activation_grad_weight(activation: str | Activation, z: jax.Array) -> jax.Array | float:
     """The derivative of :func:`activation_fn` at ``z``, as JAX's autodiff gives it.
 
     relu: 1 above 0, 0 at and below (``jax.nn.relu``); relu6 (a clip to [0, 6]): 1 inside,
     1/2 at exactly 0 or 6 (the tie rule of ``max``/``min``), 0 outside; none: 1. The native
-    gradient sums (``csrc/cpu_kernels.cc``, ``ActivationGrad``) use the same rule.
+    gradient sums (``csrc/cpu_kernels.cc``, ``ActivationGrad``) use the same rule. Any other
+    activation: ``jax.jvp`` of its function with a tangent of ones (it is elementwise).
     """
-    if name == "relu6":
-        inside = (z > 0) & (z < 6)
-        return jnp.where(inside, 1.0, jnp.where((z == 0) | (z == 6), 0.5, 0.0)).astype(z.dtype)
-    if name == "relu":
-        return (z > 0).astype(z.dtype)
-    if name == "none":
+    act = get_activation(activation)
+    if is_builtin(act, tuple(ACTIVATION_CODES)):
+        if act.name == "relu6":
+            inside = (z > 0) & (z < 6)
+            return jnp.where(inside, 1.0, jnp.where((z == 0) | (z == 6), 0.5, 0.0)).astype(z.dtype)
+        if act.name == "relu":
+            return (z > 0).astype(z.dtype)
         return 1.0
-    raise ValueError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
+    return act.derivative(z)
 
 
 # The activation attribute of the native BN gradient sums (csrc/cpu_kernels.cc kAct*).
@@ -184,7 +180,7 @@ def batch_norm_train(
     beta: jax.Array,
     epsilon: float,
     axis_name: str | None,
-    activation: str = "none",
+    activation: str | Activation = "none",
     native_sums: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode BN of NHWC ``y`` and the activation after it, with a hand-written VJP.
@@ -199,10 +195,14 @@ def batch_norm_train(
     ``native_sums`` (see :func:`native_bn_sums`): the moments, and the two gradient sums, each
     in one pass of a C++ custom call (``csrc/cpu_kernels.cc``); XLA reads its inputs once per
     sum and writes ``g * w`` to memory first.
+
+    An activation other than the built-in relu/relu6/none (the only ones the C++ sums know)
+    runs with XLA's sums and its derivative from autodiff (:func:`activation_grad_weight`).
     """
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
-    return _bn_act_train(y, gamma, beta, epsilon, axis_name, activation, native_sums)
+    act = get_activation(activation)
+    if not is_builtin(act, tuple(ACTIVATION_CODES)):
+        native_sums = False
+    return _bn_act_train(y, gamma, beta, epsilon, axis_name, act, native_sums)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -233,7 +233,7 @@ def _bn_train_bwd(epsilon, axis_name, activation, native_sums, residuals, cotang
             g.astype(jnp.float32),
             y,
             params,
-            activation=np.int64(ACTIVATION_CODES[activation]),
+            activation=np.int64(ACTIVATION_CODES[activation.name]),
         )
     else:
         sum_g = jnp.sum(g_act, axis=(0, 1, 2))
@@ -346,7 +346,7 @@ class ConvLayer(nn.Module):
     depthwise: bool = False
     use_bn: bool = True
     use_bias: bool = False
-    activation: str = "relu6"
+    activation: str | Activation = "relu6"
     quantize_output: bool = True
     bn_folded: bool = False
     bn_momentum: float = 0.9997

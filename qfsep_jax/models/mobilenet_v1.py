@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qfsep_jax.models.activations import Activation, get_activation
 from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode, _where
 from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.scheme import QuantConfig
@@ -32,15 +33,36 @@ BLOCK_SPECS: tuple[tuple[int, int], ...] = (
     (1024, 2),
     (1024, 1),
 )
-BLOCK_TYPES = ("original", "qf")
 
 
-class _SeparableBase(nn.Module):
-    """The interface both separable blocks share: attributes and ``__call__`` signature."""
+class SeparableBlockBase(nn.Module):
+    """The base class of MobileNetV1's 13 separable blocks, built-in and user-defined.
+
+    A block class subclasses this and is given to ``MobileNetV1(block=...)`` directly or by a
+    name registered with :func:`register_block`. :class:`MobileNetV1` builds block ``i`` as
+    ``cls(features, stride=..., activation=..., depthwise_bias=..., name=f"Conv2d_{i}",
+    bn_folded=..., bn_momentum=..., bn_epsilon=..., quant=..., axis_name=...,
+    depthwise_impl=...)`` (the attributes below) and calls it as
+    ``block(x, train=..., quant_mode=..., bn_frozen=..., quant_active=...)`` on NHWC ``x``; it
+    returns NHWC activations with ``features`` channels.
+
+    A block must build every layer with weights from :class:`ConvLayer` through
+    ``self._layer(name, features=..., kernel_size=..., stride=..., depthwise=..., use_bn=...,
+    use_bias=..., activation=...)``, which hands down the model-wide attributes (BN folding,
+    quantization scheme, pmap axis, depthwise implementation) and pass every layer the
+    ``__call__`` keywords: that is what makes PTQ, QAT, BN folding and the integer pass work.
+    The layers must form a chain (each takes the previous one's output, nothing computed in
+    between: the integer pass follows the chain of ``ConvLayer`` calls and refuses anything
+    else), and the last one must be called ``pointwise`` (the model re-rounds the global pool
+    on its output grid). Named ``depthwise`` and ``pointwise``, the layers get the TF-slim
+    names ``Conv2d_{i}_depthwise``/``Conv2d_{i}_pointwise`` that analysis tables and
+    :func:`~qfsep_jax.models.names.layer_path` use. ``activation`` is a registered name or an
+    :class:`~qfsep_jax.models.activations.Activation`; pass it on to the layers.
+    """
 
     features: int
     stride: int = 1
-    activation: str = "relu6"
+    activation: str | Activation = "relu6"
     depthwise_bias: bool = True
     bn_folded: bool = False
     bn_momentum: float = 0.9997
@@ -50,6 +72,9 @@ class _SeparableBase(nn.Module):
     depthwise_impl: str = "auto"
 
     def _layer(self, name: str, **kw) -> ConvLayer:
+        """A :class:`ConvLayer` called ``name`` with the block's model-wide attributes and
+        ``kw`` (``features``, ``kernel_size``, ``stride``, ``depthwise``, ``use_bn``,
+        ``use_bias``, ``activation``, ``quantize_output``)."""
         common = dict(
             bn_folded=self.bn_folded,
             bn_momentum=self.bn_momentum,
@@ -61,7 +86,7 @@ class _SeparableBase(nn.Module):
         return ConvLayer(name=name, **common, **kw)
 
 
-class SeparableBlock(_SeparableBase):
+class SeparableBlock(SeparableBlockBase):
     """The original block: DW 3×3 → BN → act → PW 1×1 → BN → act."""
 
     @nn.compact
@@ -82,7 +107,7 @@ class SeparableBlock(_SeparableBase):
         )(x, **kw)
 
 
-class QFSeparableBlock(_SeparableBase):
+class QFSeparableBlock(SeparableBlockBase):
     """The quantization-friendly block: DW 3×3 (+ optional bias) → PW 1×1 → BN → act.
 
     The depthwise output has no BN and no activation; it is still quantized (it is a tensor of
@@ -109,13 +134,76 @@ class QFSeparableBlock(_SeparableBase):
         )(x, **kw)
 
 
-def block_class(block: str) -> type[_SeparableBase]:
-    """The block module for a config name (``original`` or ``qf``)."""
-    if block == "original":
-        return SeparableBlock
-    if block == "qf":
-        return QFSeparableBlock
-    raise ValueError(f"unknown block type {block!r}; choose from {BLOCK_TYPES}")
+_BLOCKS: dict[str, type[SeparableBlockBase]] = {
+    "original": SeparableBlock,
+    "qf": QFSeparableBlock,
+}
+
+
+def block_names() -> tuple[str, ...]:
+    """The registered block names (``original``, ``qf``, then the user's), in order."""
+    return tuple(_BLOCKS)
+
+
+def register_block(name: str, cls: type[SeparableBlockBase]) -> type[SeparableBlockBase]:
+    """Registers block class ``cls`` under ``name`` (for configs and saved models); returns it.
+
+    Raises TypeError if ``name`` is not a non-empty string or ``cls`` not a subclass of
+    :class:`SeparableBlockBase`, ValueError if the name is taken.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_block: name must be a non-empty string, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, SeparableBlockBase)):
+        raise TypeError(
+            f"register_block({name!r}, ...): {cls!r} is not a subclass of SeparableBlockBase"
+        )
+    if name in _BLOCKS:
+        raise ValueError(
+            f"block name {name!r} is already registered (to {_BLOCKS[name].__qualname__}); "
+            f"registered: {block_names()}"
+        )
+    _BLOCKS[name] = cls
+    return cls
+
+
+def unregister_block(name: str) -> None:
+    """Removes a user-registered block name (``original`` and ``qf`` stay)."""
+    if name in ("original", "qf"):
+        raise ValueError(f"block {name!r} is built in and cannot be unregistered")
+    if name not in _BLOCKS:
+        raise ValueError(f"block {name!r} is not registered (registered: {block_names()})")
+    del _BLOCKS[name]
+
+
+def block_class(block: str | type[SeparableBlockBase]) -> type[SeparableBlockBase]:
+    """The block class for a registered name, or ``block`` itself if it is a block class."""
+    if isinstance(block, type) and issubclass(block, SeparableBlockBase):
+        return block
+    if isinstance(block, str) and block in _BLOCKS:
+        return _BLOCKS[block]
+    raise ValueError(
+        f"unknown block {block!r}: give a registered name {block_names()} or a subclass of "
+        "SeparableBlockBase (register a name with register_block)"
+    )
+
+
+def block_name(block: str | type[SeparableBlockBase]) -> str:
+    """The registered name of a block (name or class), as saved models and configs hold it.
+
+    Raises ValueError for a class that is not registered (register it under a name in the
+    saving and the loading process).
+    """
+    cls = block_class(block)
+    if isinstance(block, str):
+        return block
+    for name, registered in _BLOCKS.items():
+        if registered is cls:
+            return name
+    raise ValueError(
+        f"block class {cls.__module__}.{cls.__qualname__} is not registered; call "
+        "register_block(name, cls) (where the model is saved and where it is loaded) so that "
+        "it can be saved by name"
+    )
 
 
 def scaled_depth(depth: int, width_multiplier: float, min_depth: int = 8) -> int:
@@ -129,8 +217,12 @@ class MobileNetV1(nn.Module):
     Attributes:
       num_classes: classifier outputs (1001 for TF-slim ImageNet checkpoints).
       width_multiplier: TF-slim depth multiplier.
-      block: ``original`` or ``qf`` (the paper's quantization-friendly block).
-      activation: ``relu6`` or ``relu``, used by every layer but the classifier.
+      block: a registered block name (``original``; ``qf``, the paper's quantization-friendly
+        block; see :func:`register_block`) or a :class:`SeparableBlockBase` subclass.
+      activation: a registered activation name (``relu6``, ``relu``, ``none``, ``hard_swish``,
+        see :mod:`qfsep_jax.models.activations`) or an
+        :class:`~qfsep_jax.models.activations.Activation`, used by every layer but the
+        classifier.
       depthwise_bias: whether the ``qf`` block's depthwise conv has a bias.
       dropout_rate: dropout before the classifier (TF-slim: keep_prob 0.999).
       stem_stride: stride of ``Conv2d_0`` (1 for 32 px inputs).
@@ -155,8 +247,8 @@ class MobileNetV1(nn.Module):
     num_classes: int = 1001
     width_multiplier: float = 1.0
     min_depth: int = 8
-    block: str = "original"
-    activation: str = "relu6"
+    block: str | type[SeparableBlockBase] = "original"
+    activation: str | Activation = "relu6"
     depthwise_bias: bool = True
     dropout_rate: float = 0.001
     stem_stride: int = 2
@@ -167,6 +259,11 @@ class MobileNetV1(nn.Module):
     axis_name: str | None = None
     depthwise_impl: str = "auto"
     dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        block_class(self.block)  # clear errors at construction for a bad block or activation
+        get_activation(self.activation)
+        super().__post_init__()
 
     def _requantize_pool(
         self, pooled: jax.Array, lo: jax.Array, hi: jax.Array, window: int
@@ -234,7 +331,13 @@ class MobileNetV1(nn.Module):
         x = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.promote_types(x.dtype, jnp.float32))
         if quant_mode in ("fake", "qat") and not self.is_initializing():
             # TFLite's integer average pool keeps the input's (scale, zero point): re-round.
-            last = blk.variables["quant_ranges"]["pointwise"]["act_quant"]
+            ranges = blk.variables["quant_ranges"]
+            if "act_quant" not in ranges.get("pointwise", {}):
+                raise ValueError(
+                    f"block {block_cls.__qualname__}: its last layer must be a ConvLayer named "
+                    "'pointwise' with an output quantizer (the pool re-rounds on its grid)"
+                )
+            last = ranges["pointwise"]["act_quant"]
             pooled_q = self._requantize_pool(x, last["min"], last["max"], window)
             pooled_q = x + jax.lax.stop_gradient(pooled_q - x) if train else pooled_q
             x = _where(quant_active, pooled_q, x)  # no rounding during a QAT quant delay
