@@ -238,6 +238,12 @@ class MobileNetV1(nn.Module):
             pooled_q = self._requantize_pool(x, last["min"], last["max"], window)
             pooled_q = x + jax.lax.stop_gradient(pooled_q - x) if train else pooled_q
             x = _where(quant_active, pooled_q, x)  # no rounding during a QAT quant delay
+        if train and self.dropout_rate > 0 and not self.is_initializing():
+            if not self.has_rng("dropout"):
+                raise ValueError(
+                    f"train=True with dropout_rate={self.dropout_rate} needs a dropout RNG: "
+                    "pass rngs={'dropout': key} to apply, or build the model with dropout_rate=0"
+                )
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = ConvLayer(
             self.num_classes,
