@@ -15,8 +15,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
+from qfsep_jax import progress as progress_lib
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.models.names import layer_paths
 from qfsep_jax.quant import cle as cle_lib
@@ -112,10 +112,7 @@ def calibrate(
         return new["quant_ranges"]
 
     start, n, skipped = time.perf_counter(), 0, 0
-    bar = tqdm(
-        batches, total=total, desc="calibrate", unit="batch", leave=False, disable=not progress
-    )
-    for batch in bar:
+    for batch in progress_lib.bar(batches, progress, total=total, desc="calibrate", unit="batch"):
         valid = int(batch["mask"].sum()) if "mask" in batch else len(batch["image"])
         if valid == 0:
             continue

@@ -22,6 +22,7 @@ LEVELS = {
     "qfsep_jax.distributed": 0,
     "qfsep_jax.metrics_log": 0,
     "qfsep_jax.precision": 0,
+    "qfsep_jax.progress": 0,
     "qfsep_jax.data": 1,
     "qfsep_jax.quant": 1,
     "qfsep_jax.models": 2,
