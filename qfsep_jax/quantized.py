@@ -131,11 +131,19 @@ class QuantizedModel:
             def fn(x):
                 return _apply(self.model, self.variables, x, mode)
 
-        out = [
-            np.asarray(fn(images[i : i + batch_size])) for i in range(0, len(images), batch_size)
-        ]
-        if not out:
+        n = len(images)
+        if n == 0:
             return np.zeros((0, self.model.num_classes), np.float32)
+        size = min(batch_size, n)
+        out = []
+        for start in range(0, n, size):
+            chunk = images[start : start + size]
+            valid = len(chunk)
+            if valid < size:  # pad: one compiled shape for every batch
+                chunk = np.concatenate(
+                    [chunk, np.zeros((size - valid,) + chunk.shape[1:], chunk.dtype)]
+                )
+            out.append(np.asarray(fn(chunk))[:valid])
         return np.concatenate(out)
 
 
