@@ -187,8 +187,9 @@ def test_quant_delay_keeps_gradients_finite_before_ranges_are_observed(float_mod
 def test_dropout_without_rng_says_what_to_pass(float_model, images):
     model, variables = float_model
     with_dropout = model.clone(dropout_rate=0.001)
+    no_rng = jax.jit(lambda v, x: with_dropout.apply(v, x, train=True, mutable=["batch_stats"]))
     with pytest.raises(ValueError, match=r"rngs=\{'dropout': key\}.*dropout_rate=0"):
-        with_dropout.apply(variables, images[:2], train=True, mutable=["batch_stats"])
+        no_rng(variables, images[:2])  # raised while tracing
     train = jax.jit(
         lambda v, x, key: with_dropout.apply(
             v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
