@@ -175,9 +175,8 @@ def quantize_post_training(
         qvars = {**folded, "quant_ranges": empty_ranges(qmodel)}
     else:
         counts: dict[str, int] = {}
-        qvars = calibrate(
-            qmodel, folded, calibration_batches(), num_calibration_batches, counts, progress
-        )
+        batches = _checked_batches(calibration_batches())
+        qvars = calibrate(qmodel, folded, batches, num_calibration_batches, counts, progress)
         info["calibration_images"] = counts["images"]
         info["calibration_skipped_corrupt"] = counts["skipped_corrupt"]
     return QuantizedModel(qmodel, qvars, recipe, info)
@@ -220,7 +219,7 @@ def quantize(
     if recipe.dynamic_activation_ranges and calibration is None:
         factory, total = (lambda: iter(())), None
     else:
-        factory, total = calibration_batches(calibration, batch_size)
+        factory, total = calibration_factory(calibration, batch_size)
     return quantize_post_training(
         model,
         variables,
@@ -276,7 +275,7 @@ def _checked_batches(batches: Iterable) -> Iterator[dict[str, Any]]:
         yield batch
 
 
-def calibration_batches(
+def calibration_factory(
     calibration: Any, batch_size: int = 32
 ) -> tuple[Callable[[], Iterator[dict[str, Any]]], int | None]:
     """``(factory, num_batches or None)`` for any calibration form :func:`quantize` takes.

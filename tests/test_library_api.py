@@ -102,11 +102,12 @@ def test_quantize_post_training_takes_a_factory_only(float_model, images):
     one_shot = iter([{"image": images}])
     with pytest.raises(TypeError, match="zero-argument callable.*got list_iterator.*consumed once"):
         ptq.quantize_post_training(model, variables, "tf8_per_tensor", one_shot)
-    # A recipe name is resolved there too.
+    # A recipe name is resolved there too, and plain image arrays are batches.
     q = ptq.quantize_post_training(
-        model, variables, "tf8_per_tensor", lambda: [{"image": images}], progress=False
+        model, variables, "tf8_per_tensor", lambda: [images[:16], images[16:]], progress=False
     )
     assert q.recipe == ptq.RECIPES["tf8_per_tensor"]
+    assert q.info["calibration_images"] == len(images)
 
 
 # --- the quantized model's three passes ------------------------------------------------------

@@ -330,7 +330,7 @@ def _check_concrete_range(module: nn.Module, lo, hi, quant_active) -> None:
         return
     if not bool(quant_active):
         return
-    name = "/".join(str(p) for p in module.scope.path)
+    name = "/".join(str(p) for p in module.scope.path) or type(module).__name__
     try:
         check_range(name, lo, hi)
     except ValueError as err:
