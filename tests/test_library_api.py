@@ -16,6 +16,7 @@ import pytest
 from conftest import DATA_DIR, FLOAT_GRAPH, REPO, require
 
 from qfsep_jax import ptq
+from qfsep_jax.models.layers import ActQuant
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1, random_variables
 from qfsep_jax.quant.numerics import UINT8, qparams
 from qfsep_jax.quant.scheme import QuantConfig
@@ -166,20 +167,20 @@ def test_uncalibrated_ranges_under_jit_give_nan_not_zeros(quantized, images):
     assert np.isclose(scale, 4.0 / 255) and zp == 64
 
 
-def test_quant_delay_keeps_gradients_finite_before_ranges_are_observed(float_model, images):
-    # QAT before its quant delay ends: ranges unobserved, the fake-quant masked by quant_active.
-    model, variables = float_model
-    qat = model.clone(quant=QuantConfig())
-    variables = {**variables, "quant_ranges": ptq.empty_ranges(qat)}
+def test_quant_delay_keeps_gradients_finite_before_ranges_are_observed(images):
+    # QAT before its quant delay ends: the range unobserved (NaN scale), the fake-quant masked
+    # by a traced quant_active; the NaN must not leak into the output or the gradient.
+    quantizer = ActQuant(QuantConfig())
+    fresh = quantizer.init(jax.random.key(0), images[:2])
 
-    def loss(params, active):
-        v = {**variables, "params": params}
-        return (qat.apply(v, images[:2], quant_mode="qat", quant_active=active) ** 2).sum()
+    def loss(x, active):
+        return (quantizer.apply(fresh, x, quant_mode="qat", quant_active=active) ** 2).sum()
 
-    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"], np.bool_(False))
-    assert np.isfinite(value)
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    assert np.abs(grads["Logits"]["kernel"]).max() > 0
+    x = images[:2]
+    value, grad = jax.jit(jax.value_and_grad(loss))(x, np.bool_(False))
+    np.testing.assert_allclose(value, (x**2).sum(), rtol=1e-5)
+    np.testing.assert_allclose(grad, 2 * x, rtol=1e-6)
+    assert np.all(np.isnan(jax.jit(loss)(x, np.bool_(True))))  # active: the NaN shows
 
 
 # --- smaller frictions -----------------------------------------------------------------------
