@@ -136,6 +136,16 @@ def test_logits_in_three_modes(float_model, images, quantized):
         quantized.logits(images[0])
 
 
+def test_dynamic_ranges_need_no_calibration(float_model, images):
+    model, variables = float_model
+    q = ptq.quantize(model, variables, "tf8_dynamic_ranges", None, progress=False)
+    fake, reference = q.logits(images[:8], "fake"), q.logits(images[:8], "float")
+    assert np.all(np.isfinite(fake)) and not np.array_equal(fake, reference)
+    # The pool is re-rounded on each image's own grid: 6.4 % of the largest logit here; the
+    # old scale-1 grid of a never-observed range rounded the pooled means to integers.
+    np.testing.assert_allclose(fake, reference, atol=0.1 * np.abs(reference).max())
+
+
 # --- guards against uncalibrated ranges ------------------------------------------------------
 
 
