@@ -4,8 +4,12 @@ The config's ``job`` field picks what runs; the logic lives in the library. The 
 validated (:mod:`qfsep_jax.config_validation`) before the workdir is created: a bad value, or an
 override of a field the config does not have, is one line on stderr (exit status 2) and leaves
 nothing behind. ``--verbosity=1`` (``-v 1``) shows the traceback instead.
+
+``python launch/main.py --list`` (or no arguments at all) prints the jobs and the configs, one
+line each, and exits 0; ``--help`` shows the same list.
 """
 
+import ast
 import importlib
 import logging
 import os
@@ -32,6 +36,55 @@ JOBS = {
 }
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n")[0].strip() or "(no description)"
+
+
+def _module_docs(path: str) -> tuple[ast.Module, str]:
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    return tree, _first_line(ast.get_docstring(tree))
+
+
+def _job_line(target: str) -> str:
+    """The first docstring line of a job's module (else its function), read without importing."""
+    module, fn = target.split(":")
+    tree, line = _module_docs(os.path.join(REPO, *module.split(".")) + ".py")
+    if ast.get_docstring(tree):
+        return line
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == fn:
+            return _first_line(ast.get_docstring(node))
+    return line
+
+
+def listing() -> str:
+    """The jobs (``config.job``) and every ``configs/*.py`` with ``get_config``, one line each."""
+    lines = ["jobs (the config's `job` field):"]
+    width = max(map(len, JOBS))
+    lines += [f"  {name:<{width}}  {_job_line(target)}" for name, target in sorted(JOBS.items())]
+    configs = []
+    folder = os.path.join(REPO, "configs")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        tree, line = _module_docs(os.path.join(folder, name))
+        if any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+            configs.append((f"configs/{name}", line))
+    width = max(len(c) for c, _ in configs)
+    lines.append("configs (--config configs/<x>.py --workdir <dir>):")
+    lines += [f"  {c:<{width}}  {line}" for c, line in configs]
+    return "\n".join(lines)
+
+
+def _listing_wanted(argv) -> bool:
+    """``--list``, or no arguments at all."""
+    return argv[1:] == [] or any(a in ("--list", "-list") for a in argv[1:])
+
+
 def _traceback_wanted(argv) -> bool:
     """``--verbosity`` >= 1, read from argv (also when flag parsing itself failed)."""
     for i, arg in enumerate(argv[1:], 1):
@@ -49,6 +102,9 @@ def _config_error(message: str) -> None:
 
 def _parse_flags(argv):
     """absl's flag parsing, with an override of a missing config field as one line."""
+    if _listing_wanted(argv):
+        print(listing())
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
@@ -91,4 +147,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    __doc__ = f"{__doc__}\n{listing()}\n"  # absl's --help and --helpfull print it
     app.run(main, flags_parser=_parse_flags)

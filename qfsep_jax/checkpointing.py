@@ -30,6 +30,8 @@ from qfsep_jax.data.input import resolve_path
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.quant.scheme import QuantConfig
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -131,7 +133,7 @@ def load_variables(path: str) -> dict[str, Any]:
         step_dir = os.path.join(path, str(step))
         manager.close()
     tree = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-    logging.info("loaded variables from %s", step_dir)
+    log.info("loaded variables from %s", step_dir)
     return {
         k: jax.tree.map(np.asarray, tree[k])
         for k in ("params", "batch_stats", "quant_ranges")

@@ -19,6 +19,8 @@ import os
 
 import jax
 
+log = logging.getLogger(__name__)
+
 MODES = ("auto", "on", "off")
 
 
@@ -65,7 +67,7 @@ def maybe_initialize(dist_config) -> bool:
     # Cross-process collectives of the CPU backend (used by the localhost test).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
-    logging.info(
+    log.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
         jax.process_count(),

@@ -9,7 +9,10 @@ from collections.abc import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
+
+from qfsep_jax import progress as progress_lib
+
+log = logging.getLogger(__name__)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -25,15 +28,16 @@ def evaluate(
     batches: Iterable[dict[str, np.ndarray]],
     total: int | None = None,
     desc: str = "eval",
+    progress: bool = True,
 ) -> dict[str, float]:
     """Runs ``logits_fn`` (jitted by the caller) over masked batches; returns top1/top5 in % and n.
 
-    ``total`` is the number of batches, for the progress bar.
+    ``total`` is the number of batches, for the progress bar; ``progress=False`` hides it.
     """
     sums = {"top1": 0.0, "top5": 0.0, "n": 0.0}
     start = time.perf_counter()
     skipped = 0
-    for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+    for batch in progress_lib.bar(batches, progress, total=total, desc=desc, unit="batch"):
         logits = logits_fn(batch["image"])
         counts = topk_correct(logits, jnp.asarray(batch["label"]), jnp.asarray(batch["mask"]))
         for k, v in counts.items():
@@ -43,7 +47,7 @@ def evaluate(
     n = int(sums["n"])
     if n == 0:
         raise ValueError(f"{desc}: no images were evaluated")
-    logging.info("%s: %d images in %.1fs (%.1f images/s)", desc, n, seconds, n / seconds)
+    log.info("%s: %d images in %.1fs (%.1f images/s)", desc, n, seconds, n / seconds)
     result = {"top1": 100.0 * sums["top1"] / n, "top5": 100.0 * sums["top5"] / n, "n": n}
     if skipped:
         result["skipped_corrupt"] = skipped

@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import logging
 
+log = logging.getLogger(__name__)
+
 
 def tune_malloc() -> bool:
     """Keeps freed memory in glibc's heap instead of returning it to the OS.
@@ -22,7 +24,7 @@ def tune_malloc() -> bool:
         libc = ctypes.CDLL(name or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        logging.info("tune_malloc: no glibc mallopt here; allocator left as it is")
+        log.info("tune_malloc: no glibc mallopt here; allocator left as it is")
         return False
     m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
     return bool(

@@ -19,6 +19,8 @@ from typing import Any
 from clu import metric_writers
 from clu.metric_writers import interface
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -104,7 +106,7 @@ def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # torn last line of a crashed run
-                logging.warning("ignoring a torn last line of %s", path)
+                log.warning("ignoring a torn last line of %s", path)
                 continue
             raise ValueError(f"{path}: line {i + 1} is not JSON") from None
         records[int(record["step"])] = record

@@ -23,6 +23,8 @@ import logging
 import jax
 import ml_collections
 
+log = logging.getLogger(__name__)
+
 HALF_DTYPE = "bfloat16"
 # Backends on which ``half_precision=None`` means bfloat16 (jax.default_backend() names).
 ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
@@ -56,7 +58,7 @@ def resolved(config) -> ml_collections.ConfigDict:
     half = resolve_half_precision(config.get("half_precision"))
     with out.unlocked():
         out.half_precision = half
-    logging.info(
+    log.info(
         "precision: %s compute, float32 parameters (half_precision=%r resolved on backend %s)",
         HALF_DTYPE if half else "float32",
         config.get("half_precision"),

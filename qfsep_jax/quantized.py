@@ -10,6 +10,7 @@ description), atomically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -66,6 +67,9 @@ class PTQRecipe:
         )
 
 
+LOGIT_MODES = ("float", "fake", "integer")
+
+
 @dataclasses.dataclass
 class QuantizedModel:
     """A BN-folded model with its variables (incl. ``quant_ranges``) and what was done to it."""
@@ -74,6 +78,89 @@ class QuantizedModel:
     variables: Variables
     recipe: PTQRecipe
     info: dict[str, Any]
+
+    def check_ranges(self) -> None:
+        """Raises ValueError naming the first activation range that is not finite and ordered.
+
+        Models with per-input (dynamic) activation ranges have no calibrated ranges to check.
+        """
+        if self.recipe.dynamic_activation_ranges:
+            return
+        ranges = self.variables.get("quant_ranges")
+        if not ranges:
+            raise ValueError("the quantized model's variables hold no quant_ranges")
+        check_all_ranges(jax.tree.map(np.asarray, ranges))
+
+    def to_integer(self, rounding: str = "reference") -> Any:
+        """The integer-only model (:class:`qfsep_jax.integer.IntModel`) of this model.
+
+        ``rounding`` is a preset name of :data:`qfsep_jax.integer.ROUNDING_PRESETS` (or a
+        :class:`~qfsep_jax.integer.Rounding`); ``"reference"`` is TFLite's reference kernels.
+        """
+        from qfsep_jax import integer
+
+        return integer.from_quantized(self, rounding)
+
+    def logits(
+        self, images: Any, mode: str = "fake", batch_size: int = 64, rounding: str = "reference"
+    ) -> np.ndarray:
+        """Float logits ``[N, num_classes]`` of images ``[N, H, W, 3]`` scaled to [-1, 1].
+
+        Args:
+          images: NumPy or JAX float images, RGB, NHWC, scaled to [-1, 1].
+          mode: ``"float"`` (the BN-folded float network, no rounding), ``"fake"`` (the 8-bit
+            simulation) or ``"integer"`` (the integer-only pass: images quantized to the input
+            codes, :func:`qfsep_jax.integer.run`, the 8-bit logit codes dequantized).
+          batch_size: images per jitted call.
+          rounding: the integer pass's rounding preset (``mode="integer"`` only).
+
+        The ranges are checked on the host first (a never-calibrated range raises ValueError).
+        Nothing is cached: for many calls in integer mode, convert once with :meth:`to_integer`
+        and use :mod:`qfsep_jax.integer` directly.
+        """
+        if mode not in LOGIT_MODES:
+            raise ValueError(f"mode must be one of {LOGIT_MODES}, got {mode!r}")
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [N, H, W, 3], got shape {images.shape}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        images = images.astype(np.float32)
+        if mode != "float":
+            self.check_ranges()
+        if mode == "integer":
+            from qfsep_jax import integer
+
+            int_model = self.to_integer(rounding)
+
+            def fn(x):
+                codes = integer.run(int_model, integer.quantize_input(int_model, x))
+                return integer.dequantize_logits(int_model, codes)
+
+        else:
+
+            def fn(x):
+                return _apply(self.model, self.variables, x, mode)
+
+        n = len(images)
+        if n == 0:
+            return np.zeros((0, self.model.num_classes), np.float32)
+        size = min(batch_size, n)
+        out = []
+        for start in range(0, n, size):
+            chunk = images[start : start + size]
+            valid = len(chunk)
+            if valid < size:  # pad: one compiled shape for every batch
+                chunk = np.concatenate(
+                    [chunk, np.zeros((size - valid,) + chunk.shape[1:], chunk.dtype)]
+                )
+            out.append(np.asarray(fn(chunk))[:valid])
+        return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply(model: MobileNetV1, variables: Variables, images: jax.Array, quant_mode: str):
+    return model.apply(variables, images, quant_mode=quant_mode)
 
 
 def from_qat(model: MobileNetV1, variables: Variables) -> QuantizedModel:

@@ -44,9 +44,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from qfsep_jax import checkpointing, config_validation, distributed, metrics_log, precision
+from qfsep_jax import progress as progress_lib
 from qfsep_jax import quantized as quantized_lib
 from qfsep_jax.config_validation import OPTIMIZERS, SCHEDULES
 from qfsep_jax.data import input as data_input
@@ -55,6 +55,8 @@ from qfsep_jax.evaluation import topk_correct
 from qfsep_jax.io_utils import run_info, write_atomic, write_json
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.quantized import QuantizedModel
+
+log = logging.getLogger(__name__)
 
 AXIS = "batch"
 Variables = dict[str, Any]
@@ -343,13 +345,12 @@ def evaluate_on_devices(
     }
     totals, skipped, start = None, 0, time.perf_counter()
     stream = itertools.chain(inp.make(), itertools.repeat(empty))
-    for batch in tqdm(
+    for batch in progress_lib.bar(
         itertools.islice(stream, num_batches),
+        process_index == 0,
         total=num_batches,
         desc="eval",
         unit="batch",
-        leave=False,
-        disable=process_index != 0,
     ):
         skipped = max(skipped, int(batch.get("skipped", 0)))
         batch = {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}
@@ -360,7 +361,7 @@ def evaluate_on_devices(
     if n == 0:
         raise ValueError(f"evaluation of {config.eval_data} saw no images")
     seconds = time.perf_counter() - start
-    logging.info("eval: %d images in %.1fs (%.1f images/s)", n, seconds, n / seconds)
+    log.info("eval: %d images in %.1fs (%.1f images/s)", n, seconds, n / seconds)
     out = {
         "eval_top1": 100.0 * float(totals["top1"]) / n,
         "eval_top5": 100.0 * float(totals["top5"]) / n,
@@ -385,7 +386,7 @@ def evaluate_integer(quantized: QuantizedModel, config) -> dict[str, float]:
     result = evaluation.evaluate(
         integer.logits_fn(int_model), inp.make(), inp.num_batches, desc="eval/integer"
     )
-    logging.info("integer-only pass: top1 %.2f top5 %.2f", result["top1"], result["top5"])
+    log.info("integer-only pass: top1 %.2f top5 %.2f", result["top1"], result["top5"])
     return {"eval_int_top1": result["top1"], "eval_int_top5": result["top5"]}
 
 
@@ -477,7 +478,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         devices.local,
         size=config.prefetch_batches,
     )
-    logging.info(
+    log.info(
         "training %s for %d steps (%d/epoch), global batch %d on %d devices x %d processes",
         "QAT" if config.qat.enabled else "float",
         total_steps,
@@ -602,10 +603,8 @@ class _Run:
             changes = config_validation.restart_changes(self.workdir, self.config)  # or refuses
             if self.is_main and changes:
                 config_validation.record_restart(self.workdir, start_step, changes)
-                logging.info("restart with changed fields (config_history.json): %s", changes)
-            logging.info(
-                "resuming from step %d (examples seen %d)", start_step, meta["examples_seen"]
-            )
+                log.info("restart with changed fields (config_history.json): %s", changes)
+            log.info("resuming from step %d (examples seen %d)", start_step, meta["examples_seen"])
         elif self.is_main:
             write_atomic(
                 os.path.join(self.workdir, "config.json"),
@@ -617,7 +616,7 @@ class _Run:
 
     def keep_work_and_raise(self, err: Exception, step: int, what: str) -> None:
         """After a failure: finish the checkpoint, write results.json with the error, re-raise."""
-        logging.error("%s failed; the checkpoint of step %d is kept", what, step)
+        log.error("%s failed; the checkpoint of step %d is kept", what, step)
         self.writer.flush()
         if not self.ckpt_closed:
             self.ckpt.wait()
@@ -711,7 +710,7 @@ def _train_loop(
         run.writer.write_scalars(done, scalars)
         window, window_start, t0 = [], done, time.perf_counter()
         if halting:
-            logging.info("halt_after_steps=%d reached: stopping (resumable)", halt)
+            log.info("halt_after_steps=%d reached: stopping (resumable)", halt)
             break
     return state
 

@@ -1,4 +1,4 @@
-"""The library's layers import downward only: quant < models < ptq/integer < analysis < jobs.
+"""The library's layers import downward only: quant < models < integer < quantized < ptq < jobs.
 
 Every ``import`` of a ``qfsep_jax`` module (at module level or inside a function) is read from
 the source, so a lazy import that runs upward or in a circle fails here too.
@@ -22,19 +22,20 @@ LEVELS = {
     "qfsep_jax.distributed": 0,
     "qfsep_jax.metrics_log": 0,
     "qfsep_jax.precision": 0,
+    "qfsep_jax.progress": 0,
     "qfsep_jax.data": 1,
     "qfsep_jax.quant": 1,
     "qfsep_jax.models": 2,
     "qfsep_jax.importers": 3,
-    "qfsep_jax.quantized": 3,
     "qfsep_jax.evaluation": 3,
-    "qfsep_jax.ptq": 4,
-    "qfsep_jax.integer": 4,
-    "qfsep_jax.checkpointing": 4,
-    "qfsep_jax.analysis": 5,
-    "qfsep_jax.config_validation": 5,
-    "qfsep_jax.train": 6,
-    "qfsep_jax.jobs": 7,
+    "qfsep_jax.integer": 3,
+    "qfsep_jax.quantized": 4,
+    "qfsep_jax.ptq": 5,
+    "qfsep_jax.checkpointing": 5,
+    "qfsep_jax.analysis": 6,
+    "qfsep_jax.config_validation": 6,
+    "qfsep_jax.train": 7,
+    "qfsep_jax.jobs": 8,
 }
 
 

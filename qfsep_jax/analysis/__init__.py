@@ -11,6 +11,12 @@
   demand, it loads matplotlib).
 """
 
+from qfsep_jax.analysis.agreement import (
+    agreement_report,
+    end_to_end_agreement,
+    layerwise_agreement,
+    locate_disagreements,
+)
 from qfsep_jax.analysis.alpha import alpha_summary, bn_alphas, compare_to_paper
 from qfsep_jax.analysis.ranges import activation_range_table, weight_range_table
 from qfsep_jax.analysis.sqnr import (
@@ -26,10 +32,14 @@ from qfsep_jax.analysis.sqnr import (
 __all__ = [
     "SQNR_DEFINITION",
     "activation_range_table",
+    "agreement_report",
     "alpha_summary",
     "bn_alphas",
     "compare_to_paper",
+    "end_to_end_agreement",
     "integer_pass_fn",
+    "layerwise_agreement",
+    "locate_disagreements",
     "measure_sqnr",
     "per_image_power",
     "sqnr_curve",

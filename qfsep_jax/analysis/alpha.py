@@ -23,7 +23,7 @@ _F32_SLACK = 4 * float(np.finfo(np.float32).eps)  # α is computed in float32
 
 def bn_alphas(
     variables: Mapping[str, Any],
-    eps: float,
+    eps: float = 1e-3,
     zero_variance_threshold: float = 1e-10,
     depthwise_only: bool = True,
 ) -> dict[str, dict[str, list]]:
@@ -31,7 +31,8 @@ def bn_alphas(
 
     Args:
       variables: ``{"params", "batch_stats"}`` of a model with BN (``bn_folded=False``).
-      eps: the BN epsilon (``model.bn_epsilon``; 1e-3 for TF-slim).
+      eps: the BN epsilon, ``model.bn_epsilon``; the default 1e-3 is :class:`MobileNetV1`'s and
+        TF-slim's.
       zero_variance_threshold: channels with moving variance below this are flagged (the same
         threshold as the PTQ zero-variance fix, so the flagged channels are the ones it replaces).
       depthwise_only: only the BN layers that follow a depthwise conv (the paper's Figure 3);

@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
+from qfsep_jax import progress as progress_lib
 from qfsep_jax.models.names import layer_paths, tfslim_name
 from qfsep_jax.quant.numerics import UINT8, IntRange, qparams
 from qfsep_jax.tree_utils import find_nodes
@@ -211,6 +211,7 @@ def measure_sqnr(
     total: int | None = None,
     integer_fn: IntegerFn | None = None,
     desc: str = "sqnr",
+    progress: bool = True,
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per-layer SQNR of a :class:`~qfsep_jax.quantized.QuantizedModel` over masked image batches.
 
@@ -221,6 +222,7 @@ def measure_sqnr(
       integer_fn: optional float images → ``{tfslim layer: dequantized output}`` of the
         integer-only pass (float arrays); measured against the same float reference.
       desc: progress-bar label.
+      progress: show the progress bar.
 
     Returns:
       ``{"fake_quant": summary, ["integer": summary]}`` with :func:`summarize` summaries; the
@@ -241,7 +243,7 @@ def measure_sqnr(
 
     fake = SQNRStats.empty(layers)
     integer = SQNRStats.empty(layers) if integer_fn is not None else None
-    for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+    for batch in progress_lib.bar(batches, progress, total=total, desc=desc, unit="batch"):
         images = batch["image"]
         valid = int(np.sum(batch["mask"])) if "mask" in batch else len(images)
         if valid == 0:

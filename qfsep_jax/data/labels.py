@@ -39,3 +39,30 @@ def num_classes(label_space: str, data_dir: str) -> int:
     if mapping is None:
         raise ValueError("label_space 'folder' has no fixed class count")
     return max(mapping.values()) + 1
+
+
+def class_names(label_space: str = "imagenet1001", data_dir: str = "../shared/data") -> list[str]:
+    """Human-readable class names of a label space, indexed like its labels.
+
+    ``imagenet1001``: TF-slim's 1001 classes (index 0 ``"background"``), from
+    ``labels/imagenet_1001_labels.txt``; ``imagenet1000``: the same without background;
+    ``imagenette``: the names of its 10 wnids. Names read like ``"tench, Tinca tinca"``.
+    ``folder`` has no fixed classes (ValueError).
+    """
+    if label_space not in LABEL_SPACES:
+        raise ValueError(f"unknown label_space {label_space!r}; choose from {LABEL_SPACES}")
+    if label_space == "folder":
+        raise ValueError("label_space 'folder' has no fixed class names (tfds's folder order)")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"data directory not found: {os.path.abspath(data_dir)!r}; pass data_dir= the folder "
+            "that holds labels/"
+        )
+    labels_dir = os.path.join(data_dir, "labels")
+    names = read_lines(os.path.join(labels_dir, "imagenet_1001_labels.txt"))
+    if label_space == "imagenet1001":
+        return names
+    if label_space == "imagenet1000":
+        return names[1:]
+    index = wnid_to_index("imagenet1001", data_dir)
+    return [names[index[w]] for w in read_lines(os.path.join(labels_dir, "imagenette_synsets.txt"))]

@@ -24,8 +24,13 @@ def eval_crop_resize(image: tf.Tensor, image_size: int, crop_fraction: float) ->
     image = to_unit_float(image)
     if crop_fraction < 1.0:
         image = tf.image.central_crop(image, crop_fraction)
-    image = tf.compat.v1.image.resize_bilinear(
-        image[None], [image_size, image_size], align_corners=False
+    # The op behind TF1's resize_bilinear, called directly: the same kernel without the
+    # deprecation warning the compat wrapper logs on every pipeline build.
+    image = tf.raw_ops.ResizeBilinear(
+        images=image[None],
+        size=[image_size, image_size],
+        align_corners=False,
+        half_pixel_centers=False,
     )[0]
     return tf.clip_by_value(image, 0.0, 1.0)
 

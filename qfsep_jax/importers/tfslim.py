@@ -10,6 +10,7 @@ epsilon are read from the file; every tensor's shape is checked against the mode
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from typing import Any
@@ -20,6 +21,11 @@ import numpy as np
 from qfsep_jax.models.mobilenet_v1 import BLOCK_SPECS, MobileNetV1
 
 SCOPE = "MobilenetV1"
+# The paper's float model in the project's data directory (see its README.md).
+DEFAULT_DATA_DIR = "../shared/data"
+OFFICIAL_MODEL = "models/mobilenet_v1_1.0_224_retrained_graph.pb"
+
+log = logging.getLogger(__name__)
 _BN_KEYS = {
     "gamma": ("params", "bn_scale"),
     "beta": ("params", "bn_bias"),
@@ -215,6 +221,37 @@ def load_tfslim(path: str, **kwargs) -> ImportedModel:
     if path.endswith(".pb"):
         return load_tfslim_graphdef(path)
     return load_tfslim_checkpoint(path, **kwargs)
+
+
+def load_official(
+    data_dir: str = DEFAULT_DATA_DIR, model_path: str = OFFICIAL_MODEL, **model_overrides: Any
+) -> tuple[MobileNetV1, dict[str, Any]]:
+    """The paper's float MobileNetV1 1.0/224 (the official TF-slim graph): ``(model, variables)``.
+
+    Args:
+      data_dir: the project's data directory (default ``../shared/data``).
+      model_path: the GraphDef, relative to ``data_dir`` unless absolute.
+      **model_overrides: :class:`MobileNetV1` attributes to change (e.g. ``depthwise_impl``).
+
+    The model is for inference (``dropout_rate=0`` unless overridden; call it with the default
+    ``train=False``); it takes RGB images scaled to [-1, 1] and returns 1001 logits
+    (0 = background). Raises FileNotFoundError naming the missing path.
+    """
+    path = model_path if os.path.isabs(model_path) else os.path.join(data_dir, model_path)
+    if not os.path.isabs(model_path) and not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"data directory not found: {os.path.abspath(data_dir)!r}; pass data_dir= the "
+            f"folder that holds {OFFICIAL_MODEL}"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"official float model not found: {os.path.abspath(path)!r} (data_dir={data_dir!r}, "
+            f"model_path={model_path!r}); pass data_dir= the folder that holds {OFFICIAL_MODEL}"
+        )
+    imported = load_tfslim(path)
+    model = imported.model(**{"dropout_rate": 0.0, **model_overrides})
+    log.info("model %s (%s)", imported.source, imported.model_kwargs)
+    return model, imported.variables
 
 
 def tfslim_variable_names(variables: dict) -> dict[str, np.ndarray]:

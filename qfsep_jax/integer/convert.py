@@ -28,6 +28,8 @@ from qfsep_jax.quant.numerics import check_range, qparams, quantize, round_half_
 from qfsep_jax.quant.scheme import weight_range
 from qfsep_jax.tree_utils import subtree
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class _ConvRecord:
@@ -205,7 +207,8 @@ def _conv_layer(rec: _ConvRecord, w: _LayerWeights, quant, qin: tuple, qout: tup
     w_zp = np.broadcast_to(np.asarray(w.zero_point, np.int32), (cout,)).copy()
     w_scale, w_q, w_zp, widened = _fit_bias(w.kernel, bias, w_scale, w_q, w_zp, in_scale, w_range)
     if widened:
-        logging.warning(
+        # TFLite's converter does the same; expected for per-channel weights of real models.
+        log.info(
             "%s: widened the weight scale of channels %s so that their int32 "
             "bias fits (as TFLite's converter does)",
             name,

@@ -33,6 +33,8 @@ from qfsep_jax.integer.convert import from_quantized
 from qfsep_jax.jobs import common
 from qfsep_jax.quantized import QuantizedModel, load_quantized
 
+log = logging.getLogger(__name__)
+
 SOURCES = ("official", "trained", "quantized")
 REPORT = "report.json"
 SUMMARY = "summary.json"
@@ -84,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
         plot = os.path.join(workdir, "report_margins.png")
         plot_top2_margins(report["per_image"], plot, title=margin_title(report))
-        logging.info("wrote %s", plot)
+        log.info("wrote %s", plot)
     return report
 
 

@@ -31,6 +31,8 @@ from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.jobs import common
 
+log = logging.getLogger(__name__)
+
 
 def analyze_alpha(variables: dict, eps: float, threshold: float, workdir: str, plots: bool) -> dict:
     """α per channel: writes alpha.json, alpha_detail.json and plots; returns the summary."""
@@ -90,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     cmp = alpha_out["paper_fig3_comparison"]
     if cmp is not None:
-        logging.info(
+        log.info(
             "alpha of %s vs paper Figure 3: max abs diff %.3g, max rel diff %.3g, "
             "matches to 4 decimals: %s",
             cmp["layer"],
@@ -103,7 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data = eval_input(
         config, config.sqnr_data, limit=config.num_sqnr_images, batch_size=config.sqnr_batch_size
     )
-    logging.info(
+    log.info(
         "SQNR on %d images of %s; calibration on %d images of %s; integer pass: %s",
         data.num_examples,
         data.name,
@@ -122,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 integer_fn = sqnr_lib.integer_pass_fn(qmodel)
             except ValueError as err:  # e.g. the int32 accumulator bound check
                 integer_skipped[name] = f"the integer pass cannot convert this model: {err}"
-                logging.warning("%s: no integer-only SQNR: %s", name, integer_skipped[name])
+                log.warning("%s: no integer-only SQNR: %s", name, integer_skipped[name])
         measured = sqnr_lib.measure_sqnr(
             qmodel, data.make(), data.num_batches, integer_fn=integer_fn, desc=f"sqnr {name}"
         )
@@ -138,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         }
         info[name] = {"recipe": dataclasses.asdict(recipe), **_jsonable(qmodel.info)}
         fq = tables[name]["fake_quant"]
-        logging.info("%s: fake-quant SQNR %s", name, {k: round(v, 1) for k, v in fq.items()})
+        log.info("%s: fake-quant SQNR %s", name, {k: round(v, 1) for k, v in fq.items()})
         jax.clear_caches()
 
     io_utils.write_json(os.path.join(workdir, "sqnr.json"), tables)

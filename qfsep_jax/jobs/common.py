@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any
 
@@ -11,11 +10,10 @@ import ml_collections
 
 from qfsep_jax import checkpointing, ptq
 from qfsep_jax.data.input import EvalInput, eval_input, resolve_path
-from qfsep_jax.importers.tfslim import load_tfslim
+from qfsep_jax.importers import tfslim
+from qfsep_jax.importers.tfslim import OFFICIAL_MODEL
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.quantized import PTQRecipe, QuantizedModel
-
-OFFICIAL_MODEL = "models/mobilenet_v1_1.0_224_retrained_graph.pb"  # relative to data_dir
 
 
 def load_official(
@@ -23,11 +21,11 @@ def load_official(
 ) -> tuple[MobileNetV1, dict[str, Any], str]:
     """The paper's float MobileNetV1 (TF-slim graph at ``config.model_path`` under ``data_dir``)
     in inference mode: ``(model, variables, source)``."""
-    imported = load_tfslim(resolve_path(config.data_dir, config.get("model_path", OFFICIAL_MODEL)))
-    impl = config.get("depthwise_impl", "auto")
-    model = imported.model(depthwise_impl=impl, dropout_rate=0.0)
-    logging.info("model %s (%s)", imported.source, imported.model_kwargs)
-    return model, imported.variables, imported.source
+    model_path = config.get("model_path", OFFICIAL_MODEL)
+    model, variables = tfslim.load_official(
+        config.data_dir, model_path, depthwise_impl=config.get("depthwise_impl", "auto")
+    )
+    return model, variables, resolve_path(config.data_dir, model_path)
 
 
 def calibration_input(config: ml_collections.ConfigDict) -> EvalInput:

@@ -35,15 +35,17 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from qfsep_jax import checkpointing, config_validation, integer, io_utils, ptq
+from qfsep_jax import progress as progress_lib
 from qfsep_jax.data import labels as labels_lib
 from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.integer.reference import LiteRTRunner, expected_rounding, make_interpreter
 from qfsep_jax.jobs import common
 from qfsep_jax.jobs.tflite_check import compare_tensors, litert_version
 from qfsep_jax.quantized import load_quantized
+
+log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("ptq", "quantized", "tflite")
 MODEL_FILE = "model.tflite"
@@ -197,7 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exported = integer.to_tflite(int_model, path, size, softmax=softmax)
     with open(path, "rb") as f:
         blob = f.read()
-    logging.info("wrote %s (%d bytes): %s", path, len(blob), source.description)
+    log.info("wrote %s (%d bytes): %s", path, len(blob), source.description)
 
     runner = LiteRTRunner(exported, [path], config.op_resolver, config.num_threads)
     xnn = make_interpreter(path, "xnnpack", config.num_threads, preserve_all_tensors=False)
@@ -212,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score = space != "folder" and num_classes == labels_lib.num_classes(
         space, source.data_config.data_dir
     )
-    logging.info(
+    log.info(
         "%s: %d images of %s at %d px, %s, label space %s (%s)",
         source.description,
         data.num_examples,
@@ -227,7 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     xnn_same_output = xnn_same_top1 = 0
     hits = {"litert": 0, "integer": 0, "integer_fine": 0, "xnnpack": 0, "builtin_output": 0}
     first_mismatch = first_source_difference = None
-    bar = tqdm(total=data.num_examples, desc="LiteRT vs integer pass", unit="img", leave=False)
+    bar = progress_lib.bar(total=data.num_examples, desc="LiteRT vs integer pass", unit="img")
     for batch in data.make():
         valid = int(batch["mask"].sum())
         if valid == 0:
@@ -243,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 exact += 1
             elif first_mismatch is None:
                 first_mismatch = {"image_index": n + i, **mismatch}
-                logging.warning("first mismatch: %s", first_mismatch)
+                log.warning("first mismatch: %s", first_mismatch)
             builtin_out = _output(runner.interpreters[0])
             xnn.set_tensor(xnn.get_input_details()[0]["index"], codes[i : i + 1])
             xnn.invoke()
@@ -257,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     identical += 1
                 elif first_source_difference is None:
                     first_source_difference = {"image_index": n + i, **diff}
-                    logging.warning("re-export differs from the source: %s", diff)
+                    log.warning("re-export differs from the source: %s", diff)
             if score:
                 label = int(batch["label"][i])
                 litert_logits = ref[runner.logits_index()].reshape(-1)

@@ -48,6 +48,8 @@ from qfsep_jax.data.input import eval_input
 from qfsep_jax.jobs import common
 from qfsep_jax.quantized import QuantizedModel
 
+log = logging.getLogger(__name__)
+
 # How each variant's core layer computes (for tables and plots).
 VARIANT_LABELS = {
     "original": "DW→BN→ReLU6→PW→BN→ReLU6",
@@ -151,7 +153,7 @@ def step_evaluate(train_config, qmodel, model, variables, config) -> dict:
             int_model = integer.from_quantized(qmodel)
         except ValueError as err:  # e.g. the int32 accumulator bound check
             out["integer_error"] = str(err)
-            logging.warning("no integer-only evaluation: %s", err)
+            log.warning("no integer-only evaluation: %s", err)
         else:
             out["integer"] = score(integer.logits_fn(int_model), "integer")
     return out
@@ -298,7 +300,7 @@ def step_summary(config, workdir: str) -> dict[str, Any]:
                     os.path.join(d, "train")
                 )
         if not runs:
-            logging.warning("summary: no finished run of %s yet", variant)
+            log.warning("summary: no finished run of %s yet", variant)
             continue
         variants[variant] = summarize_variant(variant, runs)
         io_utils.write_json(os.path.join(workdir, variant, "results.json"), variants[variant])
@@ -374,7 +376,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     start = time.perf_counter()
                     step_train(tc, train_dir)
                     actions[f"{key}/train"] = "ran"
-                    logging.info("%s: trained in %.0fs", key, time.perf_counter() - start)
+                    log.info("%s: trained in %.0fs", key, time.perf_counter() - start)
             qmodel = None
             for step, filename in (("evaluate", "results.json"), ("sqnr", "sqnr.json")):
                 if step not in config.steps:
@@ -390,7 +392,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if step == "evaluate":
                     out = step_evaluate(tc, qmodel, model, variables, config)
                     out.update({"variant": variant, "seed": seed})
-                    logging.info(
+                    log.info(
                         "%s: top-1 float %.2f, fake-quant %.2f, integer %s",
                         key,
                         out["float"]["top1"],
@@ -404,7 +406,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             jax.clear_caches()
     summary = step_summary(config, workdir) if "summary" in config.steps else None
     for key, action in actions.items():
-        logging.info("%s: %s", key, action)
+        log.info("%s: %s", key, action)
     if summary:
         print(format_summary(summary))
     return {"actions": actions, "summary": summary}

@@ -13,6 +13,8 @@ from qfsep_jax import config_validation, evaluation, integer, io_utils, paper, p
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.jobs import common
 
+log = logging.getLogger(__name__)
+
 
 def format_table(rows: list[dict]) -> str:
     """The results as a text table with the published numbers beside them."""
@@ -44,7 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model, variables, source = common.load_official(config)
     evaluate_data = eval_input(config, config.eval_data, limit=config.limit)
     calib = common.calibration_input(config)
-    logging.info(
+    log.info(
         "eval %s: %d images; calibration %s: %d images",
         evaluate_data.name,
         evaluate_data.num_examples,
@@ -85,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 row["zero_variance_scope"] = qmodel.info["zero_variance_scope"]
                 row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
             rows.append(row)
-        logging.info(
+        log.info(
             "%s: top1 %.2f top5 %.2f (n=%d)",
             name,
             rows[-1]["top1"],

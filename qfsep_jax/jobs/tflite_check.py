@@ -30,6 +30,8 @@ from qfsep_jax import config_validation, integer, io_utils
 from qfsep_jax.data.input import eval_input, resolve_path
 from qfsep_jax.integer.reference import LiteRTRunner, expected_rounding
 
+log = logging.getLogger(__name__)
+
 
 def compare_tensors(int_model, ints: dict, ref: dict, i: int, runner) -> dict | None:
     """The first differing tensor of image ``i`` (``None`` if all are equal), with details."""
@@ -86,9 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.image_size and config.image_size != height:
         raise ValueError(f"config.image_size={config.image_size} but the model takes {height}")
     data = eval_input(config, config.eval_data, limit=config.limit, uint8=True, image_size=height)
-    logging.info(
-        "%s on %s: %d images at %d px", int_model.source, data.name, data.num_examples, height
-    )
+    log.info("%s on %s: %d images at %d px", int_model.source, data.name, data.num_examples, height)
     num_classes = int_model.layers[-1].out_channels
     score = num_classes == 1001 and config.label_space == "imagenet1001"
 
@@ -103,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             candidates[preset] = _count_differences(int_model, ints, refs)
         expected = expected_rounding(config.op_resolver, int_model.dtype)
         rounding = min(candidates, key=lambda k: (candidates[k], k != expected))
-        logging.info(
+        log.info(
             "rounding candidates (differing elements, first batch): %s -> %s", candidates, rounding
         )
     else:
@@ -128,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 exact += 1
             elif first_mismatch is None:
                 first_mismatch = {"image_index": n + i, **mismatch}
-                logging.warning("first mismatch: %s", first_mismatch)
+                log.warning("first mismatch: %s", first_mismatch)
             if score:
                 label = int(batch["label"][i])
                 hits["int"] += int(np.argmax(logits[i]) == label)

@@ -29,6 +29,7 @@ from qfsep_jax.models.activations import Activation, get_activation, is_builtin
 from qfsep_jax.quant import observers
 from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.fold import fold_bn
+from qfsep_jax.quant.numerics import check_range
 from qfsep_jax.quant.scheme import QuantConfig, fake_quant_weights
 
 QUANT_MODES = ("float", "calibrate", "fake", "qat")
@@ -314,7 +315,29 @@ class ActQuant(nn.Module):
             hi = jax.lax.stop_gradient(jnp.max(x, axis=axes))
             return fake_quant(x, lo, hi, self.quant.act_int_range, axis=0)
         lo, hi = state["min"].value, state["max"].value
+        _check_concrete_range(self, lo, hi, quant_active)
         return _where(quant_active, fake_quant(x, lo, hi, self.quant.act_int_range), x)
+
+
+def _check_concrete_range(module: nn.Module, lo, hi, quant_active) -> None:
+    """Raises a ValueError naming the layer when a range that will be used is concretely invalid.
+
+    Outside ``jit`` a never-calibrated range (``+inf``/``-inf``) would otherwise quantize every
+    value to a plausible 0; under ``jit`` the values are tracers and the NaN scale of
+    :func:`~qfsep_jax.quant.numerics.qparams` marks the output instead.
+    """
+    if any(isinstance(v, jax.core.Tracer) for v in (lo, hi, quant_active)):
+        return
+    if not bool(quant_active):
+        return
+    name = "/".join(str(p) for p in module.scope.path) or type(module).__name__
+    try:
+        check_range(name, lo, hi)
+    except ValueError as err:
+        raise ValueError(
+            f"{err}. Calibrate the ranges first (qfsep_jax.ptq.quantize or ptq.calibrate), or "
+            "run quant_mode='float'"
+        ) from None
 
 
 @dataclasses.dataclass

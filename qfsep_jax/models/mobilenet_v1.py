@@ -328,19 +328,34 @@ class MobileNetV1(nn.Module):
             )
             x = blk(x, **kw)
         window = x.shape[1] * x.shape[2]
+        last_out = x
         x = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.promote_types(x.dtype, jnp.float32))
         if quant_mode in ("fake", "qat") and not self.is_initializing():
             # TFLite's integer average pool keeps the input's (scale, zero point): re-round.
-            ranges = blk.variables["quant_ranges"]
-            if "act_quant" not in ranges.get("pointwise", {}):
-                raise ValueError(
-                    f"block {block_cls.__qualname__}: its last layer must be a ConvLayer named "
-                    "'pointwise' with an output quantizer (the pool re-rounds on its grid)"
-                )
-            last = ranges["pointwise"]["act_quant"]
-            pooled_q = self._requantize_pool(x, last["min"], last["max"], window)
+            if self.quant.dynamic_activation_ranges:
+                # Each image's own grid: the range of the last layer's quantized output.
+                axes = tuple(range(1, last_out.ndim))
+                lo = jax.lax.stop_gradient(jnp.min(last_out, axis=axes).astype(jnp.float32))
+                hi = jax.lax.stop_gradient(jnp.max(last_out, axis=axes).astype(jnp.float32))
+                pooled_q = fake_quant(x, lo, hi, self.quant.act_int_range, axis=0)
+            else:
+                ranges = blk.variables["quant_ranges"]
+                if "act_quant" not in ranges.get("pointwise", {}):
+                    raise ValueError(
+                        f"block {block_cls.__qualname__}: its last layer must be a ConvLayer "
+                        "named 'pointwise' with an output quantizer (the pool re-rounds on its "
+                        "grid)"
+                    )
+                last = ranges["pointwise"]["act_quant"]
+                pooled_q = self._requantize_pool(x, last["min"], last["max"], window)
             pooled_q = x + jax.lax.stop_gradient(pooled_q - x) if train else pooled_q
             x = _where(quant_active, pooled_q, x)  # no rounding during a QAT quant delay
+        if train and self.dropout_rate > 0 and not self.is_initializing():
+            if not self.has_rng("dropout"):
+                raise ValueError(
+                    f"train=True with dropout_rate={self.dropout_rate} needs a dropout RNG: "
+                    "pass rngs={'dropout': key} to apply, or build the model with dropout_rate=0"
+                )
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = ConvLayer(
             self.num_classes,

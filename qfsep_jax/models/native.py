@@ -27,6 +27,8 @@ import tempfile
 import jax
 import jaxlib
 
+log = logging.getLogger(__name__)
+
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_kernels.cc")
 FORWARD_TARGET = "qfsep_depthwise3x3_forward"
 BACKWARD_TARGET = "qfsep_depthwise3x3_backward"
@@ -97,7 +99,7 @@ def build(compiler: str | None = None) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    logging.info("built native CPU kernels: %s", path)
+    log.info("built native CPU kernels: %s", path)
     return path
 
 
@@ -115,7 +117,7 @@ def _load() -> str | None:
         ):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (NativeBuildError, OSError, AttributeError) as e:
-        logging.warning(
+        log.warning(
             "native CPU kernels unavailable (depthwise: shifted multiply-adds; BN: XLA): %s", e
         )
         return str(e)

@@ -14,8 +14,9 @@ Degenerate inputs have defined behaviour:
   with scale 1;
 * NaN inputs stay NaN in the output (so a training NaN guard sees them) and get zero gradient;
 * a non-finite or inverted range is rejected by :func:`~qfsep_jax.quant.numerics.check_range`,
-  which every producer of ranges (calibration, import, QAT export) calls; under ``jit`` the
-  primitive cannot raise, and a NaN range yields NaN outputs.
+  which every producer of ranges (calibration, import, QAT export) and the activation quantizer
+  outside ``jit`` call; under ``jit`` the primitive cannot raise, and a non-finite range (NaN,
+  or the ``+inf``/``-inf`` of a never-calibrated observer) yields NaN outputs.
 """
 
 from __future__ import annotations

@@ -62,11 +62,19 @@ def qparams(x_min: Array, x_max: Array, int_range: IntRange) -> tuple[Array, Arr
     The range is first widened to contain 0; the zero point is rounded (half away from zero) and
     clamped to the storage range, which nudges the range so that 0 is exact. Works on scalars or
     per-channel vectors, traced or concrete. Returns ``(scale float32, zero_point int32)``.
+
+    A non-finite bound (e.g. the ``+inf``/``-inf`` of an observer that never saw data) gives a
+    NaN scale, so whatever is quantized with it becomes NaN instead of a plausible 0: under
+    ``jit`` nothing can raise, and a NaN guard catches it (:func:`check_range` is the eager
+    check).
     """
-    lo = jnp.minimum(jnp.asarray(x_min, jnp.float32), 0.0)
-    hi = jnp.maximum(jnp.asarray(x_max, jnp.float32), 0.0)
+    x_min = jnp.asarray(x_min, jnp.float32)
+    x_max = jnp.asarray(x_max, jnp.float32)
+    lo = jnp.minimum(x_min, 0.0)
+    hi = jnp.maximum(x_max, 0.0)
     span = hi - lo
     scale = jnp.where(span > 0, divide_exactly(span, int_range.qmax - int_range.qmin), 1.0)
+    scale = jnp.where(jnp.isfinite(x_min) & jnp.isfinite(x_max), scale, jnp.nan)
     zp = int_range.qmin - round_half_away_from_zero(lo / scale)
     zp = jnp.clip(zp, int_range.qmin, int_range.qmax)
     return scale.astype(jnp.float32), zp.astype(jnp.int32)
