@@ -14,7 +14,8 @@ import numpy as np
 
 from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode, _where
 from qfsep_jax.quant.fake_quant import fake_quant
-from qfsep_jax.quant.scheme import QuantConfig
+from qfsep_jax.quant.numerics import IntRange
+from qfsep_jax.quant.scheme import INPUT_NAME, QuantConfig
 
 # (output depth, stride) of the 13 separable blocks (paper's Table 2, last block stride 1).
 BLOCK_SPECS: tuple[tuple[int, int], ...] = (
@@ -168,6 +169,10 @@ class MobileNetV1(nn.Module):
     depthwise_impl: str = "auto"
     dtype: str | None = None
 
+    def pool_int_range(self) -> IntRange:
+        """The code range of the pooled tensor: the last conv's output range (its bits)."""
+        return self.quant.for_layer(f"Conv2d_{len(BLOCK_SPECS)}_pointwise").act_int_range
+
     def _requantize_pool(
         self, pooled: jax.Array, lo: jax.Array, hi: jax.Array, window: int
     ) -> jax.Array:
@@ -179,7 +184,7 @@ class MobileNetV1(nn.Module):
         (:func:`qfsep_jax.integer.align.aligned`).
         """
         del window
-        return fake_quant(pooled, lo, hi, self.quant.act_int_range)
+        return fake_quant(pooled, lo, hi, self.pool_int_range())
 
     @nn.compact
     def __call__(
@@ -205,7 +210,8 @@ class MobileNetV1(nn.Module):
             axis_name=self.axis_name,
             depthwise_impl=self.depthwise_impl,
         )
-        x = ActQuant(self.quant, self.axis_name, name="input_quant")(
+        input_quant = None if self.quant is None else self.quant.for_layer(INPUT_NAME)
+        x = ActQuant(input_quant, self.axis_name, name="input_quant")(
             images, quant_mode, train, quant_active
         )
         if self.dtype is not None:
