@@ -25,6 +25,7 @@ from qfsep_jax.models.mobilenet_v1 import MobileNetV1, random_variables
 from qfsep_jax.quant.numerics import INT8, INT8_NARROW, UINT8, IntRange
 from qfsep_jax.quant.scheme import QuantConfig
 from qfsep_jax.quantized import PTQRecipe, load_quantized, save_quantized
+from tools import collect_results
 
 SIZE = 32
 
@@ -298,3 +299,30 @@ def test_recipe_dict_round_trips_through_json_lists():
     as_json = dataclasses.asdict(recipe)
     as_json["layer_bits"] = [list(e) for e in as_json["layer_bits"]]
     assert PTQRecipe(**as_json) == recipe
+
+
+def test_result_table_has_one_row_per_recipe_and_a_column_per_bit_width():
+    def row(name, w, top1, int_top1):
+        recipe = {"weight_bits": w, "act_bits": 8}
+        return {"name": f"{name}_w{w}a8", "top1": top1, "int_top1": int_top1, "recipe": recipe}
+
+    results = {
+        "bit_widths": [[8, 8], [4, 8]],
+        "rows": [
+            {"name": "float", "top1": 70.0, "n": 500},
+            row("per_channel", 8, 69.0, 68.5),
+            row("per_channel", 4, 12.25, 11.0),
+            row("tf8_per_tensor", 8, 5.0, 4.0),
+        ],
+        "eval_data": "folder:x",
+        "calibration_data": "folder:y",
+        "num_calibration_images": 10,
+        "image_size": 224,
+        "crop_fraction": 0.875,
+    }
+    table = collect_results.format_table1_bits(results, "r.json")["table1_bits"]
+    lines = table.splitlines()
+    assert lines[1] == "| recipe | W8A8 | W4A8 |"
+    assert lines[3] == "| `per_channel` | 69.0 / 68.5 | 12.2 / 11.0 |"
+    assert lines[4] == "| `tf8_per_tensor` | 5.0 / 4.0 | – |"
+    assert "float: float 70.0" in table
