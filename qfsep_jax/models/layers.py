@@ -361,7 +361,7 @@ class ConvLayer(nn.Module):
         """The TF-slim name (``Conv2d_0``, ``Conv2d_3_depthwise``, ``Logits``) of this layer."""
         if self.name in ("depthwise", "pointwise") and len(self.path) >= 2:
             return tfslim_name(tuple(self.path[-2:]))
-        return self.name
+        return self.name or ""  # an unnamed top-level layer matches no override
 
     @property
     def layer_quant(self) -> QuantConfig | None:
