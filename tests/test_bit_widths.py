@@ -193,9 +193,9 @@ def test_integer_pass_matches_the_simulation_with_lower_bits(calibrated, case):
         assert (dw.weight_bits, dw.act_bits) == (4, 4) and dw.act_max <= 15
 
 
-def test_with_bits_rounds_like_a_recipe_quantized_at_those_bits(calibrated):
+def test_with_bits_equals_ptq_with_a_recipe_at_those_bits(calibrated):
     # Calibration never rounds, so PTQ at 4 bits gives the same model as re-using the 8-bit
-    # calibration; and the 4-bit model differs from the 8-bit one.
+    # calibration (the integer tests above show the 4-bit grid is then used).
     qmodels, images = calibrated
     base = qmodels["tf8_per_tensor"]
     model = _tiny_model()
@@ -206,9 +206,6 @@ def test_with_bits_rounds_like_a_recipe_quantized_at_those_bits(calibrated):
     assert reused.recipe == direct.recipe and reused.model.quant == direct.model.quant
     assert reused.model.quant != base.model.quant
     _assert_same_tree(reused.variables, direct.variables)
-    a = np.asarray(ptq.fake_quant_logits_fn(reused)(images))
-    b = np.asarray(ptq.fake_quant_logits_fn(base)(images))
-    assert not np.allclose(a, b)
 
 
 def _assert_same_tree(a, b):
