@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.qat.enabled = False
     c.qat.scheme = "tf8"  # tf8 | int8
     c.qat.per_channel_weights = False
+    c.qat.weight_bits = 8  # 2..8: fewer weight codes (stored in uint8/int8)
+    c.qat.act_bits = 8  # 2..8: fewer activation codes; below 8 the TFLite export refuses
     c.qat.ema_decay = 0.999  # TF contrib.quantize's moving-average range decay
     c.qat.quant_delay_steps = 0  # fake-quantize from this step on (ranges are observed before)
     c.qat.bn_freeze_step = -1  # freeze BN statistics (correction-and-freeze) here; -1: never

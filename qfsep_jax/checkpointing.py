@@ -159,6 +159,9 @@ def quant_config(config) -> QuantConfig | None:
         per_channel_weights=config.qat.per_channel_weights,
         observer="ema",
         ema_decay=config.qat.ema_decay,
+        # Runs recorded before bit widths were settings were 8-bit.
+        weight_bits=config.qat.get("weight_bits", 8),
+        act_bits=config.qat.get("act_bits", 8),
     )
 
 

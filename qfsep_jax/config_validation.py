@@ -152,6 +152,44 @@ def _names(config, field: str, choices: Iterable[str]) -> tuple:
     return v
 
 
+def _bits(config, field: str, optional: bool = False) -> None:
+    """A bit width (:mod:`qfsep_jax.quant.scheme`: 2 to 8); ``optional``: the field may be
+    absent (configs recorded before bit widths were settings)."""
+    from qfsep_jax.quant import scheme
+
+    if optional and _parent_lacks(config, field):
+        return
+    v = _get(config, field)
+    if not _is_int(v) or not scheme.MIN_BITS <= v <= scheme.MAX_BITS:
+        _fail(field, v, f"must be an integer in [{scheme.MIN_BITS}, {scheme.MAX_BITS}]")
+
+
+def _parent_lacks(config, field: str) -> bool:
+    *parents, last = field.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    return last not in node
+
+
+def _bits_list(config, field: str) -> None:
+    """A non-empty tuple of distinct bit widths (2 to 8), if the field is set."""
+    from qfsep_jax.quant import scheme
+
+    if _parent_lacks(config, field):
+        return
+    v = _get(config, field)
+    allowed = f"must be a non-empty tuple of distinct integers in [{scheme.MIN_BITS}, "
+    allowed += f"{scheme.MAX_BITS}]"
+    if isinstance(v, str) or not isinstance(v, Iterable):
+        _fail(field, v, allowed)
+    v = tuple(v)
+    ok = bool(v) and len(set(v)) == len(v)
+    ok = ok and all(_is_int(b) and scheme.MIN_BITS <= b <= scheme.MAX_BITS for b in v)
+    if not ok:
+        _fail(field, v, allowed)
+
+
 def _pair(config, field: str, lo: float, hi: float) -> None:
     """Two numbers ``a <= b`` in ``(lo, hi]``."""
     v = _get(config, field)
@@ -274,6 +312,8 @@ def _train(config, check_paths: bool) -> None:
     _bool(config, "qat.enabled")
     _choice(config, "qat.scheme", scheme.SCHEMES)
     _bool(config, "qat.per_channel_weights")
+    _bits(config, "qat.weight_bits", optional=True)
+    _bits(config, "qat.act_bits", optional=True)
     _number(config, "qat.ema_decay", 0.0, 1.0, lo_open=True, hi_open=True)
     _int(config, "qat.quant_delay_steps", 0)
     _int(config, "qat.bn_freeze_step", -1)
@@ -312,6 +352,8 @@ def _table1(config, check_paths: bool) -> None:
     _int(config, "num_calibration_images", 1)
     _int(config, "limit", 1, optional="all images")
     _names(config, "rows", ("float", "float_relu", *ptq.RECIPES))
+    _bits_list(config, "weight_bits")
+    _bits_list(config, "act_bits")
     _choice(config, "observer", scheme.OBSERVERS)
     _number(config, "zero_variance_threshold", 0.0)
     _int(config, "cle_iterations", 1)

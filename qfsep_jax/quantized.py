@@ -23,7 +23,7 @@ from qfsep_jax.models.activations import activation_name
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1, block_name
 from qfsep_jax.quant.fold import ZERO_VARIANCE_SCOPES, folded
 from qfsep_jax.quant.numerics import check_all_ranges
-from qfsep_jax.quant.scheme import QuantConfig
+from qfsep_jax.quant.scheme import QuantConfig, normalize_layer_bits
 
 Variables = dict[str, Any]
 
@@ -41,6 +41,8 @@ class PTQRecipe:
       cross_layer_equalization: Nagel et al.'s CLE on the folded weights (swaps ReLU6 → ReLU).
       observer: activation range observer (``minmax``, ``ema``, ``percentile``).
       dynamic_activation_ranges: per-input activation ranges instead of calibrated ones.
+      weight_bits, act_bits, layer_bits: bit widths and per-layer overrides, passed to
+        :class:`~qfsep_jax.quant.scheme.QuantConfig` (8 bits: the paper's 8-bit pipeline).
     """
 
     scheme: str = "tf8"
@@ -50,6 +52,9 @@ class PTQRecipe:
     observer: str = "minmax"
     dynamic_activation_ranges: bool = False
     zero_variance_scope: str = "depthwise"
+    weight_bits: int = 8
+    act_bits: int = 8
+    layer_bits: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.zero_variance_scope not in ZERO_VARIANCE_SCOPES:
@@ -57,13 +62,21 @@ class PTQRecipe:
                 f"PTQRecipe.zero_variance_scope must be one of {ZERO_VARIANCE_SCOPES}, "
                 f"got {self.zero_variance_scope!r}"
             )
+        # Hashable and JSON-round-trippable (load_quantized passes lists); bits are checked by
+        # quant_config().
+        object.__setattr__(self, "layer_bits", normalize_layer_bits(self.layer_bits))
+        self.quant_config()
 
     def quant_config(self) -> QuantConfig:
+        """The :class:`QuantConfig` this recipe quantizes with."""
         return QuantConfig(
             scheme=self.scheme,
             per_channel_weights=self.per_channel_weights,
             observer=self.observer,
             dynamic_activation_ranges=self.dynamic_activation_ranges,
+            weight_bits=self.weight_bits,
+            act_bits=self.act_bits,
+            layer_bits=self.layer_bits,
         )
 
 
@@ -157,6 +170,23 @@ class QuantizedModel:
             out.append(np.asarray(fn(chunk))[:valid])
         return np.concatenate(out)
 
+    def with_bits(
+        self,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+        layer_bits: tuple[tuple[str, int, int], ...] | str = (),
+    ) -> QuantizedModel:
+        """The same calibrated model at other bit widths (see :class:`QuantConfig`).
+
+        Calibration observes the float activations, never rounded ones, so the calibrated
+        ranges hold for any bit width; only the rounding grid changes.
+        """
+        recipe = dataclasses.replace(
+            self.recipe, weight_bits=weight_bits, act_bits=act_bits, layer_bits=layer_bits
+        )
+        model = self.model.clone(quant=recipe.quant_config())
+        return QuantizedModel(model, self.variables, recipe, dict(self.info))
+
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _apply(model: MobileNetV1, variables: Variables, images: jax.Array, quant_mode: str):
@@ -187,7 +217,14 @@ def from_qat(model: MobileNetV1, variables: Variables) -> QuantizedModel:
     # The integer pass and its simulation are float32 whatever precision the QAT run used.
     qmodel = qmodel.clone(axis_name=None, dtype=None)
     q = model.quant
-    recipe = PTQRecipe(scheme=q.scheme, per_channel_weights=q.per_channel_weights, observer="ema")
+    recipe = PTQRecipe(
+        scheme=q.scheme,
+        per_channel_weights=q.per_channel_weights,
+        observer="ema",
+        weight_bits=q.weight_bits,
+        act_bits=q.act_bits,
+        layer_bits=q.layer_bits,
+    )
     return QuantizedModel(
         qmodel, {**folded_vars, "quant_ranges": ranges}, recipe, {"source": "qat"}
     )

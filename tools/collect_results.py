@@ -10,7 +10,8 @@ in the documents (``README.md`` and ``docs/*.md``), and nothing else:
     ...generated...
     <!-- /results:table1 -->
 
-Tables: ``table1`` (job table1), ``analyze_alpha`` and ``analyze_sqnr`` (job analyze),
+Tables: ``table1`` (job table1), ``table1_bits`` (job table1 with bit widths,
+``configs/table1_bits.py``), ``analyze_alpha`` and ``analyze_sqnr`` (job analyze),
 ``figure5`` and ``figure5_sqnr`` (the figure5 job), ``tflite_check`` (job tflite_check),
 ``bench_integer``, ``bench_train`` and ``bench_depthwise`` (the benchmark scripts'
 ``--out results/bench/{integer,train,depthwise}.json``), ``qat`` (a QAT training run's
@@ -171,6 +172,32 @@ def format_table1(results: Mapping[str, Any], path: str) -> dict[str, str]:
         "table1": "\n".join([_provenance(path), markdown_table(header, body), "", note]),
         "table1_expected": expected,
     }
+
+
+def format_table1_bits(results: Mapping[str, Any], path: str) -> dict[str, str]:
+    """Table 1's recipes at several bit widths: one row per recipe, one column per
+    ``(weight, activation)`` pair, fake-quant / integer-only top-1 in each cell."""
+    pairs = [tuple(p) for p in results["bit_widths"]]
+    cells: dict[str, dict[tuple, str]] = {}
+    floats = []
+    for r in results["rows"]:
+        if "recipe" not in r:
+            floats.append(f"{r['name']} {r['top1']:.1f}")
+            continue
+        pair = (r["recipe"]["weight_bits"], r["recipe"]["act_bits"])
+        recipe = r["name"].removesuffix(f"_w{pair[0]}a{pair[1]}")
+        integer = f" / {r['int_top1']:.1f}" if "int_top1" in r else ""
+        cells.setdefault(recipe, {})[pair] = f"{r['top1']:.1f}{integer}"
+    header = ["recipe"] + [f"W{w}A{a}" for w, a in pairs]
+    body = [[f"`{name}`"] + [row.get(p, "–") for p in pairs] for name, row in cells.items()]
+    n = results["rows"][0]["n"]
+    note = (
+        f"Top-1 % on {n} images of {results['eval_data']} (fake-quant / integer-only), "
+        f"calibrated on {results['num_calibration_images']} images of "
+        f"{results['calibration_data']}, {results['image_size']} px, central crop "
+        f"{results['crop_fraction']}; float: {', '.join(floats)}." + _measured(results)
+    )
+    return {"table1_bits": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
 
 
 def format_analyze(results: Mapping[str, Any], path: str) -> dict[str, str]:
@@ -533,6 +560,7 @@ Formatter = Callable[[Mapping[str, Any], str], dict[str, str]]
 # source name → (default path under --results, formatter)
 SOURCES: dict[str, tuple[str, Formatter]] = {
     "table1": ("table1/results.json", format_table1),
+    "table1_bits": ("table1_bits/results.json", format_table1_bits),
     "analyze": ("analyze/results.json", format_analyze),
     "figure5": ("figure5/summary.json", format_figure5),
     "tflite_check": ("tflite_check/results.json", format_tflite_check),

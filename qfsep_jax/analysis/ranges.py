@@ -15,7 +15,7 @@ import numpy as np
 
 from qfsep_jax.models.names import layer_paths, tfslim_name
 from qfsep_jax.quant.numerics import UINT8, IntRange, qparams
-from qfsep_jax.quant.scheme import QuantConfig, weight_range
+from qfsep_jax.quant.scheme import INPUT_NAME, QuantConfig, layer_act_range, weight_range
 from qfsep_jax.tree_utils import find_nodes, subtree
 
 
@@ -25,16 +25,17 @@ def weight_range_table(
     """Per conv layer (network order): kernel range, per-channel max|w| spread and step Δ.
 
     ``params`` are the folded (``bn_folded=True``) params of a quantized model, or any params
-    tree of conv layers. Δ follows ``quant`` (default: TF8 per-tensor); with per-channel weights
-    the largest and smallest per-channel Δ are given.
+    tree of conv layers. Δ follows ``quant`` (default: TF8 per-tensor) with each layer's own
+    weight bits; with per-channel weights the largest and smallest per-channel Δ are given.
     """
     quant = quant or QuantConfig()
     table = {}
     for path in layer_paths(params):
         w = np.asarray(subtree(params, path)["kernel"], np.float32)
         per_channel = np.max(np.abs(w.reshape(-1, w.shape[-1])), axis=0)
-        lo, hi = weight_range(w, quant)
-        scale, _ = qparams(lo, hi, quant.weight_int_range)
+        layer_quant = quant.for_layer(tfslim_name(path))
+        lo, hi = weight_range(w, layer_quant)
+        scale, _ = qparams(lo, hi, layer_quant.weight_int_range)
         scale = np.asarray(scale, np.float64)
         median = float(np.median(per_channel))
         table[tfslim_name(path)] = {
@@ -50,12 +51,13 @@ def weight_range_table(
 
 
 def activation_range_table(
-    quant_ranges: Mapping[str, Any], int_range: IntRange = UINT8
+    quant_ranges: Mapping[str, Any], int_range: IntRange | QuantConfig = UINT8
 ) -> dict[str, dict[str, Any]]:
     """Per quantized tensor: calibrated ``[min, max]``, scale and zero point, by TF-slim name.
 
     The input quantizer is listed as ``input``; layer outputs by their TF-slim name, in network
-    order. Ranges that were never calibrated (dynamic-range models) are skipped.
+    order. Ranges that were never calibrated (dynamic-range models) are skipped. ``int_range``:
+    one code range for all, or a :class:`QuantConfig` whose per-layer bits give each tensor's.
     """
     rows = [
         (path[:-1] if path[-1] == "act_quant" else path, state)
@@ -67,8 +69,8 @@ def activation_range_table(
         lo, hi = float(np.asarray(state["min"])), float(np.asarray(state["max"]))
         if not (np.isfinite(lo) and np.isfinite(hi)):
             continue
-        scale, zp = qparams(lo, hi, int_range)
-        name = "input" if path == ("input_quant",) else tfslim_name(path)
+        name = INPUT_NAME if path == ("input_quant",) else tfslim_name(path)
+        scale, zp = qparams(lo, hi, layer_act_range(int_range, name))
         table[name] = {"min": lo, "max": hi, "scale": float(scale), "zero_point": int(zp)}
     return table
 

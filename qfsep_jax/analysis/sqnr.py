@@ -36,6 +36,7 @@ import numpy as np
 from qfsep_jax import progress as progress_lib
 from qfsep_jax.models.names import layer_paths, tfslim_name
 from qfsep_jax.quant.numerics import UINT8, IntRange, qparams
+from qfsep_jax.quant.scheme import QuantConfig, layer_act_range
 from qfsep_jax.tree_utils import find_nodes
 
 SQNR_DEFINITION = (
@@ -115,18 +116,20 @@ def per_image_power(
 
 
 def activation_steps(
-    quant_ranges: Mapping[str, Any], int_range: IntRange = UINT8
+    quant_ranges: Mapping[str, Any], int_range: IntRange | QuantConfig = UINT8
 ) -> dict[str, float]:
     """Quantization step Δ of every layer's output quantizer (``.../act_quant``) by TF-slim name.
 
-    Layers without a finite calibrated range (dynamic-range models) are left out.
+    Layers without a finite calibrated range (dynamic-range models) are left out. ``int_range``:
+    one code range for all, or a :class:`QuantConfig` whose per-layer bits give each layer's.
     """
     steps: dict[str, float] = {}
     for path, node in find_nodes(quant_ranges, lambda n: isinstance(n.get("act_quant"), Mapping)):
         lo, hi = np.asarray(node["act_quant"]["min"]), np.asarray(node["act_quant"]["max"])
         if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)):
-            scale, _ = qparams(lo, hi, int_range)
-            steps[tfslim_name(path)] = float(scale)
+            name = tfslim_name(path)
+            scale, _ = qparams(lo, hi, layer_act_range(int_range, name))
+            steps[name] = float(scale)
     return steps
 
 
@@ -256,7 +259,7 @@ def measure_sqnr(
         if integer is not None:
             integer = integer.add(powers["integer"], valid)
     quant = model.quant
-    steps = activation_steps(variables["quant_ranges"], quant.act_int_range)
+    steps = activation_steps(variables["quant_ranges"], quant)
     result = {"fake_quant": summarize(fake, steps)}
     if integer is not None:
         result["integer"] = summarize(integer, steps)

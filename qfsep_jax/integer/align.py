@@ -204,7 +204,7 @@ def _aligned_pool(module: MobileNetV1, alignment: Alignment, next_fun, args, kwa
             f"the pool's tie rule is modelled for windows of up to "
             f"{MAX_POOL_WINDOW} values, got {window}"
         )
-    scale, zero_point = qparams(lo, hi, module.quant.act_int_range)
+    scale, zero_point = qparams(lo, hi, module.pool_int_range())
     moved = move_rounding_threshold(
         pooled,
         scale,

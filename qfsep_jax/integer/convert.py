@@ -25,7 +25,7 @@ from qfsep_jax.models.layers import ConvLayer
 from qfsep_jax.models.names import layer_path, tfslim_name
 from qfsep_jax.quant.fold import folded
 from qfsep_jax.quant.numerics import check_range, qparams, quantize, round_half_away_from_zero
-from qfsep_jax.quant.scheme import weight_range
+from qfsep_jax.quant.scheme import INPUT_NAME, QuantConfig, weight_range
 from qfsep_jax.tree_utils import subtree
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class _ConvRecord:
     path: tuple[str, ...]
     module: Any
     in_shape: tuple[int, ...]
+    quant: QuantConfig | None = None  # the layer's own config (its bits resolved)
     out_shape: tuple[int, ...] | None = None
     # The traced input and output values: whether each layer takes its predecessor's output.
     inputs: Any = dataclasses.field(default=None, repr=False)
@@ -48,7 +49,8 @@ def _trace_conv_layers(model, variables, image_size: int = 64) -> list[_ConvReco
 
     def interceptor(next_fun, args, kwargs, context):
         if isinstance(context.module, ConvLayer) and context.method_name == "__call__":
-            rec = _ConvRecord(tuple(context.module.path), context.module, tuple(args[0].shape))
+            module = context.module
+            rec = _ConvRecord(tuple(module.path), module, tuple(args[0].shape), module.layer_quant)
             rec.inputs = args[0]
             out = next_fun(*args, **kwargs)
             rec.out_shape, rec.output = tuple(out.shape), out
@@ -82,6 +84,9 @@ def from_variables(
     :func:`qparams`, :func:`quantize`), biases to int32 with scale ``S_in * S_w``, multipliers as
     TFLite forms them (:func:`kernels.conv_multiplier`, :func:`kernels.quantize_multiplier`).
     The layer structure (strides, activations, order) is read from the model's own ``fake`` pass.
+    Each layer gets its own bit widths (:meth:`QuantConfig.for_layer`): codes stay uint8/int8,
+    weights use the layer's narrower range, and its clamp ``[act_min, act_max]`` lies within its
+    output range (the pool keeps the range of the tensor it pools).
     A channel whose int32 bias would not fit (tiny weights, e.g. a dead channel under per-channel
     scales) gets a wider weight scale, as TFLite's converter does (logged; its weights were ~0).
     ``rounding``: see :data:`ROUNDING_PRESETS` (default ``reference``: TFLite's gemmlowp rounding).
@@ -91,24 +96,24 @@ def from_variables(
     model, variables = folded(model, variables)
     variables = jax.tree.map(np.asarray, variables)
     params, ranges = variables["params"], variables["quant_ranges"]
-    act_range = quant.act_int_range
+    in_quant = quant.for_layer(INPUT_NAME)
     records = _trace_conv_layers(model, variables)
     for rec in records:
         _clamp_activation(rec)
     kernels_f = [
         np.asarray(subtree(params, rec.path, "params")["kernel"], np.float32) for rec in records
     ]
-    w_codes, w_scales, w_zps = _quantize_kernels(kernels_f, quant)
-    in_scale, in_zp = _act_qparams(ranges, ("input_quant",), act_range)
+    w_codes, w_scales, w_zps = _quantize_kernels(kernels_f, tuple(rec.quant for rec in records))
+    in_scale, in_zp = _act_qparams(ranges, ("input_quant",), in_quant.act_int_range)
     layers: list[IntLayer] = []
-    prev_scale, prev_zp, prev_shape = in_scale, in_zp, None
+    prev_scale, prev_zp, prev_shape, prev_quant = in_scale, in_zp, None, in_quant
     for k, rec in enumerate(records):
         name = tfslim_name(rec.path)
         if prev_shape is not None and rec.in_shape[1:3] != prev_shape[1:3]:
             if rec.in_shape[1:3] != (1, 1):
                 raise ValueError(f"unexpected spatial change before {name}: {prev_shape}")
             # MobileNetV1 global-average-pools and re-rounds to the last layer's grid.
-            layers.append(_pool_layer(prev_scale, prev_zp, act_range))
+            layers.append(_pool_layer(prev_scale, prev_zp, prev_quant))
         elif k > 0 and rec.inputs is not records[k - 1].output:
             raise ValueError(
                 f"layer {name}: its input is not the output of {tfslim_name(records[k - 1].path)}"
@@ -117,20 +122,27 @@ def from_variables(
             )
         if not rec.module.quantize_output:
             raise ValueError(f"layer {name} has no output quantizer; cannot run integer-only")
-        out_scale, out_zp = _act_qparams(ranges, rec.path + ("act_quant",), act_range)
+        out_range = rec.quant.act_int_range
+        out_scale, out_zp = _act_qparams(ranges, rec.path + ("act_quant",), out_range)
         bias = subtree(params, rec.path, "params").get("bias")
         weights = _LayerWeights(kernels_f[k], bias, w_codes[k], w_scales[k], w_zps[k])
-        layers.append(_conv_layer(rec, weights, quant, (prev_scale, prev_zp), (out_scale, out_zp)))
-        prev_scale, prev_zp, prev_shape = out_scale, out_zp, rec.out_shape
+        layers.append(
+            _conv_layer(rec, weights, rec.quant, (prev_scale, prev_zp), (out_scale, out_zp))
+        )
+        prev_scale, prev_zp, prev_shape, prev_quant = out_scale, out_zp, rec.out_shape, rec.quant
+    bits = ""
+    if quant.layer_bits or (quant.weight_bits, quant.act_bits) != (8, 8):
+        bits = f", w{quant.weight_bits}a{quant.act_bits}, layer_bits={list(quant.layer_bits)}"
     int_model = IntModel(
         tuple(layers),
         in_scale,
         in_zp,
-        "uint8" if act_range.qmin == 0 else "int8",
+        "uint8" if quant.scheme == "tf8" else "int8",
         parse_rounding(rounding),
         source=f"MobileNetV1(width={model.width_multiplier}, "
         f"block={getattr(model.block, '__qualname__', model.block)}, "
-        f"scheme={quant.scheme}, per_channel={quant.per_channel_weights})",
+        f"scheme={quant.scheme}, per_channel={quant.per_channel_weights}{bits})",
+        input_bits=in_quant.act_bits,
     )
     if check:
         check_accumulator_range(int_model)
@@ -150,8 +162,10 @@ def _check_convertible(model, variables: dict) -> None:
         raise ValueError("variables have no 'quant_ranges': calibrate (PTQ) or train (QAT) first")
 
 
-def _pool_layer(scale: float, zero_point: int, act_range) -> IntLayer:
-    """The global average pool, which keeps its input's scale and zero point."""
+def _pool_layer(scale: float, zero_point: int, quant: QuantConfig) -> IntLayer:
+    """The global average pool, which keeps its input's scale, zero point and code range
+    (``quant``: the config of the layer whose output it pools)."""
+    act_range = quant.act_int_range
     return IntLayer(
         None,
         None,
@@ -168,6 +182,7 @@ def _pool_layer(scale: float, zero_point: int, act_range) -> IntLayer:
         act_max=act_range.qmax,
         input_scale=scale,
         output_scale=scale,
+        act_bits=quant.act_bits,
     )
 
 
@@ -245,6 +260,8 @@ def _conv_layer(rec: _ConvRecord, w: _LayerWeights, quant, qin: tuple, qout: tup
         input_scale=in_scale,
         output_scale=out_scale,
         weight_scale=tuple(float(s) for s in w_scale),
+        weight_bits=quant.weight_bits,
+        act_bits=quant.act_bits,
     )
 
 
@@ -276,13 +293,14 @@ def _fit_bias(kernel, bias, w_scale, w_q, w_zp, input_scale, w_range):
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _quantize_kernels(kernels_f: list, quant) -> tuple[list, list, list]:
-    """Weight codes, scales and zero points of every kernel, as ``fake_quant_weights`` rounds.
+def _quantize_kernels(kernels_f: list, quants: tuple) -> tuple[list, list, list]:
+    """Weight codes, scales and zero points of every kernel, as ``fake_quant_weights`` rounds
+    (``quants``: each layer's own config).
 
     One jitted call for all layers (eager per-layer calls would compile per shape).
     """
     codes, scales, zps = [], [], []
-    for kernel in kernels_f:
+    for kernel, quant in zip(kernels_f, quants, strict=True):
         lo, hi = weight_range(kernel, quant)
         scale, zp = qparams(lo, hi, quant.weight_int_range)
         codes.append(quantize(kernel, scale, zp, quant.weight_int_range))

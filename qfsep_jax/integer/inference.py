@@ -183,7 +183,7 @@ def run(
 
 def quantize_input(int_model: IntModel, images) -> Array:
     """Float images (as the float model takes them) → the model's input codes."""
-    lo, hi = int_model.int_range
+    lo, hi = int_model.input_int_range
     q = quantize(
         jnp.asarray(images, jnp.float32),
         jnp.float32(int_model.input_scale),

@@ -13,8 +13,11 @@ activation, :func:`kernels.activation_range`). So before anything is written, ev
 checked: the written scales must give the model's ``(M0, shift)`` in every channel, and the
 written fused activation its ``[act_min, act_max]``. A model TFLite cannot express (uint8
 per-channel weights, int8 weights with a nonzero zero point, a multiplier no float32 scales give,
-a clamp no fused activation gives, a requantization between two ops, ...) raises
-:class:`TFLiteExportError` naming the layer and the reason, and no file is written.
+a clamp no fused activation gives, a requantization between two ops, activations below 8 bits,
+...) raises :class:`TFLiteExportError` naming the layer and the reason, and no file is written.
+Weights below 8 bits are ordinary uint8/int8 codes that use fewer values, and are written as
+they are; activations below 8 bits are not expressible, since LiteRT derives a fused
+activation's clamp from the uint8/int8 type, never from a narrower range.
 
 The graph: ``input`` → one op per layer (CONV_2D for regular and 1×1 convs including the
 classifier, DEPTHWISE_CONV_2D, AVERAGE_POOL_2D) → RESHAPE to ``[1, classes]`` when the last
@@ -193,6 +196,7 @@ class _Builder:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise TFLiteExportError(f"layer names must be unique (tensor names): {dup} repeat")
+        self._check_act_bits()
         shape = (1, *self.size, 3)
         shapes = self._shapes(shape)
         cur = self.activation(INPUT_NAME, shape, m.input_scale, m.input_zero_point)
@@ -270,6 +274,19 @@ class _Builder:
         return model
 
     # -- checks ----------------------------------------------------------------------------
+
+    def _check_act_bits(self) -> None:
+        """Activations below 8 bits: LiteRT would clamp outputs to the full uint8/int8 range."""
+        named = [(INPUT_NAME, self.m.input_bits)]
+        named += [(layer.name, layer.act_bits) for layer in self.m.layers]
+        for name, bits in named:
+            if bits < 8:
+                raise TFLiteExportError(
+                    f"layer {name}: {bits}-bit activations cannot be expressed in TFLite; its "
+                    f"fused-activation clamp is derived from the {self.m.dtype} type, not from a "
+                    f"{bits}-bit range, so LiteRT would compute codes outside it (use act_bits=8 "
+                    "for an export; weights below 8 bits are fine)"
+                )
 
     def _check_input(self, layer: IntLayer, cur_q) -> None:
         mine = (np.float32(layer.input_scale), int(layer.input_zero_point))

@@ -26,6 +26,7 @@ import jax
 
 from qfsep_jax.integer import kernels
 from qfsep_jax.models.names import POOL_NAME
+from qfsep_jax.quant.numerics import int_range_for_bits
 
 Array = jax.Array
 __all__ = ["POOL_NAME", "IntLayer", "IntModel", "Rounding", "ROUNDING_PRESETS", "parse_rounding"]
@@ -89,7 +90,9 @@ class IntLayer:
     ``input_zero_point``/``output_zero_point``, fused clamp ``act_min``/``act_max`` in output
     codes, ``activation`` (for information), and the float scales ``input_scale``,
     ``output_scale``, ``weight_scale`` (used only by the (de)quantization helpers, never in the
-    integer body).
+    integer body), ``weight_bits``/``act_bits``: the bit widths of the weight and output codes
+    (8: full uint8/int8 codes; the clamp already holds a narrower output range, the export
+    reads them).
     """
 
     weight: Array | None
@@ -110,6 +113,8 @@ class IntLayer:
     input_scale: float = 1.0
     output_scale: float = 1.0
     weight_scale: tuple[float, ...] | None = None
+    weight_bits: int = 8
+    act_bits: int = 8
 
     @property
     def out_channels(self) -> int | None:
@@ -135,6 +140,7 @@ class IntModel:
       source: where the model came from (for reports).
       tensor_map: for imported ``.tflite`` models, ``(layer name, file index, tensor index)`` of
         every op output that the integer pass reproduces (file 0 = backbone, 1 = head).
+      input_bits: bit width of the input codes (:attr:`input_int_range`); 8 for full codes.
     """
 
     layers: tuple[IntLayer, ...]
@@ -144,6 +150,7 @@ class IntModel:
     rounding: Rounding = ROUNDING_PRESETS["reference"]
     source: str = ""
     tensor_map: tuple[tuple[str, int, int], ...] = ()
+    input_bits: int = 8
 
     def with_rounding(self, rounding: str | Rounding) -> IntModel:
         """The same model with another rounding rule (see :func:`parse_rounding`)."""
@@ -156,6 +163,12 @@ class IntModel:
     @property
     def int_range(self) -> tuple[int, int]:
         return (0, 255) if self.dtype == "uint8" else (-128, 127)
+
+    @property
+    def input_int_range(self) -> tuple[int, int]:
+        """The range of the input codes: :attr:`int_range` narrowed to ``input_bits``."""
+        r = int_range_for_bits(self.input_bits, signed=self.dtype == "int8")
+        return (r.qmin, r.qmax)
 
     def layer(self, name: str) -> IntLayer:
         for layer in self.layers:
@@ -179,5 +192,13 @@ class IntModel:
 jax.tree_util.register_dataclass(
     IntModel,
     data_fields=["layers"],
-    meta_fields=["input_scale", "input_zero_point", "dtype", "rounding", "source", "tensor_map"],
+    meta_fields=[
+        "input_scale",
+        "input_zero_point",
+        "dtype",
+        "rounding",
+        "source",
+        "tensor_map",
+        "input_bits",
+    ],
 )

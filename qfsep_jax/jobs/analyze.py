@@ -135,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 qmodel.variables["params"], recipe.quant_config()
             ),
             "activations": ranges_lib.activation_range_table(
-                qmodel.variables["quant_ranges"], recipe.quant_config().act_int_range
+                qmodel.variables["quant_ranges"], recipe.quant_config()
             ),
         }
         info[name] = {"recipe": dataclasses.asdict(recipe), **_jsonable(qmodel.info)}

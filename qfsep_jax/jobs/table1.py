@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 
@@ -32,6 +33,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bit_widths(config: ml_collections.ConfigDict) -> list[tuple[int, int]] | None:
+    """The ``(weight_bits, act_bits)`` pairs a config lists (``config.weight_bits`` ×
+    ``config.act_bits``, either defaulting to ``(8,)``), or None when it sets neither."""
+    weight_bits, act_bits = config.get("weight_bits"), config.get("act_bits")
+    if weight_bits is None and act_bits is None:
+        return None
+    return list(itertools.product(tuple(weight_bits or (8,)), tuple(act_bits or (8,))))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates every row of ``config.rows``; writes ``workdir/results.json`` atomically.
 
@@ -41,6 +51,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logit codes (integer ops only). The 8-bit codes tie often (1001 classes on 256 codes), and
     top-1 among tied codes would be the lowest class index, i.e. arbitrary. The row's ``top1``
     is the simulation's, on its own (8-bit fake-quantized) logits.
+
+    With ``config.weight_bits`` and/or ``config.act_bits`` (tuples of bit widths, see
+    :func:`bit_widths`), every quantized row is evaluated at each ``(weight, activation)`` pair
+    and named ``<recipe>_w<b>a<b>``, e.g. ``tf8_per_tensor_w4a8``; one calibration per recipe
+    serves all pairs (:meth:`~qfsep_jax.quantized.QuantizedModel.with_bits`).
     """
     config_validation.validate(config, "table1")
     model, variables, source = common.load_official(config)
@@ -59,41 +74,51 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logits_fn, evaluate_data.make(), evaluate_data.num_batches, desc=name
         )
 
+    def quantized_row(qmodel, name):
+        recipe = qmodel.recipe
+        result = score(ptq.fake_quant_logits_fn(qmodel), name)
+        row = {"name": name, **result, "recipe": dataclasses.asdict(recipe)}
+        if config.integer and not recipe.dynamic_activation_ranges:
+            # The same preprocessed images, quantized with the model's input qparams;
+            # top-1 on the fine logits (see the docstring), not on tied 8-bit codes.
+            int_model = integer.from_quantized(qmodel)
+            row["int_top1"] = score(integer.logits_fn(int_model), name + "/int")["top1"]
+        if "zero_variance_channels" in qmodel.info:
+            row["zero_variance_scope"] = qmodel.info["zero_variance_scope"]
+            row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
+        return row
+
+    def log_row(row):
+        log.info("%s: top1 %.2f top5 %.2f (n=%d)", row["name"], row["top1"], row["top5"], row["n"])
+
+    bits = bit_widths(config)
     rows, calibrated = [], {}
     for name in config.rows:
         if name == "float":
             result = score(ptq.float_logits_fn(model, variables), name)
             rows.append({"name": name, **result})
+            log_row(rows[-1])
         elif name == "float_relu":
             relu_model = model.clone(activation="relu")
             result = score(ptq.float_logits_fn(relu_model, variables), name)
             rows.append({"name": name, **result})
+            log_row(rows[-1])
         else:
             recipe = common.recipe_with_observer(name, config)
             qmodel = common.quantize(model, variables, recipe, config, calib)
-            result = score(ptq.fake_quant_logits_fn(qmodel), name)
-            row = {"name": name, **result, "recipe": dataclasses.asdict(recipe)}
-            if config.integer and not recipe.dynamic_activation_ranges:
-                # The same preprocessed images, quantized with the model's input qparams;
-                # top-1 on the fine logits (see the docstring), not on tied 8-bit codes.
-                int_model = integer.from_quantized(qmodel)
-                row["int_top1"] = score(integer.logits_fn(int_model), name + "/int")["top1"]
             if "calibration_images" in qmodel.info:  # what decoded, not what was asked for
                 calibrated = {
                     "num_calibration_images": qmodel.info["calibration_images"],
                     "calibration_skipped_corrupt": qmodel.info["calibration_skipped_corrupt"],
                 }
-            if "zero_variance_channels" in qmodel.info:
-                row["zero_variance_scope"] = qmodel.info["zero_variance_scope"]
-                row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
-            rows.append(row)
-        log.info(
-            "%s: top1 %.2f top5 %.2f (n=%d)",
-            name,
-            rows[-1]["top1"],
-            rows[-1]["top5"],
-            rows[-1]["n"],
-        )
+            if bits is None:
+                rows.append(quantized_row(qmodel, name))
+                log_row(rows[-1])
+            for w_bits, a_bits in bits or ():
+                row_name = f"{name}_w{w_bits}a{a_bits}"
+                rows.append(quantized_row(qmodel.with_bits(w_bits, a_bits), row_name))
+                log_row(rows[-1])
+                jax.clear_caches()
         jax.clear_caches()
     out = {
         "rows": rows,
@@ -102,6 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "calibration_data": calib.name,
         "num_calibration_images": 0,  # no row calibrated
         **calibrated,
+        "bit_widths": bits,  # (weight, activation) pairs; None: 8-bit rows under recipe names
         "crop_fraction": config.crop_fraction,
         "image_size": config.image_size,
         "run": io_utils.run_info(),

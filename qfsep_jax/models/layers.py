@@ -26,6 +26,7 @@ import numpy as np
 
 from qfsep_jax.models import depthwise, native
 from qfsep_jax.models.activations import Activation, get_activation, is_builtin
+from qfsep_jax.models.names import tfslim_name
 from qfsep_jax.quant import observers
 from qfsep_jax.quant.fake_quant import fake_quant
 from qfsep_jax.quant.fold import fold_bn
@@ -378,6 +379,18 @@ class ConvLayer(nn.Module):
     axis_name: str | None = None
     depthwise_impl: str = "lax"
 
+    @property
+    def layer_name(self) -> str:
+        """The TF-slim name (``Conv2d_0``, ``Conv2d_3_depthwise``, ``Logits``) of this layer."""
+        if self.name in ("depthwise", "pointwise") and len(self.path) >= 2:
+            return tfslim_name(tuple(self.path[-2:]))
+        return self.name or ""  # an unnamed top-level layer matches no override
+
+    @property
+    def layer_quant(self) -> QuantConfig | None:
+        """``quant`` with this layer's bits resolved (:meth:`QuantConfig.for_layer`)."""
+        return None if self.quant is None else self.quant.for_layer(self.layer_name)
+
     def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         # The conv runs in the activations' dtype (bfloat16 under half precision); the float32
         # parameters, and any fake-quantized kernel made from them, are cast here.
@@ -453,7 +466,7 @@ class ConvLayer(nn.Module):
         w_fold, b_frozen = fold_bn(
             kernel, bias, bn.gamma, bn.beta, bn.mean.value, bn.var.value, self.bn_epsilon
         )
-        w_q = _where(quant_active, fake_quant_weights(w_fold, self.quant), w_fold)
+        w_q = _where(quant_active, fake_quant_weights(w_fold, self.layer_quant), w_fold)
         y_q = self._conv(x, w_q)
         conv_bias = 0.0 if bias is None else bias
         b_batch = bn.beta + bn.gamma * (conv_bias - mean_b) / sigma_b
@@ -475,7 +488,7 @@ class ConvLayer(nn.Module):
             )
         else:
             w, b = kernel, bias
-        w_q = _where(quant_active, fake_quant_weights(w, self.quant), w)
+        w_q = _where(quant_active, fake_quant_weights(w, self.layer_quant), w)
         y = self._conv(x, w_q)
         return y if b is None else y + b
 
@@ -528,7 +541,7 @@ class ConvLayer(nn.Module):
         if not activated:
             y = activation_fn(self.activation, y)
         if self.quantize_output:
-            y = ActQuant(self.quant, self.axis_name, name="act_quant")(
+            y = ActQuant(self.layer_quant, self.axis_name, name="act_quant")(
                 y, quant_mode, train, quant_active
             )
         self.sow("intermediates", "out", y)

@@ -15,7 +15,8 @@ import numpy as np
 from qfsep_jax.models.activations import Activation, get_activation
 from qfsep_jax.models.layers import ActQuant, ConvLayer, _check_mode, _where
 from qfsep_jax.quant.fake_quant import fake_quant
-from qfsep_jax.quant.scheme import QuantConfig
+from qfsep_jax.quant.numerics import IntRange
+from qfsep_jax.quant.scheme import INPUT_NAME, QuantConfig
 
 # (output depth, stride) of the 13 separable blocks (paper's Table 2, last block stride 1).
 BLOCK_SPECS: tuple[tuple[int, int], ...] = (
@@ -265,6 +266,10 @@ class MobileNetV1(nn.Module):
         get_activation(self.activation)
         super().__post_init__()
 
+    def pool_int_range(self) -> IntRange:
+        """The code range of the pooled tensor: the last conv's output range (its bits)."""
+        return self.quant.for_layer(f"Conv2d_{len(BLOCK_SPECS)}_pointwise").act_int_range
+
     def _requantize_pool(
         self, pooled: jax.Array, lo: jax.Array, hi: jax.Array, window: int
     ) -> jax.Array:
@@ -276,7 +281,7 @@ class MobileNetV1(nn.Module):
         (:func:`qfsep_jax.integer.align.aligned`).
         """
         del window
-        return fake_quant(pooled, lo, hi, self.quant.act_int_range)
+        return fake_quant(pooled, lo, hi, self.pool_int_range())
 
     @nn.compact
     def __call__(
@@ -302,7 +307,8 @@ class MobileNetV1(nn.Module):
             axis_name=self.axis_name,
             depthwise_impl=self.depthwise_impl,
         )
-        x = ActQuant(self.quant, self.axis_name, name="input_quant")(
+        input_quant = None if self.quant is None else self.quant.for_layer(INPUT_NAME)
+        x = ActQuant(input_quant, self.axis_name, name="input_quant")(
             images, quant_mode, train, quant_active
         )
         if self.dtype is not None:
@@ -337,7 +343,7 @@ class MobileNetV1(nn.Module):
                 axes = tuple(range(1, last_out.ndim))
                 lo = jax.lax.stop_gradient(jnp.min(last_out, axis=axes).astype(jnp.float32))
                 hi = jax.lax.stop_gradient(jnp.max(last_out, axis=axes).astype(jnp.float32))
-                pooled_q = fake_quant(x, lo, hi, self.quant.act_int_range, axis=0)
+                pooled_q = fake_quant(x, lo, hi, self.pool_int_range(), axis=0)
             else:
                 ranges = blk.variables["quant_ranges"]
                 if "act_quant" not in ranges.get("pointwise", {}):

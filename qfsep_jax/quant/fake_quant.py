@@ -98,7 +98,8 @@ def fake_quant(
       x: the tensor to fake-quantize.
       x_min, x_max: the range; scalars for per-tensor, vectors of length ``x.shape[axis]`` for
         per-channel quantization along ``axis``.
-      int_range: the integer storage range (``UINT8``, ``INT8`` or ``INT8_NARROW``).
+      int_range: the integer code range (``UINT8``, ``INT8``, ``INT8_NARROW``, or a narrower
+        range of fewer bits, :func:`~qfsep_jax.quant.numerics.int_range_for_bits`).
       axis: the channel axis for per-channel ranges, ``None`` for per-tensor.
       out_dtype: the dtype the codes are dequantized in (default ``x.dtype``); the codes are
         rounded from ``x`` in its own dtype either way.

@@ -34,6 +34,21 @@ INT8 = IntRange(-128, 127)
 INT8_NARROW = IntRange(-127, 127)
 
 
+def int_range_for_bits(bits: int, signed: bool, narrow: bool = False) -> IntRange:
+    """The ``bits``-bit code range inside uint8 (``signed=False``) or int8 storage.
+
+    Unsigned: ``[0, 2**bits - 1]``; signed: ``[-2**(bits-1), 2**(bits-1) - 1]``, or with
+    ``narrow`` the symmetric ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``. 8 bits give exactly
+    ``UINT8``, ``INT8`` and ``INT8_NARROW``.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [2, 8] (uint8/int8 storage), got {bits!r}")
+    if not signed:
+        return IntRange(0, 2 ** int(bits) - 1)
+    half = 2 ** (int(bits) - 1)
+    return IntRange(-half + 1 if narrow else -half, half - 1)
+
+
 def round_half_away_from_zero(v):
     """sgn(v) * floor(|v| + 0.5): TF's and TFLite's rounding (``std::round``).
 
