@@ -26,6 +26,10 @@ validation images (TF-slim eval preprocessing):
 
 A step count of 0 exports the untrained model: its ranges were never observed, which
 ``from_qat`` refuses (the error is recorded). Writes ``--out`` atomically and prints a summary.
+
+``--run DIR`` instead compares the newest checkpoint of a QAT training run (e.g.
+``configs/qat_tfslim.py:smoke``, 3 steps) the same way, on the first ``--eval_images`` images of
+the run's own eval data.
 """
 
 from __future__ import annotations
@@ -176,6 +180,20 @@ def _images(data_dir: str, split: str, count: int, size: int) -> tuple[np.ndarra
     return np.asarray(batch["image"], np.float32), np.asarray(batch["label"], np.int32)
 
 
+def compare_run(workdir: str, count: int) -> dict[str, Any]:
+    """:func:`compare` for the newest checkpoint of the QAT training run in ``workdir``."""
+    from qfsep_jax import checkpointing
+    from qfsep_jax.data.input import eval_input
+
+    config = checkpointing.load_run_config(workdir)
+    model, _ = checkpointing.model_from_config(config, checkpointing.num_classes_of(config))
+    variables = checkpointing.load_variables(workdir)
+    batch = next(iter(eval_input(config, config.eval_data, limit=count, batch_size=count).make()))
+    images = np.asarray(batch["image"][: int(batch["mask"].sum())], np.float32)
+    row = {"run": workdir, "eval_data": config.eval_data, "images": len(images)}
+    return {**row, **compare(model, variables, images)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", default="original,qf")
@@ -185,8 +203,14 @@ def main() -> None:
     p.add_argument("--eval_images", type=int, default=64)
     p.add_argument("--data_dir", default="../shared/data")
     p.add_argument("--out", default="results/qat_export_agreement/results.json")
+    p.add_argument("--run", default="", help="compare this QAT run's newest checkpoint instead")
     args = p.parse_args()
     start = time.time()
+    if args.run:
+        row = compare_run(args.run, args.eval_images)
+        print({k: v for k, v in row.items() if not isinstance(v, dict)})
+        _write(args, [row], start, data=f"{row['eval_data']} (first {row['images']})")
+        return
     train_x, train_y = _images(args.data_dir, "train", args.train_images, args.image_size)
     eval_x, _ = _images(args.data_dir, "val", args.eval_images, args.image_size)
     steps = [int(s) for s in args.steps.split(",")]
@@ -208,13 +232,31 @@ def main() -> None:
                 f" LSB, top-1 fine {al['top1_agreement_fine']:.3f}",
                 flush=True,
             )
+    data = (
+        f"imagenette/train (first {args.train_images}), imagenette/val (first "
+        f"{args.eval_images}), {args.image_size} px"
+    )
+    _write(args, rows, start, data)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _write(args: argparse.Namespace, rows: list[dict], start: float, data: str) -> None:
     out = {
         "command": "python " + " ".join(sys.argv),
-        "data": f"imagenette/train (first {args.train_images}), imagenette/val (first "
-        f"{args.eval_images}), {args.image_size} px",
+        "data": data,
         "run": {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": platform.processor() or platform.machine(),
+            "machine": _cpu_name(),
             "cores": os.cpu_count(),
             "jax": jax.__version__,
             "seconds": round(time.time() - start, 1),
