@@ -198,7 +198,12 @@ def from_qat(model: MobileNetV1, variables: Variables) -> QuantizedModel:
 
     BN is folded with the moving statistics (what the QAT model evaluates with); the EMA ranges
     of ``quant_ranges`` become the activation ranges. The folded model's ``"fake"`` forward pass
-    equals the QAT model's inference pass (``quant_mode="qat"``, ``train=False``).
+    equals the QAT model's inference pass (``quant_mode="qat"``, ``train=False``) bit for bit
+    when that pass runs in float32 (``dtype=None``), at any training step: both fold with
+    :func:`~qfsep_jax.quant.fold.fold_bn`, which rounds the same inside and outside ``jit``. A
+    bfloat16 QAT model (``dtype="bfloat16"``) computes its own pass in bfloat16; the export is
+    float32 (what the integer pass models), so the two then differ by bfloat16 rounding.
+    Raises ValueError for a model whose ranges were never observed (no QAT step yet).
     """
     if model.quant is None:
         raise ValueError("from_qat needs a QAT model (built with quant=QuantConfig)")
@@ -206,10 +211,13 @@ def from_qat(model: MobileNetV1, variables: Variables) -> QuantizedModel:
     if not ranges:
         raise ValueError("from_qat: the variables hold no quant_ranges")
     ranges = jax.tree.map(np.asarray, ranges)
-    check_all_ranges(ranges)
     for path, count in jax.tree_util.tree_leaves_with_path(ranges):
         if jax.tree_util.keystr(path).endswith("['count']") and count <= 0:
-            raise ValueError(f"quant range {jax.tree_util.keystr(path)} was never observed")
+            raise ValueError(
+                f"quant range {jax.tree_util.keystr(path)} was never observed: export a QAT "
+                "model after at least one training step"
+            )
+    check_all_ranges(ranges)
     qmodel, folded_vars = folded(
         model, {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     )
