@@ -562,6 +562,11 @@ def restart_neutral(field: str, schedule: str) -> bool:
     return any(field == n or field.startswith(n + ".") for n in RESTART_NEUTRAL)
 
 
+# A run's config.json without these fields ran with these values: a restart that sets them to
+# the same values changes nothing.
+IMPLIED_FIELDS = {"qat.weight_bits": 8, "qat.act_bits": 8}
+
+
 def _effective_config(workdir: str) -> dict[str, Any]:
     """The flat config the run's last segment ran with: config.json plus the recorded changes."""
     from qfsep_jax.io_utils import read_json
@@ -573,6 +578,9 @@ def _effective_config(workdir: str) -> dict[str, Any]:
             "checked against the run's; use a new workdir"
         )
     effective = flatten(read_json(path))
+    if any(k.startswith("qat.") for k in effective):
+        for field, value in IMPLIED_FIELDS.items():
+            effective.setdefault(field, value)
     history = os.path.join(workdir, HISTORY_FILE)
     for entry in read_json(history) if os.path.isfile(history) else []:
         effective.update({k: new for k, (_, new) in entry["changes"].items()})

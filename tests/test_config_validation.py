@@ -194,3 +194,14 @@ def test_restart_history_records_each_change_against_the_previous_segment(tmp_pa
     os.remove(tmp_path / "config.json")
     with pytest.raises(cv.ConfigError, match="no config.json"):
         cv.restart_changes(str(tmp_path), config)
+
+
+def test_restart_of_a_run_recorded_without_the_qat_bit_widths(tmp_path):
+    config = smoke.get_config()
+    recorded = json.loads(config.to_json_best_effort())
+    del recorded["qat"]["weight_bits"], recorded["qat"]["act_bits"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    assert cv.restart_changes(str(tmp_path), config) == {}  # it ran at 8 bits
+    config.qat.weight_bits = 4
+    with pytest.raises(cv.ConfigError, match="config.qat.weight_bits: 8 -> 4"):
+        cv.restart_changes(str(tmp_path), config)
