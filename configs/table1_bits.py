@@ -12,7 +12,7 @@ with and without the zero-variance fix, at 8-, 6- and 4-bit weights and 8-bit ac
 per recipe serves its three bit widths. Writes ``workdir/results.json``; docs/bit_widths.md has
 the table.
 
-Time: 12 minutes on the 2-core Intel Xeon machine while the test suite ran beside it
+Time: 9 minutes on the 2-core Intel Xeon machine while the test suite ran beside it
 (2026-12-03); not measured alone.
 ``configs/table1_bits.py:smoke`` (20 images, one recipe) checks the pipeline in about a minute
 and a half; its numbers mean nothing.
