@@ -142,3 +142,21 @@ def test_quant_modes():
     float_model = MobileNetV1(num_classes=4, width_multiplier=0.25)
     with pytest.raises(ValueError, match="QuantConfig"):
         jax.eval_shape(lambda v, x: float_model.apply(v, x, quant_mode="fake"), v, x)
+
+
+def test_linear_depthwise_block_is_the_original_without_the_depthwise_activation():
+    x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3)) * 3
+    kw = dict(num_classes=5, width_multiplier=0.25, dropout_rate=0.0)
+    original = MobileNetV1(block="original", **kw)
+    linear = MobileNetV1(block="original_linear_dw", **kw)
+    v = _init(original)
+    assert jax.tree.structure(v) == jax.tree.structure(_shapes(linear))  # same variables
+    _, seen = linear.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    dw_out = seen["intermediates"]["Conv2d_1"]["depthwise"]["__call__"][0]
+    assert float(jnp.min(dw_out)) < 0.0  # no ReLU6 after the depthwise BN
+    _, seen = original.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    assert float(jnp.min(seen["intermediates"]["Conv2d_1"]["depthwise"]["__call__"][0])) >= 0.0
+    # With the depthwise activation as the identity everywhere, the two are the same function.
+    relu_free = MobileNetV1(block="original", activation="none", **kw)
+    linear_free = MobileNetV1(block="original_linear_dw", activation="none", **kw)
+    np.testing.assert_array_equal(relu_free.apply(v, x), linear_free.apply(v, x))
