@@ -101,7 +101,10 @@ def test_validation_names_field_value_and_what_is_allowed(data_dir):
     c.data_dir = data_dir
     cv.validate(c)
     cases = {
-        "model.block": ("fancy", "config.model.block='fancy': must be one of ('original', 'qf')"),
+        "model.block": (
+            "fancy",
+            "config.model.block='fancy': must be one of ('original', 'qf', 'original_linear_dw')",
+        ),
         "optimizer": ("adamw", "config.optimizer='adamw': must be one of"),
         "crop_area_range": ((0.5, 0.2), "config.crop_area_range=(0.5, 0.2): must be two numbers"),
         "eval_data": ("folder:no/such", "config.eval_data='folder:no/such': no such image folder"),

@@ -317,7 +317,8 @@ def test_train_step_gradients_of_a_custom_activation_layer(act):
 
 
 def test_bad_block_and_activation_values():
-    with pytest.raises(ValueError, match=r"unknown block 'fancy'.*\('original', 'qf'\).*class"):
+    names = r"\('original', 'qf', 'original_linear_dw'\)"
+    with pytest.raises(ValueError, match=rf"unknown block 'fancy'.*{names}.*class"):
         MobileNetV1(block="fancy")
     with pytest.raises(ValueError, match="subclass of SeparableBlockBase"):
         MobileNetV1(block=ConvLayer)
@@ -356,5 +357,6 @@ def test_configs_take_registered_names(registered):
     config.qat.integer = False
     validate(config, "train", check_paths=False)
     config.model.block = "fancy"
-    with pytest.raises(ConfigError, match=r"must be one of \('original', 'qf', 'test_nobn'\)"):
+    names = r"\('original', 'qf', 'original_linear_dw', 'test_nobn'\)"
+    with pytest.raises(ConfigError, match=f"must be one of {names}"):
         validate(config, "train", check_paths=False)
