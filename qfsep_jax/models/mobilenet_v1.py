@@ -90,6 +90,9 @@ class SeparableBlockBase(nn.Module):
 class SeparableBlock(SeparableBlockBase):
     """The original block: DW 3×3 → BN → act → PW 1×1 → BN → act."""
 
+    def _depthwise_activation(self):
+        return self.activation
+
     @nn.compact
     def __call__(self, x, train=False, quant_mode="float", bn_frozen=False, quant_active=True):
         kw = dict(
@@ -101,7 +104,7 @@ class SeparableBlock(SeparableBlockBase):
             kernel_size=3,
             stride=self.stride,
             depthwise=True,
-            activation=self.activation,
+            activation=self._depthwise_activation(),
         )(x, **kw)
         return self._layer(
             "pointwise", features=self.features, kernel_size=1, activation=self.activation
@@ -135,29 +138,15 @@ class QFSeparableBlock(SeparableBlockBase):
         )(x, **kw)
 
 
-class LinearDepthwiseBlock(SeparableBlockBase):
+class LinearDepthwiseBlock(SeparableBlock):
     """The original block without the depthwise activation: DW 3×3 → BN → PW 1×1 → BN → act.
 
     An ablation between the two blocks: it keeps the depthwise BN (and its zero-variance
     channels) but, like the QF block, feeds the depthwise output to the pointwise conv linearly.
     """
 
-    @nn.compact
-    def __call__(self, x, train=False, quant_mode="float", bn_frozen=False, quant_active=True):
-        kw = dict(
-            train=train, quant_mode=quant_mode, bn_frozen=bn_frozen, quant_active=quant_active
-        )
-        x = self._layer(
-            "depthwise",
-            features=x.shape[-1],
-            kernel_size=3,
-            stride=self.stride,
-            depthwise=True,
-            activation="none",
-        )(x, **kw)
-        return self._layer(
-            "pointwise", features=self.features, kernel_size=1, activation=self.activation
-        )(x, **kw)
+    def _depthwise_activation(self):
+        return "none"
 
 
 _BLOCKS: dict[str, type[SeparableBlockBase]] = {
