@@ -24,6 +24,12 @@ mean ± std over 2 seeds): 78.11 ± 0.51 / 78.03 ± 0.55 / 78.09 ± 0.54; qf_rel
 seeds): 77.83 ± 0.08 / 77.80 ± 0.22 / 78.01 ± 0.00.
 <!-- /results:figure5_expected -->
 
+``configs/figure5.py:tfslim_rmsprop`` trains every variant with TF-slim's RMSProp recipe
+instead (``RECIPES`` below), the first recipe of the search for a small-scale collapse:
+
+    python launch/main.py --config configs/figure5.py:tfslim_rmsprop \\
+        --workdir results/figure5_tfslim_rmsprop
+
 ``configs/figure5.py:tiny`` is the test-scale version (1 training step at 32 px, width 0.25, a
 few images): it checks the pipeline, its numbers mean nothing.
 """
@@ -36,18 +42,65 @@ from configs import train_base
 
 VARIANTS = tuple(train_base.VARIANTS)  # original, qf_relu6, qf_relu, qf_relu_l2dw
 
+# Other training recipes for every variant (``configs/figure5.py:<name>``), searched for one
+# under which the original block grows dead depthwise channels and collapses in TF8 PTQ.
+RECIPES = {
+    # The paper's own setup, TF-slim's MobileNetV1 recipe: RMSProp (decay 0.9, momentum 0.9,
+    # epsilon 1.0), learning rate 0.045 decayed by 0.94 every 2.5 epochs, no warmup; the rest
+    # (30 epochs, batch 64, weight decay 4e-5, label smoothing 0.1) as the Imagenette configs.
+    "tfslim_rmsprop": {
+        "optimizer": "rmsprop",
+        "learning_rate": 0.045,
+        "lr_schedule": "exponential",
+        "lr_decay_rate": 0.94,
+        "lr_decay_epochs": 2.5,
+        "lr_staircase": True,
+        "warmup_epochs": 0.0,
+    },
+}
+
+# Ablations of the original block that separate the causes of its float gap
+# (``--config.variants='("original_linear_dw",)' --workdir results/figure5_ablations``): the
+# variant whose training config they start from, and the fields they change.
+ABLATIONS = {
+    # DW→BN→PW→BN→ReLU6: the original without the ReLU6 after its depthwise BN.
+    "original_linear_dw": ("original", {"model.block": "original_linear_dw"}),
+    # The original at half and twice today's peak learning rate.
+    "original_lr_half": ("original", {"learning_rate": 0.025}),
+    "original_lr_double": ("original", {"learning_rate": 0.1}),
+    # The original trained twice as long.
+    "original_60ep": ("original", {"num_epochs": 60.0}),
+}
+
+
+def _ablation_config(name: str) -> ml_collections.ConfigDict:
+    base, fields = ABLATIONS[name]
+    c = importlib.import_module(f"configs.imagenette_{base}").get_config()
+    for dotted, value in fields.items():
+        *parents, leaf = dotted.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.job = "figure5"
     c.data_dir = "../shared/data"
     c.variants = VARIANTS
-    # variant → its training config (configs/imagenette_<variant>.py)
+    # variant → its training config (configs/imagenette_<variant>.py, or an ablation's)
     c.train_configs = ml_collections.ConfigDict(
         {v: importlib.import_module(f"configs.imagenette_{v}").get_config() for v in VARIANTS}
+        | {name: _ablation_config(name) for name in ABLATIONS}
     )
     c.seeds = (0,)
-    c.train_overrides = ml_collections.ConfigDict()  # nested fields set on every training config
+    # Nested fields set on every training config. Val top-1 after every epoch (at each
+    # checkpoint), for the training curves (figure5_curves.png); evaluation does not change
+    # training.
+    every_epoch = c.train_configs[VARIANTS[0]].checkpoint_every_steps
+    c.train_overrides = ml_collections.ConfigDict({"eval_every_steps": every_epoch})
     c.steps = ("train", "evaluate", "sqnr", "summary")
     c.ptq_recipe = "tf8_per_tensor"
     c.calibration_data = "folder:imagenette/train"
@@ -78,6 +131,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_limit = 8
         c.num_sqnr_images = 4
         c.sqnr_batch_size = 4
+    elif arg in RECIPES:
+        c.train_overrides.update(RECIPES[arg])
     elif arg:
-        raise ValueError(f"unknown figure5 config variant {arg!r}; use '' or 'tiny'")
+        raise ValueError(
+            f"unknown figure5 config variant {arg!r}; use '', 'tiny' or one of {sorted(RECIPES)}"
+        )
     return c

@@ -344,3 +344,50 @@ def test_qat_line_needs_a_final_evaluation():
     assert "top-1 70.00 %" in md and "69.50 % in the integer-only pass" in md
     with pytest.raises(ValueError, match="no final evaluation"):
         collect_results.format_qat({"final_step": 735}, "r.json")
+
+
+def test_figure5_peer_table_puts_both_frameworks_side_by_side():
+    results = {
+        "rows": [
+            {
+                "variant": "original",
+                "framework": "pytorch",
+                "seed": 2,
+                "float_top1": 70.0,
+                "train_loss": 1.1,
+            },
+            {
+                "variant": "original",
+                "framework": "jax",
+                "seed": 2,
+                "float_top1": 71.5,
+                "train_loss": 1.0,
+            },
+            {
+                "variant": "qf_relu6",
+                "framework": "pytorch",
+                "seed": 2,
+                "float_top1": 78.25,
+                "train_loss": 0.9,
+            },
+        ],
+        "run": {"date": "2026-12-04", "cpu": "cpu", "cores": 2, "devices": "1 x cpu"},
+    }
+    table = collect_results.format_figure5_peer(results, "p.json")["figure5_peer"]
+    assert "| `original` | 2 | 71.50 | 70.00 | 1.00 | 1.10 |" in table
+    assert "| `qf_relu6` | 2 | – | 78.25 | – | 0.90 |" in table  # no JAX run yet
+    assert "Measured 2026-12-04" in table
+
+
+def test_figure5_recipe_tables_are_renamed():
+    summary = {
+        "description": "d.",
+        "variants": {},
+        "sqnr": {},
+    }
+    made = collect_results.format_figure5_recipe("figure5_tfslim_rmsprop")(summary, "s.json")
+    assert set(made) == {
+        "figure5_tfslim_rmsprop",
+        "figure5_tfslim_rmsprop_sqnr",
+        "figure5_tfslim_rmsprop_expected",
+    }

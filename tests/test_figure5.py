@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -53,6 +54,8 @@ def test_tiny_pipeline_writes_every_result(tiny_run):
     )
     assert scores["num_calibration_images"] == 8
     assert scores["eval_data"] == "folder:imagenette/val"
+    # kept with the scores: the checkpoints they are counted from do not outlive the machine
+    assert scores["zero_variance_channels"] is None and scores["max_depthwise_alpha"] is None
 
     sqnr = _read(os.path.join(run, "sqnr.json"))
     layers = list(sqnr["fake_quant"])
@@ -70,7 +73,7 @@ def test_tiny_pipeline_writes_every_result(tiny_run):
         sqnr["fake_quant"]["Conv2d_0"]["sqnr_db"]
     )
     assert "1 steps, batch 8" in summary["description"]
-    for png in ("figure5_accuracy.png", "figure5_sqnr.png"):
+    for png in ("figure5_accuracy.png", "figure5_sqnr.png", "figure5_curves.png"):
         with open(os.path.join(workdir, png), "rb") as f:
             assert f.read(4) == b"\x89PNG"
 
@@ -82,6 +85,47 @@ def test_rerun_skips_every_finished_step(tiny_run):
     again = figure5.run(config, workdir)
     assert set(again["actions"].values()) == {"skipped"} and len(again["actions"]) == 3
     assert os.stat(results).st_mtime_ns == before
+    # Results without their checkpoints (a fresh clone): nothing is retrained.
+    shutil.rmtree(os.path.join(workdir, "qf_relu_l2dw", "seed0", "train", "checkpoints"))
+    again = figure5.run(config, workdir)
+    assert set(again["actions"].values()) == {"skipped"} and len(again["actions"]) == 3
+
+
+def test_depthwise_bn_stats_counts_dead_channels():
+    from qfsep_jax.models.mobilenet_v1 import MobileNetV1, random_variables
+
+    model = MobileNetV1(num_classes=10, width_multiplier=0.25, block="original")
+    variables = random_variables(model, 32)
+    assert figure5.depthwise_bn_stats(variables)["zero_variance_channels"] == 0
+    stats = variables["batch_stats"]["Conv2d_3"]["depthwise"]
+    stats["bn_var"][:2] = 0.0  # numpy leaves
+    variables["params"]["Conv2d_3"]["depthwise"]["bn_scale"][:2] = 1.0
+    got = figure5.depthwise_bn_stats(variables)
+    assert got["zero_variance_channels"] == 2
+    assert got["max_depthwise_alpha"] == pytest.approx(1.0 / np.sqrt(1e-3), rel=1e-5)
+    qf = MobileNetV1(num_classes=10, width_multiplier=0.25, block="qf")
+    assert figure5.depthwise_bn_stats(random_variables(qf, 32)) == {
+        "zero_variance_channels": None,
+        "max_depthwise_alpha": None,
+    }
+
+
+def test_per_epoch_curves_weight_windows_by_their_steps():
+    from qfsep_jax.analysis import curves
+
+    rows = [
+        {"step": 4, "train_loss": 2.0, "train_accuracy": 0.1},
+        {"step": 10, "train_loss": 1.0, "train_accuracy": 0.4, "eval_top1": 30.0},
+        {"step": 20, "train_loss": 0.5, "train_accuracy": 0.5, "eval_top1": 50.0},
+    ]
+    c = curves.per_epoch(rows, steps_per_epoch=10)
+    assert c["epoch"] == [1, 2] and c["eval_epoch"] == [1, 2] and c["eval_top1"] == [30.0, 50.0]
+    assert c["train_loss"] == pytest.approx([(4 * 2.0 + 6 * 1.0) / 10, 0.5])
+    assert c["train_accuracy"] == pytest.approx([100 * (4 * 0.1 + 6 * 0.4) / 10, 50.0])
+    per_epoch_rows = [{"epoch": 1, "step": 7, "train_loss": 3.0, "train_accuracy": 0.2}]
+    assert curves.per_epoch(per_epoch_rows, 1)["train_loss"] == [3.0]
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        curves.per_epoch(rows, 0)
 
 
 def test_readme_table_from_the_summary(tiny_run):

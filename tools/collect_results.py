@@ -92,6 +92,9 @@ def replace_tables(text: str, tables: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------- formatting
 
 
+Formatter = Callable[[Mapping[str, Any], str], dict[str, str]]
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "–"
@@ -336,6 +339,50 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
     return {"figure5": acc_md, "figure5_sqnr": sqnr_md, **tables}
 
 
+def format_figure5_recipe(name: str) -> Formatter:
+    """:func:`format_figure5` for the figure5 job run with another training recipe: the same
+    tables, named ``<name>`` (e.g. ``figure5_tfslim_rmsprop``) instead of ``figure5``."""
+
+    def fmt(summary: Mapping[str, Any], path: str) -> dict[str, str]:
+        made = format_figure5(summary, path)
+        return {name + k.removeprefix("figure5"): v for k, v in made.items()}
+
+    return fmt
+
+
+def format_figure5_peer(results: Mapping[str, Any], path: str) -> dict[str, str]:
+    """Float top-1 and final-epoch train loss per variant and seed: JAX beside PyTorch."""
+    rows = results["rows"]
+    keys = sorted({(r["variant"], r["seed"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    by = {(r["variant"], r["seed"], r["framework"]): r for r in rows}
+    body = []
+    for variant, seed in keys:
+        jax_row, torch_row = by.get((variant, seed, "jax")), by.get((variant, seed, "pytorch"))
+        body.append(
+            [
+                f"`{variant}`",
+                seed,
+                jax_row and jax_row["float_top1"],
+                torch_row and torch_row["float_top1"],
+                jax_row and jax_row["train_loss"],
+                torch_row and torch_row["train_loss"],
+            ]
+        )
+    header = [
+        "variant",
+        "seed",
+        "JAX float top-1 %",
+        "PyTorch float top-1 %",
+        "JAX train loss",
+        "PyTorch train loss",
+    ]
+    note = (
+        "Imagenette val (3,925 images); train loss: mean over the last epoch, cross entropy "
+        "(label smoothing 0.1) plus L2." + _measured(results)
+    )
+    return {"figure5_peer": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
+
+
 def format_tflite_check(results: Mapping[str, Any], path: str) -> dict[str, str]:
     """One line: bit-exact images against LiteRT, with the model, kernels and top-1."""
     head = f" + head `{os.path.basename(results['head'])}`" if results.get("head") else ""
@@ -555,14 +602,17 @@ def format_agreement(summary: Mapping[str, Any], path: str) -> dict[str, str]:
     return {"agreement": "\n".join(lines)}
 
 
-Formatter = Callable[[Mapping[str, Any], str], dict[str, str]]
-
 # source name → (default path under --results, formatter)
 SOURCES: dict[str, tuple[str, Formatter]] = {
     "table1": ("table1/results.json", format_table1),
     "table1_bits": ("table1_bits/results.json", format_table1_bits),
     "analyze": ("analyze/results.json", format_analyze),
     "figure5": ("figure5/summary.json", format_figure5),
+    "figure5_tfslim_rmsprop": (
+        "figure5_tfslim_rmsprop/summary.json",
+        format_figure5_recipe("figure5_tfslim_rmsprop"),
+    ),
+    "figure5_peer": ("figure5_peer/figure5_peer.json", format_figure5_peer),
     "tflite_check": ("tflite_check/results.json", format_tflite_check),
     "bench_integer": ("bench/integer.json", format_bench_integer),
     "bench_train": ("bench/train.json", format_bench_train),

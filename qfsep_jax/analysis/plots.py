@@ -7,6 +7,7 @@
   uniform-noise estimate dashed).
 * :func:`plot_accuracy`: Figure 5's comparison, top-1 per variant for float / fake-quant /
   integer-only, with the spread over seeds as error bars.
+* :func:`plot_training_curves`: train loss, train and val top-1 per epoch, one line per run.
 * :func:`plot_top2_margins`: integer pass against fake-quant simulation, per image: how close
   the simulation's top two classes are against how much the integer pass moves that gap.
 """
@@ -190,5 +191,39 @@ def plot_top2_margins(per_image: Mapping[str, Sequence], path: str, title: str =
     ax.set_title(title or f"integer pass vs fake-quant simulation, {gap.size} images", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_training_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float]]], path: str, title: str = ""
+) -> None:
+    """Three panels per run label: train loss, train top-1 and val top-1 against the epoch.
+
+    ``curves`` maps a label to :func:`qfsep_jax.analysis.curves.per_epoch`'s lists. Runs sharing
+    the label's first word (the variant) share a colour; the rest of the label sets the style.
+    """
+    if not curves:
+        raise ValueError("plot_training_curves needs at least one run")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colours: dict[str, str] = {}
+    styles = ["-", "--", ":", "-."]
+    for i, (label, c) in enumerate(curves.items()):
+        group = label.split()[0]
+        colour = colours.setdefault(group, f"C{len(colours)}")
+        style = styles[sum(1 for k in list(curves)[:i] if k.split()[0] == group) % len(styles)]
+        kw = dict(color=colour, linestyle=style, label=label)
+        axes[0].plot(c["epoch"], c["train_loss"], **kw)
+        axes[1].plot(c["epoch"], c["train_accuracy"], **kw)
+        axes[2].plot(c["eval_epoch"], c["eval_top1"], marker=".", **kw)
+    for ax, name in zip(
+        axes, ("train loss (CE + L2)", "train top-1 (%), augmented", "val top-1 (%)"), strict=True
+    ):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     save_figure(fig, path)
     plt.close(fig)

@@ -38,11 +38,13 @@ from qfsep_jax import (
     evaluation,
     integer,
     io_utils,
+    metrics_log,
     paper,
     ptq,
     train,
 )
 from qfsep_jax.analysis import alpha as alpha_lib
+from qfsep_jax.analysis import curves as curves_lib
 from qfsep_jax.analysis import sqnr as sqnr_lib
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.jobs import common
@@ -56,6 +58,10 @@ VARIANT_LABELS = {
     "qf_relu6": "DW→PW→BN→ReLU6",
     "qf_relu": "DW→PW→BN→ReLU",
     "qf_relu_l2dw": "DW→PW→BN→ReLU, L2 on DW weights",
+    "original_linear_dw": "DW→BN→PW→BN→ReLU6",
+    "original_lr_half": "original, learning rate 0.025 (half)",
+    "original_lr_double": "original, learning rate 0.1 (double)",
+    "original_60ep": "original, 60 epochs",
 }
 
 
@@ -144,6 +150,8 @@ def step_evaluate(train_config, qmodel, model, variables, config) -> dict:
         "float": score(ptq.float_logits_fn(model, variables), "float"),
         "fake_quant": score(ptq.fake_quant_logits_fn(qmodel), "fake-quant"),
         "integer": None,
+        # recorded here, not only in the summary: the checkpoints do not outlive the machine
+        **depthwise_bn_stats(variables),
         "ptq_recipe": dataclasses.asdict(qmodel.recipe),
         "calibration_data": qmodel.info["calibration_data"],
         "num_calibration_images": qmodel.info["num_calibration_images"],
@@ -224,6 +232,11 @@ def summarize_variant(variant: str, runs: Mapping[int, Mapping[str, Any]]) -> di
         return [r["results"][kind]["top1"] for r in runs.values() if r["results"].get(kind)]
 
     zero_var = [r["zero_variance_channels"] for r in runs.values() if "zero_variance_channels" in r]
+    max_alpha = [
+        r["results"]["max_depthwise_alpha"]
+        for r in runs.values()
+        if "max_depthwise_alpha" in r["results"]
+    ]
     fq = [sqnr_lib.sqnr_curve(r["sqnr"]["fake_quant"]) for r in runs.values() if r.get("sqnr")]
     it = [
         sqnr_lib.sqnr_curve(r["sqnr"]["integer"])
@@ -243,6 +256,7 @@ def summarize_variant(variant: str, runs: Mapping[int, Mapping[str, Any]]) -> di
         "integer_top1": _stats(top1("integer")),
         # per seed; None where the block has no BN after its depthwise conv
         "zero_variance_channels": zero_var,
+        "max_depthwise_alpha": max_alpha,
         "sqnr_fake_quant": fq_mean,
         "sqnr_fake_quant_std": fq_std,
         "sqnr_integer": it_mean,
@@ -267,17 +281,25 @@ def describe(config, workdir: str) -> str:
     )
 
 
-def zero_variance_channels(train_dir: str) -> int | None:
-    """Channels with ~zero BN moving variance after depthwise convs (None: no such BN).
+def depthwise_bn_stats(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Over the BNs after depthwise convs: zero-variance channels and the largest folded α.
 
-    The count depends on the moving variances only, not on the epsilon passed for α.
+    Both are ``None`` for a block without such BN. The count depends on the moving variances
+    only, not on the epsilon passed for α.
     """
-    loaded = checkpointing.load_variables(train_dir)
-    variables = {k: loaded[k] for k in ("params", "batch_stats") if k in loaded}
+    variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
     summary = alpha_lib.alpha_summary(alpha_lib.bn_alphas(variables, eps=1e-3))
     if not summary:
-        return None
-    return int(sum(s["zero_variance_channels"] for s in summary.values()))
+        return {"zero_variance_channels": None, "max_depthwise_alpha": None}
+    return {
+        "zero_variance_channels": int(sum(s["zero_variance_channels"] for s in summary.values())),
+        "max_depthwise_alpha": float(max(s["alpha_max"] for s in summary.values())),
+    }
+
+
+def zero_variance_channels(train_dir: str) -> int | None:
+    """The zero-variance count (:func:`depthwise_bn_stats`) of ``train_dir``'s newest checkpoint."""
+    return depthwise_bn_stats(checkpointing.load_variables(train_dir))["zero_variance_channels"]
 
 
 def step_summary(config, workdir: str) -> dict[str, Any]:
@@ -295,7 +317,11 @@ def step_summary(config, workdir: str) -> dict[str, Any]:
                 "results": io_utils.read_json(res),
                 "sqnr": io_utils.read_json(sq) if os.path.isfile(sq) else None,
             }
-            if os.path.isdir(os.path.join(d, "train")):
+            if "zero_variance_channels" in runs[seed]["results"]:
+                runs[seed]["zero_variance_channels"] = runs[seed]["results"][
+                    "zero_variance_channels"
+                ]
+            elif os.path.isdir(os.path.join(d, "train", "checkpoints")):
                 runs[seed]["zero_variance_channels"] = zero_variance_channels(
                     os.path.join(d, "train")
                 )
@@ -316,7 +342,37 @@ def step_summary(config, workdir: str) -> dict[str, Any]:
     io_utils.write_json(os.path.join(workdir, "summary.json"), summary)
     if variants:
         _plot(variants, workdir)
+        curves = training_curves(config, workdir)
+        if curves:
+            from qfsep_jax.analysis import plots
+
+            plots.plot_training_curves(
+                curves,
+                os.path.join(workdir, "figure5_curves.png"),
+                title="Figure 5 runs: " + describe(config, workdir).split(", evaluated")[0],
+            )
     return summary
+
+
+def training_curves(config, workdir: str) -> dict[str, dict[str, list]]:
+    """``{"<variant> seed<k>": per-epoch curves}`` of every run whose ``metrics.jsonl`` exists."""
+    out = {}
+    for variant in config.variants:
+        for seed in config.seeds:
+            train_dir = os.path.join(run_dir(workdir, variant, seed), "train")
+            metrics = os.path.join(train_dir, "metrics.jsonl")
+            results = os.path.join(train_dir, "results.json")
+            if not (os.path.isfile(metrics) and os.path.isfile(results)):
+                continue
+            tc = variant_config(config, variant, seed)
+            total = io_utils.read_json(results).get("total_steps")
+            if not total:
+                continue
+            steps_per_epoch = max(1, round(total / tc.num_epochs))
+            out[f"{variant} seed{seed}"] = curves_lib.per_epoch(
+                metrics_log.read_metrics(train_dir).values(), steps_per_epoch
+            )
+    return out
 
 
 def _plot(variants: Mapping[str, Any], workdir: str) -> None:
@@ -369,8 +425,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             tc = variant_config(config, variant, seed)
             train_dir = os.path.join(d, "train")
             key = f"{variant}/seed{seed}"
+            results_exist = all(
+                os.path.isfile(os.path.join(d, f)) for f in ("results.json", "sqnr.json")
+            )
             if "train" in config.steps:
-                if train_done(train_dir):
+                # A run whose results exist needs no training (its checkpoints may be gone).
+                if results_exist or train_done(train_dir):
                     actions[f"{key}/train"] = "skipped"
                 else:
                     start = time.perf_counter()
