@@ -154,7 +154,9 @@ def test_summary_over_seeds_and_variants(tmp_path, data_dir):
             k: {"top1": value + i, "top5": 99.0, "n": 8}
             for i, k in enumerate(["float", "fake_quant"])
         }
-        (d / "results.json").write_text(json.dumps({**res, "integer": None}))
+        dead = {"zero_variance_channels": seed * 3, "max_depthwise_alpha": 3.2 + 28.4 * seed}
+        extra = dead if variant == "original" else {}
+        (d / "results.json").write_text(json.dumps({**res, "integer": None, **extra}))
         sq = {"fake_quant": {"Conv2d_0": {"sqnr_db": value}, "Logits": {"sqnr_db": None}}}
         (d / "sqnr.json").write_text(json.dumps(sq))
     result = figure5.run(config, str(tmp_path))
@@ -164,12 +166,13 @@ def test_summary_over_seeds_and_variants(tmp_path, data_dir):
     assert v["original"]["float_top1"]["std"] == pytest.approx(np.std([10.0, 20.0]))
     assert v["original"]["fake_quant_top1"]["values"] == [11.0, 21.0]
     assert v["original"]["integer_top1"] is None and v["original"]["seeds"] == [0, 1]
+    assert v["original"]["zero_variance_channels"] == [0, 3]  # read from each run's results
     assert v["qf_relu_l2dw"]["num_seeds"] == 1
     assert result["summary"]["sqnr"]["original"] == {"Conv2d_0": 15.0}  # None layers dropped
     assert v["original"]["sqnr_fake_quant_std"]["Conv2d_0"] == pytest.approx(5.0)
     assert _read(tmp_path / "original" / "results.json")["float_top1"]["n"] == 2
     table = collect_results.format_figure5(result["summary"], "summary.json")["figure5"]
-    row = "| `original` | DW→BN→ReLU6→PW→BN→ReLU6 | 2 | – | 15.00 ± 5.00 | 16.00 ± 5.00 | – |"
+    row = "| `original` | DW→BN→ReLU6→PW→BN→ReLU6 | 2 | 0/3 | 3/32 | 15.00 ± 5.00 | 16.00 ± 5.00 |"
     assert row in table
 
 

@@ -284,12 +284,15 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
         paper = v.get("paper", {})
         zero_var = v.get("zero_variance_channels") or [None]
         zero_var = "–" if zero_var[0] is None else "/".join(str(z) for z in zero_var)
+        alphas = [a for a in v.get("max_depthwise_alpha") or [] if a is not None]
+        max_alpha = "/".join(f"{a:.0f}" for a in alphas) if alphas else "–"
         body.append(
             [
                 f"`{name}`",
                 v["label"],
                 v["num_seeds"],
                 zero_var,
+                max_alpha,
                 _mean_pm(v["float_top1"]),
                 _mean_pm(v["fake_quant_top1"]),
                 _mean_pm(v.get("integer_top1")),
@@ -302,13 +305,18 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
         "core layer",
         "seeds",
         "zero-variance DW-BN channels",
+        "max α of DW BN",
         "float top-1 %",
         "8-bit fake-quant top-1 %",
         "8-bit integer top-1 %",
         "paper float (ImageNet)",
         "paper 8-bit (ImageNet)",
     ]
-    note = f"{summary['description']} Spread: ± population std over seeds." + _measured(summary)
+    note = (
+        f"{summary['description']} Spread: ± population std over seeds. Zero-variance channels "
+        "and max α (γ/√(σ²+ε) of the BNs after depthwise convs) per seed, where recorded."
+        + _measured(summary)
+    )
     acc_md = "\n".join([_provenance(path), markdown_table(header, body), "", note])
     expected = {}
     for name, v in summary["variants"].items():
@@ -613,6 +621,10 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
         format_figure5_recipe("figure5_tfslim_rmsprop"),
     ),
     "figure5_peer": ("figure5_peer/figure5_peer.json", format_figure5_peer),
+    "figure5_ablations": (
+        "figure5_ablations/summary.json",
+        format_figure5_recipe("figure5_ablations"),
+    ),
     "tflite_check": ("tflite_check/results.json", format_tflite_check),
     "bench_integer": ("bench/integer.json", format_bench_integer),
     "bench_train": ("bench/train.json", format_bench_train),
