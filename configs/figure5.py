@@ -64,7 +64,7 @@ RECIPES = {
 # variant whose training config they start from, and the fields they change.
 ABLATIONS = {
     # DW→BN→PW→BN→ReLU6: the original without the ReLU6 after its depthwise BN.
-    "original_linear_dw": ("original", {"model.block": "original_linear_dw"}),
+    "original_linear_dw": ("original", {"model": {"block": "original_linear_dw"}}),
     # The original at half and twice today's peak learning rate.
     "original_lr_half": ("original", {"learning_rate": 0.025}),
     "original_lr_double": ("original", {"learning_rate": 0.1}),
@@ -76,12 +76,7 @@ ABLATIONS = {
 def _ablation_config(name: str) -> ml_collections.ConfigDict:
     base, fields = ABLATIONS[name]
     c = importlib.import_module(f"configs.imagenette_{base}").get_config()
-    for dotted, value in fields.items():
-        *parents, leaf = dotted.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update(fields)  # nested dicts update nested fields
     return c
 
 

@@ -61,12 +61,10 @@ VARIANT_BLOCKS = {
 
 
 def _jax_config(variant: str):
-    from configs import train_base
+    """The variant's training config, as the figure5 job composes it (configs/figure5.py)."""
+    from configs import figure5
 
-    base = "original" if variant == "original_linear_dw" else variant
-    c = train_base.imagenette_config(base)
-    c.model.block = VARIANT_BLOCKS[variant][0]
-    return c
+    return figure5.get_config().train_configs[variant]
 
 
 def torch_mobilenet(config, num_classes: int):
@@ -194,6 +192,7 @@ def train_one(variant: str, seed: int, args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from qfsep_jax import checkpointing
     from qfsep_jax import train as jax_train
     from qfsep_jax.data import sources, train_input
 
@@ -210,7 +209,7 @@ def train_one(variant: str, seed: int, args) -> dict:
 
     torch.manual_seed(seed)
     source = sources.make_source(config.train_data, args.data_dir, label_space=config.label_space)
-    num_classes = 10 if config.label_space == "imagenette" else 1001
+    num_classes = checkpointing.num_classes_of(config)
     steps_per_epoch = source.num_examples // config.batch_size
     total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
     schedule = jax_train.learning_rate_schedule(config, steps_per_epoch, total_steps)
