@@ -57,6 +57,10 @@ RECIPES = {
         "lr_staircase": True,
         "warmup_epochs": 0.0,
     },
+    # Today's SGD recipe at twice and four times its peak learning rate (0.05): the original
+    # block's TF8 drop grows with the learning rate (original_lr_double below).
+    "sgd_lr0.1": {"learning_rate": 0.1},
+    "sgd_lr0.2": {"learning_rate": 0.2},
 }
 
 # Ablations of the original block that separate the causes of its float gap
@@ -65,6 +69,9 @@ RECIPES = {
 ABLATIONS = {
     # DW→BN→PW→BN→ReLU6: the original without the ReLU6 after its depthwise BN.
     "original_linear_dw": ("original", {"model": {"block": "original_linear_dw"}}),
+    # DW(+bias)→ReLU6→PW→BN→ReLU6: the original without its depthwise BN (the QF block with a
+    # depthwise ReLU6).
+    "original_nobn_dw": ("original", {"model": {"block": "original_nobn_dw"}}),
     # The original at half and twice today's peak learning rate.
     "original_lr_half": ("original", {"learning_rate": 0.025}),
     "original_lr_double": ("original", {"learning_rate": 0.1}),

@@ -103,7 +103,8 @@ def test_validation_names_field_value_and_what_is_allowed(data_dir):
     cases = {
         "model.block": (
             "fancy",
-            "config.model.block='fancy': must be one of ('original', 'qf', 'original_linear_dw')",
+            "config.model.block='fancy': must be one of ('original', 'qf', 'original_linear_dw', "
+            "'original_nobn_dw')",
         ),
         "optimizer": ("adamw", "config.optimizer='adamw': must be one of"),
         "crop_area_range": ((0.5, 0.2), "config.crop_area_range=(0.5, 0.2): must be two numbers"),

@@ -317,7 +317,7 @@ def test_train_step_gradients_of_a_custom_activation_layer(act):
 
 
 def test_bad_block_and_activation_values():
-    names = r"\('original', 'qf', 'original_linear_dw'\)"
+    names = r"\('original', 'qf', 'original_linear_dw', 'original_nobn_dw'\)"
     with pytest.raises(ValueError, match=rf"unknown block 'fancy'.*{names}.*class"):
         MobileNetV1(block="fancy")
     with pytest.raises(ValueError, match="subclass of SeparableBlockBase"):
@@ -357,6 +357,6 @@ def test_configs_take_registered_names(registered):
     config.qat.integer = False
     validate(config, "train", check_paths=False)
     config.model.block = "fancy"
-    names = r"\('original', 'qf', 'original_linear_dw', 'test_nobn'\)"
+    names = r"\('original', 'qf', 'original_linear_dw', 'original_nobn_dw', 'test_nobn'\)"
     with pytest.raises(ConfigError, match=f"must be one of {names}"):
         validate(config, "train", check_paths=False)

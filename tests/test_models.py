@@ -160,3 +160,22 @@ def test_linear_depthwise_block_is_the_original_without_the_depthwise_activation
     relu_free = MobileNetV1(block="original", activation="none", **kw)
     linear_free = MobileNetV1(block="original_linear_dw", activation="none", **kw)
     np.testing.assert_array_equal(relu_free.apply(v, x), linear_free.apply(v, x))
+
+
+def test_activated_depthwise_block_is_the_qf_block_with_the_depthwise_activation():
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3)) * 3
+    kw = dict(num_classes=5, width_multiplier=0.25, dropout_rate=0.0)
+    qf = MobileNetV1(block="qf", **kw)
+    activated = MobileNetV1(block="original_nobn_dw", **kw)
+    v = _init(qf)
+    assert jax.tree.structure(v) == jax.tree.structure(_shapes(activated))  # same variables
+    dw_params = v["params"]["Conv2d_1"]["depthwise"]
+    assert "bias" in dw_params and "BatchNorm" not in str(jax.tree.structure(dw_params))
+    _, seen = activated.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    dw_out = seen["intermediates"]["Conv2d_1"]["depthwise"]["__call__"][0]
+    assert 0.0 <= float(jnp.min(dw_out)) and float(jnp.max(dw_out)) <= 6.0  # ReLU6, no BN
+    _, seen = qf.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    assert float(jnp.min(seen["intermediates"]["Conv2d_1"]["depthwise"]["__call__"][0])) < 0.0
+    qf_free = MobileNetV1(block="qf", activation="none", **kw)
+    activated_free = MobileNetV1(block="original_nobn_dw", activation="none", **kw)
+    np.testing.assert_array_equal(qf_free.apply(v, x), activated_free.apply(v, x))

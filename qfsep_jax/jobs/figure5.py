@@ -59,6 +59,7 @@ VARIANT_LABELS = {
     "qf_relu": "DW→PW→BN→ReLU",
     "qf_relu_l2dw": "DW→PW→BN→ReLU, L2 on DW weights",
     "original_linear_dw": "DW→BN→PW→BN→ReLU6",
+    "original_nobn_dw": "DW→ReLU6→PW→BN→ReLU6",
     "original_lr_half": "original, learning rate 0.025 (half)",
     "original_lr_double": "original, learning rate 0.1 (double)",
     "original_60ep": "original, 60 epochs",

@@ -118,6 +118,9 @@ class QFSeparableBlock(SeparableBlockBase):
     the 8-bit pipeline).
     """
 
+    def _depthwise_activation(self):
+        return "none"
+
     @nn.compact
     def __call__(self, x, train=False, quant_mode="float", bn_frozen=False, quant_active=True):
         kw = dict(
@@ -131,7 +134,7 @@ class QFSeparableBlock(SeparableBlockBase):
             depthwise=True,
             use_bn=False,
             use_bias=self.depthwise_bias,
-            activation="none",
+            activation=self._depthwise_activation(),
         )(x, **kw)
         return self._layer(
             "pointwise", features=self.features, kernel_size=1, activation=self.activation
@@ -149,10 +152,22 @@ class LinearDepthwiseBlock(SeparableBlock):
         return "none"
 
 
+class ActivatedDepthwiseBlock(QFSeparableBlock):
+    """The original block without the depthwise BN: DW 3×3 (+ bias) → act → PW 1×1 → BN → act.
+
+    The other ablation between the two blocks: it keeps the depthwise activation but, like the
+    QF block, has no depthwise BN (so no zero-variance channels to fold).
+    """
+
+    def _depthwise_activation(self):
+        return self.activation
+
+
 _BLOCKS: dict[str, type[SeparableBlockBase]] = {
     "original": SeparableBlock,
     "qf": QFSeparableBlock,
     "original_linear_dw": LinearDepthwiseBlock,
+    "original_nobn_dw": ActivatedDepthwiseBlock,
 }
 
 
