@@ -377,6 +377,10 @@ def test_figure5_peer_table_puts_both_frameworks_side_by_side():
     assert "| `original` | 2 | 71.50 | 70.00 | 1.00 | 1.10 |" in table
     assert "| `qf_relu6` | 2 | – | 78.25 | – | 0.90 |" in table  # no JAX run yet
     assert "Measured 2026-12-04" in table
+    assert "in torch's channels_last memory format" in table  # the first peer's only format
+    results["memory_format"] = "contiguous"
+    table = collect_results.format_figure5_peer(results, "p.json", "peer_b")["peer_b"]
+    assert "in torch's contiguous memory format" in table
 
 
 def test_figure5_recipe_tables_are_renamed():

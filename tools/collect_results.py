@@ -358,8 +358,12 @@ def format_figure5_recipe(name: str) -> Formatter:
     return fmt
 
 
-def format_figure5_peer(results: Mapping[str, Any], path: str) -> dict[str, str]:
-    """Float top-1 and final-epoch train loss per variant and seed: JAX beside PyTorch."""
+def format_figure5_peer(
+    results: Mapping[str, Any], path: str, table: str = "figure5_peer"
+) -> dict[str, str]:
+    """Float top-1 and final-epoch train loss per variant and seed: JAX beside PyTorch, as table
+    ``table``. The note names the peer's torch memory format (files without the field come from
+    the peer's first version, which always trained in channels_last)."""
     rows = results["rows"]
     keys = sorted({(r["variant"], r["seed"]) for r in rows}, key=lambda k: (k[1], k[0]))
     by = {(r["variant"], r["seed"], r["framework"]): r for r in rows}
@@ -384,11 +388,13 @@ def format_figure5_peer(results: Mapping[str, Any], path: str) -> dict[str, str]
         "JAX train loss",
         "PyTorch train loss",
     ]
+    memory_format = results.get("memory_format", "channels_last")
     note = (
         "Imagenette val (3,925 images); train loss: mean over the last epoch, cross entropy "
-        "(label smoothing 0.1) plus L2." + _measured(results)
+        f"(label smoothing 0.1) plus L2. PyTorch activations in torch's {memory_format} memory "
+        "format." + _measured(results)
     )
-    return {"figure5_peer": "\n".join([_provenance(path), markdown_table(header, body), "", note])}
+    return {table: "\n".join([_provenance(path), markdown_table(header, body), "", note])}
 
 
 def format_tflite_check(results: Mapping[str, Any], path: str) -> dict[str, str]:
@@ -620,7 +626,15 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
         "figure5_tfslim_rmsprop/summary.json",
         format_figure5_recipe("figure5_tfslim_rmsprop"),
     ),
+    "figure5_sgd_lr0.2": (
+        "figure5_sgd_lr0.2/summary.json",
+        format_figure5_recipe("figure5_sgd_lr0.2"),
+    ),
     "figure5_peer": ("figure5_peer/figure5_peer.json", format_figure5_peer),
+    "figure5_peer_channels_last": (
+        "figure5_peer_channels_last/figure5_peer.json",
+        lambda results, path: format_figure5_peer(results, path, "figure5_peer_channels_last"),
+    ),
     "figure5_ablations": (
         "figure5_ablations/summary.json",
         format_figure5_recipe("figure5_ablations"),
