@@ -30,6 +30,13 @@ instead (``RECIPES`` below), the first recipe of the search for a small-scale co
     python launch/main.py --config configs/figure5.py:tfslim_rmsprop \\
         --workdir results/figure5_tfslim_rmsprop
 
+``configs/figure5.py:sgd_lr0.1`` and ``:sgd_lr0.2`` are today's recipe at twice and four times
+its learning rate (``--workdir results/figure5_sgd_lr0.2``, about 20 min per variant and seed).
+Ablations of the original block (``ABLATIONS``) run as variants of the default config:
+
+    python launch/main.py --config configs/figure5.py --workdir results/figure5_ablations \\
+        --config.variants='("original_linear_dw","original_nobn_dw","original_lr_double")'
+
 ``configs/figure5.py:tiny`` is the test-scale version (1 training step at 32 px, width 0.25, a
 few images): it checks the pipeline, its numbers mean nothing.
 """
