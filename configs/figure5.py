@@ -15,13 +15,13 @@ preprocessing) and evaluated in float, 8-bit fake-quant and 8-bit integer-only o
 Expected time: about 20 min of training per variant and seed on the 2-core CPU machine when it
 runs alone, plus under a minute per variant for PTQ, evaluation and SQNR. Expected result:
 <!-- results:figure5_expected -->
-Expected (results/figure5/summary.json, measured 2026-12-04 03:35 UTC on Intel(R) Xeon(R)
+Expected (results/figure5/summary.json, measured 2026-12-04 07:02 UTC on Intel(R) Xeon(R)
 Processor (2 cores)): original top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std
 over 3 seeds): 69.77 ± 1.84 / 59.80 ± 9.97 / 59.80 ± 10.10; qf_relu6 top-1 % (float / 8-bit
 fake-quant / 8-bit integer, mean ± std over 3 seeds): 77.55 ± 0.91 / 77.44 ± 0.95 / 77.56 ±
-0.86; qf_relu top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std over 2 seeds): 77.69
-± 0.06 / 77.87 ± 0.09 / 77.69 ± 0.22; qf_relu_l2dw top-1 % (float / 8-bit fake-quant / 8-bit
-integer, mean ± std over 2 seeds): 77.83 ± 0.08 / 77.80 ± 0.22 / 78.01 ± 0.00.
+0.86; qf_relu top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std over 3 seeds): 77.06
+± 0.90 / 77.09 ± 1.11 / 77.07 ± 0.90; qf_relu_l2dw top-1 % (float / 8-bit fake-quant / 8-bit
+integer, mean ± std over 3 seeds): 77.66 ± 0.25 / 77.65 ± 0.27 / 77.79 ± 0.31.
 <!-- /results:figure5_expected -->
 
 ``configs/figure5.py:tfslim_rmsprop`` trains every variant with TF-slim's RMSProp recipe

@@ -16,9 +16,9 @@ Expected time on the 2-core CPU machine: about 270-280 training images/s when it
 (about 20 min for the 30 epochs plus evaluation), 90-220 while other jobs share the machine.
 Expected accuracy (the figure5 job, TF8 per-tensor PTQ):
 <!-- results:figure5_expected_qf_relu -->
-Expected (results/figure5/summary.json, measured 2026-12-04 03:35 UTC on Intel(R) Xeon(R)
+Expected (results/figure5/summary.json, measured 2026-12-04 07:02 UTC on Intel(R) Xeon(R)
 Processor (2 cores)): qf_relu top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std over
-2 seeds): 77.69 ± 0.06 / 77.87 ± 0.09 / 77.69 ± 0.22.
+3 seeds): 77.06 ± 0.90 / 77.09 ± 1.11 / 77.07 ± 0.90.
 <!-- /results:figure5_expected_qf_relu -->
 See docs/figure5.md.
 """
