@@ -68,6 +68,13 @@ RECIPES = {
     # block's TF8 drop grows with the learning rate (original_lr_double below).
     "sgd_lr0.1": {"learning_rate": 0.1},
     "sgd_lr0.2": {"learning_rate": 0.2},
+    # Harsher starts, screened for dead channels with tools/figure5_recipe_screen.py: eight
+    # times the learning rate without warmup, ten times the weight decay (with BN, a larger
+    # decay raises the effective learning rate of the scale-invariant kernels), and width 1.0
+    # (twice the channels that can die, as in the official model).
+    "sgd_lr0.4_nowarmup": {"learning_rate": 0.4, "warmup_epochs": 0.0},
+    "sgd_lr0.2_wd4e-4": {"learning_rate": 0.2, "weight_decay": 4e-4},
+    "width1.0_sgd_lr0.1": {"learning_rate": 0.1, "model": {"width_multiplier": 1.0}},
 }
 
 # Ablations of the original block that separate the causes of its float gap

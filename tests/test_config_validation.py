@@ -15,8 +15,10 @@ import time
 import pytest
 from conftest import REPO, require
 
+from configs import figure5 as figure5_configs
 from configs import smoke
 from qfsep_jax import config_validation as cv
+from qfsep_jax.jobs import figure5 as figure5_job
 
 # (config file, override, the field the error must name): the list of bad values.
 BAD_VALUES = [
@@ -94,6 +96,11 @@ def test_every_shipped_config_validates(tmp_path):
         if config.job == "train" and config.init_from.startswith("checkpoint:"):
             config.init_from = f"checkpoint:{tmp_path}"  # a float run's workdir, made later
         cv.validate(config)
+    # Every Figure 5 recipe, with each variant's training config under its overrides.
+    for recipe in figure5_configs.RECIPES:
+        config = figure5_configs.get_config(recipe)
+        config.data_dir = data_dir
+        figure5_job.validate(config)
 
 
 def test_validation_names_field_value_and_what_is_allowed(data_dir):

@@ -195,3 +195,23 @@ def test_bad_configs_fail_clearly(tmp_path, data_dir):
     halted.mkdir()
     (halted / "results.json").write_text(json.dumps({"final_step": 3, "total_steps": 10}))
     assert not figure5.train_done(str(halted))
+
+
+def test_recipe_screen_counts_dead_channels_of_a_halted_run(tmp_path, data_dir):
+    from tools import figure5_recipe_screen as screen
+
+    with pytest.raises(ValueError, match="unknown figure5 config variant"):
+        screen.main(["--recipes", "tiny,no_such_recipe", "--data_dir", data_dir])
+    workdir = str(tmp_path / "screen")
+    screen.main(
+        ["--recipes", "tiny", "--epochs", "0.01", "--data_dir", data_dir, "--workdir", workdir]
+    )
+    rows = _read(os.path.join(workdir, "screen.json"))["rows"]
+    assert [(r["recipe"], r["seed"], r["step"]) for r in rows] == [("tiny", 0, 1)]
+    per_layer = rows[0]["zero_variance_per_layer"]
+    assert len(per_layer) == 13  # one count per depthwise BN of the original block
+    assert rows[0]["zero_variance_channels"] == sum(per_layer.values())
+    assert rows[0]["max_depthwise_alpha"] > 0
+    assert os.path.isfile(os.path.join(workdir, "screen.png"))
+    # The halted run sits where the figure5 job of that recipe resumes it.
+    assert figure5.train_done(os.path.join(workdir, "tiny", "original", "seed0", "train"))
