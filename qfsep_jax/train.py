@@ -669,6 +669,9 @@ def _train_loop(
     window: list[dict[str, jax.Array]] = []
     window_start, t0 = start_step, time.perf_counter()
     halt = config.get("halt_after_steps")
+    if halt and start_step >= halt:
+        log.info("halt_after_steps=%d reached at step %d: nothing to train", halt, start_step)
+        return state
     for step in range(start_step, total_steps):
         device_batch, host = next(batches)
         state, metrics = p_train(state, device_batch)

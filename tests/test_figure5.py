@@ -212,6 +212,7 @@ def test_recipe_screen_counts_dead_channels_of_a_halted_run(tmp_path, data_dir):
     assert len(per_layer) == 13  # one count per depthwise BN of the original block
     assert rows[0]["zero_variance_channels"] == sum(per_layer.values())
     assert rows[0]["max_depthwise_alpha"] > 0
+    assert sum(rows[0]["below_epsilon_per_layer"].values()) == rows[0]["below_epsilon_channels"]
     assert os.path.isfile(os.path.join(workdir, "screen.png"))
     # The halted run sits where the figure5 job of that recipe resumes it.
     assert figure5.train_done(os.path.join(workdir, "tiny", "original", "seed0", "train"))

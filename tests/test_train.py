@@ -285,8 +285,10 @@ def qat_runs(data_dir, tmp_path_factory):
     train.train_and_evaluate(smoke_config(data_dir, **QAT), str(full))
     split = tmp_path_factory.mktemp("qat_split")
     first = train.train_and_evaluate(smoke_config(data_dir, halt_after_steps=3, **QAT), str(split))
+    # Rerunning a halted run with the same halt step trains nothing more.
+    again = train.train_and_evaluate(smoke_config(data_dir, halt_after_steps=3, **QAT), str(split))
     at_halt = checkpointing.Checkpointer(str(split / "checkpoints"))
-    halted = {"steps": at_halt.all_steps(), "summary": first}
+    halted = {"steps": at_halt.all_steps(), "summary": first, "again": again}
     model, variables = train.create_model_and_variables(smoke_config(data_dir, **QAT), 10)
     tx = train.make_optimizer(smoke_config(data_dir, **QAT), optax.constant_schedule(0.01))
     target = train.create_train_state(variables, tx, 0)
@@ -307,6 +309,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_losses(qat_runs):
     loss changes. A crash instead of a clean halt: the kill test below."""
     h = qat_runs["halted"]
     assert h["steps"] == [3] and h["summary"]["final_step"] == 3
+    assert h["again"]["final_step"] == 3
     assert qat_runs["resumed"]["start_step"] == 3
     full, split = losses(qat_runs["full"]), losses(qat_runs["split"])
     assert sorted(full) == sorted(split) == list(range(1, 7))

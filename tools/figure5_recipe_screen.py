@@ -18,8 +18,9 @@ layout, so that
         --workdir <workdir>/<recipe> --config.variants='("original",)'
 
 continues the promising ones to 30 epochs. The screen then counts, from the halted checkpoint,
-the zero-variance channels and the largest α of every depthwise BN, and writes
-``<workdir>/screen.json`` (one row per recipe and seed) and ``screen.png`` (zero-variance
+the zero-variance channels, the channels whose moving variance is below BN's epsilon (the early
+sign of a dead channel) and the largest α of every depthwise BN, and writes
+``<workdir>/screen.json`` (one row per recipe and seed) and ``screen.png`` (below-epsilon
 channels per layer and recipe).
 """
 
@@ -29,6 +30,8 @@ import argparse
 import logging
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,6 +43,7 @@ from qfsep_jax.jobs import figure5  # noqa: E402
 log = logging.getLogger("figure5_recipe_screen")
 
 TODAY = "today"
+BN_EPSILON = 1e-3  # the model's BN epsilon, as in the folded α
 
 
 def recipe_config(recipe: str, data_dir: str):
@@ -64,7 +68,8 @@ def screen_one(recipe: str, seed: int, epochs: float, workdir: str, data_dir: st
     train.train_and_evaluate(tc, train_dir)
     variables = checkpointing.load_variables(train_dir)
     variables = {k: variables[k] for k in ("params", "batch_stats")}
-    per_layer = alpha_lib.alpha_summary(alpha_lib.bn_alphas(variables, eps=1e-3))
+    alphas = alpha_lib.bn_alphas(variables, eps=BN_EPSILON)
+    per_layer = alpha_lib.alpha_summary(alphas)
     last = metrics_log.read_metrics(train_dir)
     losses = [m["train_loss"] for _, m in sorted(last.items()) if "train_loss" in m]
     return {
@@ -75,6 +80,16 @@ def screen_one(recipe: str, seed: int, epochs: float, workdir: str, data_dir: st
         "overrides": config.train_overrides.to_dict(),
         "zero_variance_channels": int(sum(s["zero_variance_channels"] for s in per_layer.values())),
         "max_depthwise_alpha": float(max(s["alpha_max"] for s in per_layer.values())),
+        # A dead channel's moving variance decays by the BN decay per step, so it takes
+        # thousands of steps to pass the zero-variance threshold; below BN's epsilon its α is
+        # already set by epsilon alone, which a short screen does show.
+        "below_epsilon_channels": int(
+            sum(int((np.asarray(row["variance"]) < BN_EPSILON).sum()) for row in alphas.values())
+        ),
+        "below_epsilon_per_layer": {
+            name: int((np.asarray(row["variance"]) < BN_EPSILON).sum())
+            for name, row in alphas.items()
+        },
         "zero_variance_per_layer": {
             name: int(s["zero_variance_channels"]) for name, s in per_layer.items()
         },
@@ -83,25 +98,24 @@ def screen_one(recipe: str, seed: int, epochs: float, workdir: str, data_dir: st
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Zero-variance channels per depthwise layer, one bar group per recipe."""
+    """Below-epsilon channels per depthwise layer, one bar group per recipe."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    layers = list(rows[0]["zero_variance_per_layer"])
+    layers = list(rows[0]["below_epsilon_per_layer"])
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
-        counts = [r["zero_variance_per_layer"].get(name, 0) for name in layers]
-        label = f"{r['recipe']} s{r['seed']} ({r['zero_variance_channels']} total)"
+        counts = [r["below_epsilon_per_layer"].get(name, 0) for name in layers]
+        label = f"{r['recipe']} s{r['seed']} ({r['below_epsilon_channels']} total)"
         ax.bar(np.arange(len(layers)) + i * width, counts, width, label=label)
     ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2)
     ax.set_xticklabels([name.split("/")[0].replace("Conv2d_", "dw") for name in layers])
-    ax.set_ylabel("zero-variance DW-BN channels")
+    ax.set_ylabel("DW-BN channels, moving variance < BN epsilon")
     ax.set_title(f"original block after {rows[0]['epochs']:g} epochs of each recipe")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -145,7 +159,8 @@ def main(argv=None) -> None:
     for r in rows:
         print(
             f"{r['recipe']:>22} seed {r['seed']}: {r['zero_variance_channels']:3d} "
-            f"zero-variance channels, max alpha {r['max_depthwise_alpha']:.1f}"
+            f"zero-variance channels, {r['below_epsilon_channels']:3d} below epsilon, "
+            f"max alpha {r['max_depthwise_alpha']:.1f}"
         )
 
 
