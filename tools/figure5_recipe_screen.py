@@ -43,7 +43,6 @@ from qfsep_jax.jobs import figure5  # noqa: E402
 log = logging.getLogger("figure5_recipe_screen")
 
 TODAY = "today"
-BN_EPSILON = 1e-3  # the model's BN epsilon, as in the folded α
 
 
 def recipe_config(recipe: str, data_dir: str):
@@ -68,32 +67,24 @@ def screen_one(recipe: str, seed: int, epochs: float, workdir: str, data_dir: st
     train.train_and_evaluate(tc, train_dir)
     variables = checkpointing.load_variables(train_dir)
     variables = {k: variables[k] for k in ("params", "batch_stats")}
-    alphas = alpha_lib.bn_alphas(variables, eps=BN_EPSILON)
-    per_layer = alpha_lib.alpha_summary(alphas)
-    last = metrics_log.read_metrics(train_dir)
-    losses = [m["train_loss"] for _, m in sorted(last.items()) if "train_loss" in m]
+    eps = tc.model.bn_epsilon
+    alphas = alpha_lib.bn_alphas(variables, eps=eps)
+    # A dead channel's moving variance decays by the BN decay per step, so it takes thousands
+    # of steps to pass the zero-variance threshold; below BN's epsilon its α is already set by
+    # epsilon alone, which a short screen does show.
+    below_eps = {name: int((np.asarray(r["variance"]) < eps).sum()) for name, r in alphas.items()}
+    metrics = metrics_log.read_metrics(train_dir)
     return {
         "recipe": recipe,
         "seed": seed,
         "epochs": halt / steps_per_epoch,
         "step": halt,
         "overrides": config.train_overrides.to_dict(),
-        "zero_variance_channels": int(sum(s["zero_variance_channels"] for s in per_layer.values())),
-        "max_depthwise_alpha": float(max(s["alpha_max"] for s in per_layer.values())),
-        # A dead channel's moving variance decays by the BN decay per step, so it takes
-        # thousands of steps to pass the zero-variance threshold; below BN's epsilon its α is
-        # already set by epsilon alone, which a short screen does show.
-        "below_epsilon_channels": int(
-            sum(int((np.asarray(row["variance"]) < BN_EPSILON).sum()) for row in alphas.values())
-        ),
-        "below_epsilon_per_layer": {
-            name: int((np.asarray(row["variance"]) < BN_EPSILON).sum())
-            for name, row in alphas.items()
-        },
-        "zero_variance_per_layer": {
-            name: int(s["zero_variance_channels"]) for name, s in per_layer.items()
-        },
-        "last_train_loss": losses[-1] if losses else None,
+        **figure5.depthwise_bn_stats(variables),  # zero_variance_channels, max_depthwise_alpha
+        "below_epsilon_channels": sum(below_eps.values()),
+        "below_epsilon_per_layer": below_eps,
+        "zero_variance_per_layer": {name: len(r["zero_variance"]) for name, r in alphas.items()},
+        "last_train_loss": metrics.get(halt, {}).get("train_loss"),
     }
 
 
