@@ -117,8 +117,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # training.
     every_epoch = c.train_configs[VARIANTS[0]].checkpoint_every_steps
     c.train_overrides = ml_collections.ConfigDict({"eval_every_steps": every_epoch})
-    c.steps = ("train", "evaluate", "sqnr", "summary")
+    c.steps = ("train", "evaluate", "sqnr", "ptq_rows", "summary")
     c.ptq_recipe = "tf8_per_tensor"
+    # Further PTQ recipes scored on every trained model (the ptq_rows step), e.g.
+    # --config.ptq_rows='("tf8_zero_variance_fix","per_channel")': does the paper's
+    # zero-variance fix, or per-channel weights, recover what ptq_recipe loses?
+    c.ptq_rows = ()
     c.calibration_data = "folder:imagenette/train"
     c.num_calibration_images = 500
     c.eval_limit = ml_collections.config_dict.placeholder(int)  # None: all 3,925 val images

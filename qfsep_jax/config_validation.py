@@ -411,12 +411,21 @@ def _figure5(config, check_paths: bool) -> None:
     from qfsep_jax import ptq
 
     data_dir = _data_dir(config, check_paths)
-    _names(config, "steps", ("train", "evaluate", "sqnr", "summary"))  # jobs.figure5's steps
+    # jobs.figure5's steps
+    _names(config, "steps", ("train", "evaluate", "sqnr", "ptq_rows", "summary"))
     _names(config, "variants", tuple(_get(config, "train_configs")))
     seeds = _get(config, "seeds")
     if isinstance(seeds, str) or not seeds or not all(_is_int(s) for s in seeds):
         _fail("seeds", seeds, "must be a non-empty tuple of integers")
     _choice(config, "ptq_recipe", ptq.RECIPES)
+    rows = _get(config, "ptq_rows")
+    if isinstance(rows, str) or not isinstance(rows, Iterable):
+        _fail("ptq_rows", rows, f"must be a tuple of PTQ recipe names from {sorted(ptq.RECIPES)}")
+    bad = [n for n in rows if n not in ptq.RECIPES]
+    if bad:
+        _fail(
+            "ptq_rows", rows, f"{bad[0]!r} is not a PTQ recipe; choose from {sorted(ptq.RECIPES)}"
+        )
     _spec(config, "calibration_data", data_dir, check_paths)
     _int(config, "num_calibration_images", 1)
     _int(config, "eval_limit", 1, optional="all images")

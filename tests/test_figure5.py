@@ -24,7 +24,9 @@ def tiny_config(data_dir, **fields):
 def tiny_run(tmp_path_factory, data_dir):
     """The whole pipeline once, for the variant with the most options (qf block, ReLU, L2)."""
     workdir = str(tmp_path_factory.mktemp("figure5"))
-    config = tiny_config(data_dir, variants=("qf_relu_l2dw",))
+    config = tiny_config(
+        data_dir, variants=("qf_relu_l2dw",), ptq_rows=("tf8_zero_variance_fix", "per_channel")
+    )
     return config, workdir, figure5.run(config, workdir)
 
 
@@ -36,7 +38,7 @@ def _read(path):
 def test_tiny_pipeline_writes_every_result(tiny_run):
     config, workdir, result = tiny_run
     assert result["actions"] == {
-        f"qf_relu_l2dw/seed0/{s}": "ran" for s in ("train", "evaluate", "sqnr")
+        f"qf_relu_l2dw/seed0/{s}": "ran" for s in ("train", "evaluate", "sqnr", "ptq_rows")
     }
     run = os.path.join(workdir, "qf_relu_l2dw", "seed0")
     trained = _read(os.path.join(run, "train", "results.json"))
@@ -64,8 +66,26 @@ def test_tiny_pipeline_writes_every_result(tiny_run):
     if "integer" in kinds:
         assert list(sqnr["integer"]) == layers
 
+    rows = _read(os.path.join(run, "ptq_rows.json"))["rows"]
+    assert list(rows) == ["tf8_zero_variance_fix", "per_channel"]
+    assert rows["per_channel"]["recipe"]["per_channel_weights"]
+    for row in rows.values():
+        assert row["fake_quant"]["n"] == 8 and row["integer"]["n"] == 8
+    # No BN after the QF block's depthwise conv: the fix changes nothing, so it scores exactly
+    # as the evaluate step's TF8 per-tensor model did.
+    assert rows["tf8_zero_variance_fix"]["zero_variance_fixed"] == {}
+    for kind in ("fake_quant", "integer"):
+        assert rows["tf8_zero_variance_fix"][kind]["top1"] == scores[kind]["top1"]
+
     summary = _read(os.path.join(workdir, "summary.json"))
     s = summary["variants"]["qf_relu_l2dw"]
+    assert s["ptq_rows"]["seeds"] == [0]
+    assert s["ptq_rows"]["recipes"]["per_channel"]["fake_quant"]["values"] == [
+        rows["per_channel"]["fake_quant"]["top1"]
+    ]
+    assert s["ptq_rows"]["recipes"]["tf8_per_tensor"]["integer"]["values"] == [
+        scores["integer"]["top1"]
+    ]
     assert s["float_top1"]["values"] == [scores["float"]["top1"]] and s["num_seeds"] == 1
     assert s["paper"] == {"float": 70.77, "8bit": 68.03}
     assert s["zero_variance_channels"] == [None]  # the QF block has no BN after its DW conv
@@ -83,12 +103,21 @@ def test_rerun_skips_every_finished_step(tiny_run):
     results = os.path.join(workdir, "qf_relu_l2dw", "seed0", "results.json")
     before = os.stat(results).st_mtime_ns
     again = figure5.run(config, workdir)
-    assert set(again["actions"].values()) == {"skipped"} and len(again["actions"]) == 3
+    assert set(again["actions"].values()) == {"skipped"} and len(again["actions"]) == 4
     assert os.stat(results).st_mtime_ns == before
     # Results without their checkpoints (a fresh clone): nothing is retrained.
     shutil.rmtree(os.path.join(workdir, "qf_relu_l2dw", "seed0", "train", "checkpoints"))
     again = figure5.run(config, workdir)
-    assert set(again["actions"].values()) == {"skipped"} and len(again["actions"]) == 3
+    assert set(again["actions"].values()) == {"skipped"} and len(again["actions"]) == 4
+    # A new PTQ row needs the trained model, which is gone: a clear error, nothing rewritten.
+    rows = os.path.join(workdir, "qf_relu_l2dw", "seed0", "ptq_rows.json")
+    before = _read(rows)
+    config = tiny_config(
+        data_dir=config.data_dir, variants=config.variants, ptq_rows=("cle_per_tensor",)
+    )
+    with pytest.raises(RuntimeError, match="'ptq_rows' needs a finished training run"):
+        figure5.run(config, workdir)
+    assert _read(rows) == before
 
 
 def test_depthwise_bn_stats_counts_dead_channels():
@@ -137,10 +166,13 @@ def test_readme_table_from_the_summary(tiny_run):
         "figure5_sqnr",
         "figure5_expected",
         "figure5_expected_qf_relu_l2dw",
+        "figure5_ptq_rows",
     }
     assert "| `qf_relu_l2dw` | DW→PW→BN→ReLU, L2 on DW weights | 1 |" in tables["figure5"]
     assert "qf_relu_l2dw top-1 %" in tables["figure5_expected_qf_relu_l2dw"]
     assert "| `Conv2d_0` |" in tables["figure5_sqnr"]
+    header = "| variant | seeds | float top-1 % | `tf8_per_tensor` | `tf8_zero_variance_fix` |"
+    assert header + " `per_channel` |" in tables["figure5_ptq_rows"]
 
 
 def test_summary_over_seeds_and_variants(tmp_path, data_dir):
@@ -159,6 +191,10 @@ def test_summary_over_seeds_and_variants(tmp_path, data_dir):
         (d / "results.json").write_text(json.dumps({**res, "integer": None, **extra}))
         sq = {"fake_quant": {"Conv2d_0": {"sqnr_db": value}, "Logits": {"sqnr_db": None}}}
         (d / "sqnr.json").write_text(json.dumps(sq))
+    # Only seed 1 of the original block ran the further PTQ recipes.
+    fix = {"fake_quant": {"top1": 19.0}, "integer": None, "zero_variance_fixed": {"a": [1]}}
+    rows = {"rows": {"tf8_zero_variance_fix": fix}}
+    (tmp_path / "original" / "seed1" / "ptq_rows.json").write_text(json.dumps(rows))
     result = figure5.run(config, str(tmp_path))
     assert result["actions"] == {}
     v = result["summary"]["variants"]
@@ -174,6 +210,14 @@ def test_summary_over_seeds_and_variants(tmp_path, data_dir):
     table = collect_results.format_figure5(result["summary"], "summary.json")["figure5"]
     row = "| `original` | DW→BN→ReLU6→PW→BN→ReLU6 | 2 | 0/3 | 3/32 | 15.00 ± 5.00 | 16.00 ± 5.00 |"
     assert row in table
+    # The PTQ-rows table compares recipes over the seeds that ran them all: seed 1 only.
+    rows = v["original"]["ptq_rows"]
+    assert rows["seeds"] == [1] and rows["float_top1"]["values"] == [20.0]
+    assert rows["recipes"]["tf8_per_tensor"]["fake_quant"]["values"] == [21.0]
+    assert rows["recipes"]["tf8_zero_variance_fix"]["fake_quant"]["values"] == [19.0]
+    assert v["qf_relu_l2dw"]["ptq_rows"] is None
+    table = collect_results.format_figure5(result["summary"], "summary.json")["figure5_ptq_rows"]
+    assert "| `original` | 1 | 20.00 | 21.00 | 19.00 |" in table
 
 
 def test_bad_configs_fail_clearly(tmp_path, data_dir):
@@ -188,6 +232,8 @@ def test_bad_configs_fail_clearly(tmp_path, data_dir):
         figure5.run(config, str(tmp_path))
     with pytest.raises(RuntimeError, match="needs a finished training run"):
         figure5.run(tiny_config(data_dir, steps=("evaluate",)), str(tmp_path))
+    with pytest.raises(ValueError, match="config.ptq_rows=.*'tf9' is not a PTQ recipe"):
+        figure5.run(tiny_config(data_dir, ptq_rows=("tf9",)), str(tmp_path))
     with pytest.raises(TypeError, match="integer"):  # the ConfigDict refuses a non-bool
         tiny_config(data_dir, integer="maybe")
     assert not figure5.train_done(str(tmp_path / "nothing"))

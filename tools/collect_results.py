@@ -344,7 +344,37 @@ def format_figure5(summary: Mapping[str, Any], path: str) -> dict[str, str]:
             "Fake-quant SQNR in dB (mean over seeds), definition as in the analysis table.",
         ]
     )
+    tables.update(_figure5_ptq_rows(summary, path))
     return {"figure5": acc_md, "figure5_sqnr": sqnr_md, **tables}
+
+
+def _figure5_ptq_rows(summary: Mapping[str, Any], path: str) -> dict[str, str]:
+    """``figure5_ptq_rows``: each variant's 8-bit top-1 under its PTQ recipe and each further
+    recipe of the ``ptq_rows`` step, over the same seeds (none when no variant has such rows)."""
+    variants = {n: v["ptq_rows"] for n, v in summary["variants"].items() if v.get("ptq_rows")}
+    if not variants:
+        return {}
+    names = list(dict.fromkeys(r for v in variants.values() for r in v["recipes"]))
+
+    def cell(row):
+        if not row or not row.get("fake_quant"):
+            return "–"
+        fq, it = _mean_pm(row["fake_quant"]), _mean_pm(row.get("integer"))
+        return fq if it == "–" else f"{fq} / {it}"
+
+    body = [
+        [f"`{name}`", ", ".join(str(s) for s in v["seeds"]), _mean_pm(v["float_top1"])]
+        + [cell(v["recipes"].get(r)) for r in names]
+        for name, v in variants.items()
+    ]
+    header = ["variant", "seeds", "float top-1 %"] + [f"`{r}`" for r in names]
+    note = (
+        "Top-1 % of the same trained models under each PTQ recipe of `qfsep_jax.ptq.RECIPES` "
+        "(8-bit fake-quant / integer-only; mean ± std over the seeds listed)." + _measured(summary)
+    )
+    return {
+        "figure5_ptq_rows": "\n".join([_provenance(path), markdown_table(header, body), "", note])
+    }
 
 
 def format_figure5_recipe(name: str) -> Formatter:
@@ -629,6 +659,10 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
     "figure5_sgd_lr0.2": (
         "figure5_sgd_lr0.2/summary.json",
         format_figure5_recipe("figure5_sgd_lr0.2"),
+    ),
+    "figure5_sgd_lr0.4_nowarmup": (
+        "figure5_sgd_lr0.4_nowarmup/summary.json",
+        format_figure5_recipe("figure5_sgd_lr0.4_nowarmup"),
     ),
     "figure5_peer": ("figure5_peer/figure5_peer.json", format_figure5_peer),
     "figure5_peer_channels_last": (

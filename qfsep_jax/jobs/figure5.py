@@ -10,7 +10,10 @@ training step itself resumes from its newest checkpoint):
 2. ``evaluate``: TF8 post-training quantization, then float, fake-quant and integer-only top-1
    on the variant's eval data → ``<variant>/seed<k>/results.json``;
 3. ``sqnr``: per-layer SQNR (fake-quant and integer-only) → ``<variant>/seed<k>/sqnr.json``;
-4. ``summary`` (always rerun, cheap): ``<variant>/results.json`` (over seeds),
+4. ``ptq_rows`` (only with ``config.ptq_rows``, e.g. ``("tf8_zero_variance_fix", "per_channel")``):
+   the same trained model through each further PTQ recipe, fake-quant and integer-only top-1 →
+   ``<variant>/seed<k>/ptq_rows.json`` (a recipe already in the file is skipped);
+5. ``summary`` (always rerun, cheap): ``<variant>/results.json`` (over seeds),
    ``summary.json`` (what ``tools/collect_results.py`` turns into the README table) and the
    plots ``figure5_accuracy.png``, ``figure5_sqnr.png`` (and ``figure5_sqnr_integer.png``).
 
@@ -123,16 +126,18 @@ def step_train(train_config, train_dir: str) -> dict:
     return train.train_and_evaluate(train_config, train_dir)
 
 
-def quantize_trained(train_config, train_dir: str, config) -> tuple[QuantizedModel, Any, dict]:
-    """The trained model post-training quantized per ``config``: ``(qmodel, float model, vars)``.
+def quantize_trained(
+    train_config, train_dir: str, config, recipe: str | None = None
+) -> tuple[QuantizedModel, Any, dict]:
+    """The trained model post-training quantized: ``(qmodel, float model, vars)``.
 
-    The float model and variables come from the newest checkpoint of ``train_dir``.
+    ``recipe`` names the PTQ recipe (default ``config.ptq_recipe``); the float model and
+    variables come from the newest checkpoint of ``train_dir``.
     """
     model, variables = checkpointing.load_trained(train_config, train_dir)
     calib = eval_input(train_config, config.calibration_data, limit=config.num_calibration_images)
-    qmodel = common.quantize(
-        model, variables, ptq.recipe_by_name(config.ptq_recipe), train_config, calib
-    )
+    recipe = ptq.recipe_by_name(recipe or config.ptq_recipe)
+    qmodel = common.quantize(model, variables, recipe, train_config, calib)
     qmodel.info.update(
         {"calibration_data": calib.name, "num_calibration_images": calib.num_examples}
     )
@@ -158,14 +163,55 @@ def step_evaluate(train_config, qmodel, model, variables, config) -> dict:
         "num_calibration_images": qmodel.info["num_calibration_images"],
     }
     if config.integer:
-        try:
-            int_model = integer.from_quantized(qmodel)
-        except ValueError as err:  # e.g. the int32 accumulator bound check
-            out["integer_error"] = str(err)
-            log.warning("no integer-only evaluation: %s", err)
-        else:
-            out["integer"] = score(integer.logits_fn(int_model), "integer")
+        out["integer"], error = _integer_score(qmodel, score)
+        if error:
+            out["integer_error"] = error
     return out
+
+
+def _integer_score(qmodel, score) -> tuple[dict | None, str | None]:
+    """Integer-only scores of ``qmodel`` (``score(logits_fn, desc)``), or why there are none."""
+    try:
+        int_model = integer.from_quantized(qmodel)
+    except ValueError as err:  # e.g. the int32 accumulator bound check
+        log.warning("no integer-only evaluation: %s", err)
+        return None, str(err)
+    return score(integer.logits_fn(int_model), "integer"), None
+
+
+def step_ptq_rows(train_config, train_dir: str, config, done: Mapping[str, Any]) -> dict:
+    """Each recipe of ``config.ptq_rows`` not yet in ``done``: the trained model quantized with
+    it, scored in fake-quant (and integer-only with ``config.integer``) on the eval data.
+
+    Tells whether another PTQ pipeline recovers what ``config.ptq_recipe`` loses, e.g. the
+    paper's zero-variance fix: if it does, the loss comes from the dead channels it fixes.
+    Returns the new rows, ``{recipe: {"fake_quant": ..., "integer": ..., ...}}``.
+    """
+    data = eval_input(train_config, train_config.eval_data, limit=config.eval_limit)
+
+    def score(fn, desc):
+        return evaluation.evaluate(fn, data.make(), data.num_batches, desc=desc)
+
+    rows = {}
+    for name in config.ptq_rows:
+        if name in done:
+            continue
+        qmodel, _, _ = quantize_trained(train_config, train_dir, config, recipe=name)
+        row = {
+            "recipe": dataclasses.asdict(qmodel.recipe),
+            "fake_quant": score(ptq.fake_quant_logits_fn(qmodel), f"fake-quant {name}"),
+            "integer": None,
+        }
+        fixed = qmodel.info.get("zero_variance_channels")
+        if fixed is not None:  # {layer path: channel indices} the recipe's fix changed
+            row["zero_variance_fixed"] = {k: v for k, v in fixed.items() if v}
+        if config.integer:
+            row["integer"], error = _integer_score(qmodel, score)
+            if error:
+                row["integer_error"] = error
+        rows[name] = row
+        jax.clear_caches()
+    return rows
 
 
 def step_sqnr(train_config, qmodel, config) -> dict:
@@ -219,10 +265,37 @@ def _curve_stats(curves: list[Mapping[str, float]]) -> tuple[dict, dict]:
     return mean, std
 
 
-def summarize_variant(variant: str, runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+def _summarize_ptq_rows(runs: Mapping[int, Mapping[str, Any]], main_recipe: str) -> dict | None:
+    """Over the seeds that have ``ptq_rows``: float top-1 and, per PTQ recipe (the main one
+    included), fake-quant and integer-only top-1, so that every column shares its seeds."""
+    seeds = [s for s, r in runs.items() if r.get("ptq_rows")]
+    if not seeds:
+        return None
+    rows: dict[str, dict[str, list[float]]] = {}
+    for s in seeds:
+        res = runs[s]["results"]
+        for name, row in {main_recipe: res, **runs[s]["ptq_rows"]}.items():
+            into = rows.setdefault(name, {"fake_quant": [], "integer": []})
+            into["fake_quant"].append(row["fake_quant"]["top1"])
+            if row.get("integer"):
+                into["integer"].append(row["integer"]["top1"])
+    return {
+        "seeds": sorted(seeds),
+        "float_top1": _stats([runs[s]["results"]["float"]["top1"] for s in seeds]),
+        "recipes": {
+            name: {kind: _stats(vals) for kind, vals in row.items()} for name, row in rows.items()
+        },
+    }
+
+
+def summarize_variant(
+    variant: str, runs: Mapping[int, Mapping[str, Any]], main_recipe: str = "tf8_per_tensor"
+) -> dict[str, Any]:
     """Over the seeds of one variant: top-1 statistics and mean SQNR curves.
 
-    ``runs`` maps seed → ``{"results": evaluate-step output, "sqnr": sqnr-step output | None}``.
+    ``runs`` maps seed → ``{"results": evaluate-step output, "sqnr": sqnr-step output | None,
+    "ptq_rows": the ptq_rows step's rows (optional)}``; ``main_recipe`` names the PTQ recipe of
+    the evaluate step.
     """
     info = {
         "label": VARIANT_LABELS.get(variant, variant),
@@ -258,6 +331,7 @@ def summarize_variant(variant: str, runs: Mapping[int, Mapping[str, Any]]) -> di
         # per seed; None where the block has no BN after its depthwise conv
         "zero_variance_channels": zero_var,
         "max_depthwise_alpha": max_alpha,
+        "ptq_rows": _summarize_ptq_rows(runs, main_recipe),
         "sqnr_fake_quant": fq_mean,
         "sqnr_fake_quant_std": fq_std,
         "sqnr_integer": it_mean,
@@ -318,6 +392,9 @@ def step_summary(config, workdir: str) -> dict[str, Any]:
                 "results": io_utils.read_json(res),
                 "sqnr": io_utils.read_json(sq) if os.path.isfile(sq) else None,
             }
+            rows = os.path.join(d, "ptq_rows.json")
+            if os.path.isfile(rows):
+                runs[seed]["ptq_rows"] = io_utils.read_json(rows)["rows"]
             if "zero_variance_channels" in runs[seed]["results"]:
                 runs[seed]["zero_variance_channels"] = runs[seed]["results"][
                     "zero_variance_channels"
@@ -329,7 +406,7 @@ def step_summary(config, workdir: str) -> dict[str, Any]:
         if not runs:
             log.warning("summary: no finished run of %s yet", variant)
             continue
-        variants[variant] = summarize_variant(variant, runs)
+        variants[variant] = summarize_variant(variant, runs, config.ptq_recipe)
         io_utils.write_json(os.path.join(workdir, variant, "results.json"), variants[variant])
     summary = {
         "job": "figure5",
@@ -412,6 +489,33 @@ def _plot(variants: Mapping[str, Any], workdir: str) -> None:
 # ---------------------------------------------------------------- driver
 
 
+def _run_ptq_rows(train_config, train_dir: str, run: str, config, key: str) -> str:
+    """The ``ptq_rows`` step of one run: adds the missing rows to ``ptq_rows.json``."""
+    path = os.path.join(run, "ptq_rows.json")
+    done = io_utils.read_json(path)["rows"] if os.path.isfile(path) else {}
+    if all(name in done for name in config.ptq_rows):
+        return "skipped"
+    if not (
+        train_done(train_dir)
+        and os.path.isdir(os.path.join(train_dir, checkpointing.CHECKPOINT_DIR))
+    ):
+        raise RuntimeError(
+            f"{key}: step 'ptq_rows' needs a finished training run with its checkpoints "
+            f"in {train_dir}"
+        )
+    new = step_ptq_rows(train_config, train_dir, config, done)
+    for name, row in new.items():
+        log.info(
+            "%s: %s top-1 fake-quant %.2f, integer %s",
+            key,
+            name,
+            row["fake_quant"]["top1"],
+            "-" if row["integer"] is None else f"{row['integer']['top1']:.2f}",
+        )
+    io_utils.write_json(path, {"eval_data": train_config.eval_data, "rows": {**done, **new}})
+    return "ran"
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the configured steps; returns ``{"actions": {...}, "summary": {...} | None}``.
 
@@ -464,6 +568,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     out = step_sqnr(tc, qmodel, config)
                 io_utils.write_json(path, out)
                 actions[f"{key}/{step}"] = "ran"
+            if "ptq_rows" in config.steps and config.ptq_rows:
+                actions[f"{key}/ptq_rows"] = _run_ptq_rows(tc, train_dir, d, config, key)
             jax.clear_caches()
     summary = step_summary(config, workdir) if "summary" in config.steps else None
     for key, action in actions.items():
