@@ -15,7 +15,7 @@ preprocessing) and evaluated in float, 8-bit fake-quant and 8-bit integer-only o
 Expected time: about 20 min of training per variant and seed on the 2-core CPU machine when it
 runs alone, plus under a minute per variant for PTQ, evaluation and SQNR. Expected result:
 <!-- results:figure5_expected -->
-Expected (results/figure5/summary.json, measured 2026-12-04 07:02 UTC on Intel(R) Xeon(R)
+Expected (results/figure5/summary.json, measured 2026-12-04 13:40 UTC on Intel(R) Xeon(R)
 Processor (2 cores)): original top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std
 over 3 seeds): 69.77 ± 1.84 / 59.80 ± 9.97 / 59.80 ± 10.10; qf_relu6 top-1 % (float / 8-bit
 fake-quant / 8-bit integer, mean ± std over 3 seeds): 77.55 ± 0.91 / 77.44 ± 0.95 / 77.56 ±

@@ -16,7 +16,7 @@ Expected time on the 2-core CPU machine: about 270-280 training images/s when it
 (about 20 min for the 30 epochs plus evaluation), 90-220 while other jobs share the machine.
 Expected accuracy (the figure5 job, TF8 per-tensor PTQ):
 <!-- results:figure5_expected_original -->
-Expected (results/figure5/summary.json, measured 2026-12-04 07:02 UTC on Intel(R) Xeon(R)
+Expected (results/figure5/summary.json, measured 2026-12-04 13:40 UTC on Intel(R) Xeon(R)
 Processor (2 cores)): original top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std
 over 3 seeds): 69.77 ± 1.84 / 59.80 ± 9.97 / 59.80 ± 10.10.
 <!-- /results:figure5_expected_original -->

@@ -18,7 +18,7 @@ Expected time on the 2-core CPU machine: about 270-280 training images/s when it
 (about 20 min for the 30 epochs plus evaluation), 90-220 while other jobs share the machine.
 Expected accuracy (the figure5 job, TF8 per-tensor PTQ):
 <!-- results:figure5_expected_qf_relu_l2dw -->
-Expected (results/figure5/summary.json, measured 2026-12-04 07:02 UTC on Intel(R) Xeon(R)
+Expected (results/figure5/summary.json, measured 2026-12-04 13:40 UTC on Intel(R) Xeon(R)
 Processor (2 cores)): qf_relu_l2dw top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std
 over 3 seeds): 77.66 ± 0.25 / 77.65 ± 0.27 / 77.79 ± 0.31.
 <!-- /results:figure5_expected_qf_relu_l2dw -->
