@@ -139,6 +139,33 @@ def test_depthwise_bn_stats_counts_dead_channels():
     }
 
 
+def test_dead_channel_origins_finds_the_dead_input_of_a_zero_variance_channel():
+    from qfsep_jax.models.mobilenet_v1 import MobileNetV1, random_variables
+    from tools import figure5_dead_channels as dead
+
+    assert dead.input_layer("Conv2d_1_depthwise") == "Conv2d_0"
+    assert dead.input_layer("Conv2d_12_depthwise") == "Conv2d_11_pointwise"
+    model = MobileNetV1(num_classes=10, width_multiplier=0.25, block="original")
+    variables = random_variables(model, 32)
+    # Channel 3 of Conv2d_0 cut off for every input (BN offset far below zero), and the moving
+    # variance of the depthwise BN that reads it at zero, as training would leave it.
+    variables["params"]["Conv2d_0"]["bn_bias"][3] = -1e3
+    variables["batch_stats"]["Conv2d_1"]["depthwise"]["bn_var"][3] = 0.0
+    images = np.random.default_rng(0).uniform(-1, 1, (6, 32, 32, 3)).astype(np.float32)
+    batches = [
+        {"image": images[:4], "mask": np.ones(4)},
+        {"image": np.concatenate([images[4:], np.zeros_like(images[:2])]), "mask": [1, 1, 0, 0]},
+    ]
+    maxima = dead.channel_maxima(model, variables, batches)
+    assert maxima["Conv2d_0"][3] == 0.0 and np.all(np.delete(maxima["Conv2d_0"], 3) > 0)
+    layers = dead.dead_channel_origins(variables, maxima, model.bn_epsilon)
+    assert layers["Conv2d_1_depthwise"]["zero_variance"] == [3]
+    assert layers["Conv2d_1_depthwise"]["dead_input"] == [3]
+    assert layers["Conv2d_1_depthwise"]["zero_variance_with_dead_input"] == [3]
+    got = dead.totals(layers)
+    assert got["zero_variance"] == got["zero_variance_with_dead_input"] == 1
+
+
 def test_per_epoch_curves_weight_windows_by_their_steps():
     from qfsep_jax.analysis import curves
 
