@@ -162,6 +162,7 @@ def test_dead_channel_origins_finds_the_dead_input_of_a_zero_variance_channel():
     assert layers["Conv2d_1_depthwise"]["zero_variance"] == [3]
     assert layers["Conv2d_1_depthwise"]["dead_input"] == [3]
     assert layers["Conv2d_1_depthwise"]["zero_variance_with_dead_input"] == [3]
+    assert layers["Conv2d_1_depthwise"]["dead_input_variance"] == [0.0]
     got = dead.totals(layers)
     assert got["zero_variance"] == got["zero_variance_with_dead_input"] == 1
 

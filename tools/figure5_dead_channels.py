@@ -66,7 +66,8 @@ def dead_channel_origins(
     variables: Mapping[str, Any], maxima: Mapping[str, np.ndarray], eps: float
 ) -> dict[str, dict[str, Any]]:
     """Per depthwise-BN layer: its zero-variance channels, its dead input channels (maximum
-    ≤ 0), the zero-variance channels whose input is dead, and its own dead output channels."""
+    ≤ 0) with their moving variance and α, the zero-variance channels whose input is dead, and
+    its own dead output channels."""
     out = {}
     for layer, row in alpha_lib.bn_alphas(variables, eps=eps).items():
         zero_var = list(row["zero_variance"])
@@ -75,6 +76,9 @@ def dead_channel_origins(
         out[layer] = {
             "zero_variance": zero_var,
             "dead_input": dead_in,
+            # a channel that died late still has a moving variance above the zero threshold
+            "dead_input_variance": [float(row["variance"][c]) for c in dead_in],
+            "dead_input_alpha": [float(row["alpha"][c]) for c in dead_in],
             "zero_variance_with_dead_input": sorted(set(zero_var) & set(dead_in)),
             "dead_output": dead_out,
         }
