@@ -30,6 +30,23 @@ instead (``RECIPES`` below), the first recipe of the search for a small-scale co
     python launch/main.py --config configs/figure5.py:tfslim_rmsprop \\
         --workdir results/figure5_tfslim_rmsprop
 
+``configs/figure5.py:sgd_lr0.4_nowarmup`` (eight times the learning rate, no warmup) is the
+recipe under which the original block collapses in TF8 PTQ, as in the paper, and the QF block
+does not (docs/figure5.md, "A recipe for the collapse"); about 20 min per variant and seed:
+
+    python launch/main.py --config configs/figure5.py:sgd_lr0.4_nowarmup \\
+        --workdir results/figure5_sgd_lr0.4_nowarmup --config.variants='("original","qf_relu6")' \\
+        --config.seeds='(0,1,2)' \\
+        --config.ptq_rows='("tf8_zero_variance_fix","tf8_zero_variance_fix_all","per_channel")'
+
+<!-- results:figure5_sgd_lr0.4_nowarmup_expected -->
+Expected (results/figure5_sgd_lr0.4_nowarmup/summary.json, measured 2026-12-04 15:12 UTC on
+Intel(R) Xeon(R) Processor (2 cores)): original top-1 % (float / 8-bit fake-quant / 8-bit
+integer, mean ± std over 3 seeds): 65.20 ± 2.96 / 9.66 ± 0.40 / 9.38 ± 0.40; qf_relu6 top-1 %
+(float / 8-bit fake-quant / 8-bit integer, mean ± std over 2 seeds): 67.32 ± 4.24 / 67.18 ± 4.05
+/ 67.20 ± 3.96.
+<!-- /results:figure5_sgd_lr0.4_nowarmup_expected -->
+
 ``configs/figure5.py:sgd_lr0.1`` and ``:sgd_lr0.2`` are today's recipe at twice and four times
 its learning rate (``--workdir results/figure5_sgd_lr0.2``, about 20 min per variant and seed).
 Ablations of the original block (``ABLATIONS``) run as variants of the default config:
