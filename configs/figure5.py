@@ -32,7 +32,7 @@ instead (``RECIPES`` below), the first recipe of the search for a small-scale co
 
 ``configs/figure5.py:sgd_lr0.4_nowarmup`` (eight times the learning rate, no warmup) is the
 recipe under which the original block collapses in TF8 PTQ, as in the paper, and the QF block
-does not (docs/figure5.md, "A recipe for the collapse"); about 20 min per variant and seed:
+does not (docs/figure5.md, "A recipe for the collapse"); about 25 min per variant and seed:
 
     python launch/main.py --config configs/figure5.py:sgd_lr0.4_nowarmup \\
         --workdir results/figure5_sgd_lr0.4_nowarmup --config.variants='("original","qf_relu6")' \\

@@ -137,14 +137,14 @@ def _string(config, field: str, nonempty: bool = False) -> str:
     return v
 
 
-def _names(config, field: str, choices: Iterable[str]) -> tuple:
-    """A non-empty sequence of names, each one of ``choices``."""
+def _names(config, field: str, choices: Iterable[str], allow_empty: bool = False) -> tuple:
+    """A sequence of names, each one of ``choices``; non-empty unless ``allow_empty``."""
     v = _get(config, field)
     choices = tuple(choices)
     if isinstance(v, str) or not isinstance(v, Iterable):
-        _fail(field, v, f"must be a non-empty tuple of names from {choices}")
+        _fail(field, v, f"must be a tuple of names from {choices}")
     v = tuple(v)
-    if not v:
+    if not v and not allow_empty:
         _fail(field, v, f"must name at least one of {choices}")
     bad = [n for n in v if n not in choices]
     if bad:
@@ -418,14 +418,7 @@ def _figure5(config, check_paths: bool) -> None:
     if isinstance(seeds, str) or not seeds or not all(_is_int(s) for s in seeds):
         _fail("seeds", seeds, "must be a non-empty tuple of integers")
     _choice(config, "ptq_recipe", ptq.RECIPES)
-    rows = _get(config, "ptq_rows")
-    if isinstance(rows, str) or not isinstance(rows, Iterable):
-        _fail("ptq_rows", rows, f"must be a tuple of PTQ recipe names from {sorted(ptq.RECIPES)}")
-    bad = [n for n in rows if n not in ptq.RECIPES]
-    if bad:
-        _fail(
-            "ptq_rows", rows, f"{bad[0]!r} is not a PTQ recipe; choose from {sorted(ptq.RECIPES)}"
-        )
+    _names(config, "ptq_rows", sorted(ptq.RECIPES), allow_empty=True)
     _spec(config, "calibration_data", data_dir, check_paths)
     _int(config, "num_calibration_images", 1)
     _int(config, "eval_limit", 1, optional="all images")

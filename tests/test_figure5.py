@@ -260,7 +260,7 @@ def test_bad_configs_fail_clearly(tmp_path, data_dir):
         figure5.run(config, str(tmp_path))
     with pytest.raises(RuntimeError, match="needs a finished training run"):
         figure5.run(tiny_config(data_dir, steps=("evaluate",)), str(tmp_path))
-    with pytest.raises(ValueError, match="config.ptq_rows=.*'tf9' is not a PTQ recipe"):
+    with pytest.raises(ValueError, match="config.ptq_rows=.*'tf9' is not one of"):
         figure5.run(tiny_config(data_dir, ptq_rows=("tf9",)), str(tmp_path))
     with pytest.raises(TypeError, match="integer"):  # the ConfigDict refuses a non-bool
         tiny_config(data_dir, integer="maybe")

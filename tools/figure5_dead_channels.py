@@ -23,6 +23,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,15 +51,22 @@ def channel_maxima(
 ) -> dict[str, np.ndarray]:
     """Per layer output (TF-slim name), the largest value of each channel over the real images
     of ``batches`` (padded images, ``mask`` 0, are left out) and every position."""
+
+    @jax.jit
+    def batch_maxima(variables, images, mask):
+        _, inter = sqnr_lib.collect_intermediates(model, variables, images, "float")
+        # Reduced on the device: only one value per channel comes back, not the activations.
+        keep = mask.astype(bool)[:, None, None, None]
+        return {
+            name: jnp.max(jnp.where(keep, out, -jnp.inf), axis=(0, 1, 2))
+            for name, out in inter.items()
+        }
+
     maxima: dict[str, np.ndarray] = {}
     for batch in batches:
-        keep = np.asarray(batch.get("mask", np.ones(len(batch["image"]))), bool)
-        _, inter = sqnr_lib.collect_intermediates(model, variables, batch["image"], "float")
-        for name, out in inter.items():
-            out = np.asarray(out)[keep]
-            if not out.size:
-                continue
-            m = out.reshape(-1, out.shape[-1]).max(axis=0)
+        mask = np.asarray(batch.get("mask", np.ones(len(batch["image"]))), np.float32)
+        got = jax.device_get(batch_maxima(variables, batch["image"], mask))
+        for name, m in got.items():
             maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
     return maxima
 
