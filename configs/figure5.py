@@ -140,6 +140,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --config.ptq_rows='("tf8_zero_variance_fix","per_channel")': does the paper's
     # zero-variance fix, or per-channel weights, recover what ptq_recipe loses?
     c.ptq_rows = ()
+    # BN channels with moving variance at most this count as zero-variance for the fix recipes
+    # (the paper's fix; the default of qfsep_jax.ptq). Rows record it; a changed value redoes them.
+    c.zero_variance_threshold = 1e-10
     c.calibration_data = "folder:imagenette/train"
     c.num_calibration_images = 500
     c.eval_limit = ml_collections.config_dict.placeholder(int)  # None: all 3,925 val images

@@ -419,6 +419,7 @@ def _figure5(config, check_paths: bool) -> None:
         _fail("seeds", seeds, "must be a non-empty tuple of integers")
     _choice(config, "ptq_recipe", ptq.RECIPES)
     _names(config, "ptq_rows", sorted(ptq.RECIPES), allow_empty=True)
+    _number(config, "zero_variance_threshold", 0.0)
     _spec(config, "calibration_data", data_dir, check_paths)
     _int(config, "num_calibration_images", 1)
     _int(config, "eval_limit", 1, optional="all images")

@@ -30,6 +30,9 @@ Variables = dict[str, Any]
 
 log = logging.getLogger(__name__)
 
+# A BN channel whose moving variance is at most this counts as zero-variance (the paper's fix).
+ZERO_VARIANCE_THRESHOLD = 1e-10
+
 # The rows of the paper's Table 1 reproduction, plus extra pipelines for comparison.
 RECIPES: dict[str, PTQRecipe] = {
     "tf8_per_tensor": PTQRecipe(),
@@ -58,7 +61,7 @@ def prepare_folded(
     model: MobileNetV1,
     variables: Variables,
     recipe: PTQRecipe,
-    zero_variance_threshold: float = 1e-10,
+    zero_variance_threshold: float = ZERO_VARIANCE_THRESHOLD,
     cle_iterations: int = 20,
 ) -> tuple[MobileNetV1, Variables, dict[str, Any]]:
     """The weight-side steps of ``recipe``: returns the folded model, its variables and info."""
@@ -70,6 +73,7 @@ def prepare_folded(
             variables, zero_variance_threshold, scope=recipe.zero_variance_scope
         )
         info["zero_variance_scope"] = recipe.zero_variance_scope
+        info["zero_variance_threshold"] = zero_variance_threshold
         info["zero_variance_channels"] = fixed
     qmodel, folded_vars = folded(model, variables)
     activation = model.activation
@@ -159,7 +163,7 @@ def quantize_post_training(
     recipe: PTQRecipe | str,
     calibration_batches: Callable[[], Iterable[dict[str, np.ndarray]]],
     num_calibration_batches: int | None = None,
-    zero_variance_threshold: float = 1e-10,
+    zero_variance_threshold: float = ZERO_VARIANCE_THRESHOLD,
     cle_iterations: int = 20,
     progress: bool = True,
 ) -> QuantizedModel:
@@ -201,7 +205,7 @@ def quantize(
     calibration: Any,
     batch_size: int = 32,
     progress: bool = True,
-    zero_variance_threshold: float = 1e-10,
+    zero_variance_threshold: float = ZERO_VARIANCE_THRESHOLD,
     cle_iterations: int = 20,
 ) -> QuantizedModel:
     """Post-training quantization of a float model in one call.

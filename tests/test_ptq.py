@@ -177,3 +177,33 @@ def test_table1_job_rejects_bad_config(tmp_path):
     proc = _main(tmp_path, "--config.data_dir=/nonexistent/data")
     assert proc.returncode == 2 and "/nonexistent/data" in proc.stderr
     assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_score_quantized_scores_both_passes_and_keeps_an_integer_failure(monkeypatch):
+    """The one scorer of quantized models that the Table 1 and Figure 5 jobs share."""
+    from qfsep_jax import evaluation, integer
+    from qfsep_jax.data.input import EvalInput
+    from qfsep_jax.jobs import common
+
+    model, v = _model_and_vars()
+    batches = _batches(2, 4, seed=3)
+    labels = np.random.default_rng(3).integers(0, 5, size=(2, 4))
+    for b, y in zip(batches, labels, strict=True):
+        b["label"] = y
+    data = EvalInput(make=lambda: iter(batches), num_examples=8, num_batches=2, name="toy")
+    qmodel = ptq.quantize_post_training(model, v, ptq.RECIPES["tf8_per_tensor"], lambda: batches)
+
+    scores = common.score_quantized(qmodel, data, integer_pass=True, desc="toy")
+    want_fq = evaluation.evaluate(ptq.fake_quant_logits_fn(qmodel), iter(batches), 2)
+    int_fn = integer.logits_fn(integer.from_quantized(qmodel))
+    want_int = evaluation.evaluate(int_fn, iter(batches), 2)
+    assert scores == {"fake_quant": want_fq, "integer": want_int}
+    assert common.score_quantized(qmodel, data, integer_pass=False, desc="toy")["integer"] is None
+
+    def refuse(_):
+        raise ValueError("int32 accumulator bound exceeded in Conv2d_3")
+
+    monkeypatch.setattr(common.integer, "from_quantized", refuse)
+    scores = common.score_quantized(qmodel, data, integer_pass=True, desc="toy")
+    assert scores["fake_quant"] == want_fq and scores["integer"] is None
+    assert "Conv2d_3" in scores["integer_error"]

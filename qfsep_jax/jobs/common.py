@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
 import ml_collections
 
-from qfsep_jax import checkpointing, ptq
+from qfsep_jax import checkpointing, evaluation, integer, ptq
 from qfsep_jax.data.input import EvalInput, eval_input, resolve_path
 from qfsep_jax.importers import tfslim
 from qfsep_jax.importers.tfslim import OFFICIAL_MODEL
 from qfsep_jax.models.mobilenet_v1 import MobileNetV1
 from qfsep_jax.quantized import PTQRecipe, QuantizedModel
+
+log = logging.getLogger(__name__)
 
 
 def load_official(
@@ -49,9 +52,38 @@ def quantize(
         recipe,
         calib.make,
         calib.num_batches,
-        zero_variance_threshold=config.get("zero_variance_threshold", 1e-10),
+        zero_variance_threshold=config.get("zero_variance_threshold", ptq.ZERO_VARIANCE_THRESHOLD),
         cle_iterations=config.get("cle_iterations", 20),
     )
+
+
+def score_quantized(
+    qmodel: QuantizedModel, data: EvalInput, *, integer_pass: bool, desc: str
+) -> dict[str, Any]:
+    """Top-1/top-5 (%) of a quantized model on ``data``, in 8-bit fake-quant and, with
+    ``integer_pass``, in the integer-only pass (top-1 on its fine logits,
+    :func:`qfsep_jax.integer.logits_fn`).
+
+    Returns ``{"fake_quant": scores, "integer": scores | None}``; ``"integer"`` is None for a
+    recipe with dynamic activation ranges (no static input qparams to run integers with), and
+    ``"integer_error"`` says why when the integer-only model cannot be built (e.g. the int32
+    accumulator bound check), so that one bad row does not lose the others.
+    """
+
+    def score(logits_fn, what):
+        return evaluation.evaluate(logits_fn, data.make(), data.num_batches, desc=f"{desc} {what}")
+
+    out = {"fake_quant": score(ptq.fake_quant_logits_fn(qmodel), "fake-quant"), "integer": None}
+    if not integer_pass or qmodel.recipe.dynamic_activation_ranges:
+        return out
+    try:
+        int_model = integer.from_quantized(qmodel)
+    except ValueError as err:
+        log.warning("%s: no integer-only evaluation: %s", desc, err)
+        out["integer_error"] = str(err)
+        return out
+    out["integer"] = score(integer.logits_fn(int_model), "integer")
+    return out
 
 
 def recipe_with_observer(name: str, config: ml_collections.ConfigDict) -> PTQRecipe:

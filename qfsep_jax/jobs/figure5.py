@@ -39,7 +39,6 @@ from qfsep_jax import (
     checkpointing,
     config_validation,
     evaluation,
-    integer,
     io_utils,
     metrics_log,
     paper,
@@ -137,9 +136,10 @@ def quantize_trained(train_config, train_dir: str, config) -> tuple[QuantizedMod
 
 def quantize(model, variables, train_config, config, recipe: str) -> QuantizedModel:
     """A trained float model post-training quantized with the PTQ recipe named ``recipe``,
-    calibrated on ``config``'s calibration data."""
+    calibrated on ``config``'s calibration data (a fix recipe uses ``config``'s
+    ``zero_variance_threshold``)."""
     calib = eval_input(train_config, config.calibration_data, limit=config.num_calibration_images)
-    qmodel = common.quantize(model, variables, ptq.recipe_by_name(recipe), train_config, calib)
+    qmodel = common.quantize(model, variables, ptq.recipe_by_name(recipe), config, calib)
     qmodel.info.update(
         {"calibration_data": calib.name, "num_calibration_images": calib.num_examples}
     )
@@ -149,36 +149,22 @@ def quantize(model, variables, train_config, config, recipe: str) -> QuantizedMo
 def step_evaluate(train_config, qmodel, model, variables, config) -> dict:
     """Float, fake-quant and (if available) integer-only top-1/top-5 on the eval data."""
     data = eval_input(train_config, train_config.eval_data, limit=config.eval_limit)
-
-    def score(fn, desc):
-        return evaluation.evaluate(fn, data.make(), data.num_batches, desc=desc)
-
-    out = {
+    float_scores = evaluation.evaluate(
+        ptq.float_logits_fn(model, variables), data.make(), data.num_batches, desc="float"
+    )
+    quantized = common.score_quantized(
+        qmodel, data, integer_pass=config.integer, desc=config.ptq_recipe
+    )
+    return {
         "eval_data": data.name,
-        "float": score(ptq.float_logits_fn(model, variables), "float"),
-        "fake_quant": score(ptq.fake_quant_logits_fn(qmodel), "fake-quant"),
-        "integer": None,
+        "float": float_scores,
+        **quantized,
         # recorded here, not only in the summary: the checkpoints do not outlive the machine
         **depthwise_bn_stats(variables),
         "ptq_recipe": dataclasses.asdict(qmodel.recipe),
         "calibration_data": qmodel.info["calibration_data"],
         "num_calibration_images": qmodel.info["num_calibration_images"],
     }
-    if config.integer:
-        out["integer"], error = _integer_score(qmodel, score)
-        if error:
-            out["integer_error"] = error
-    return out
-
-
-def _integer_score(qmodel, score) -> tuple[dict | None, str | None]:
-    """Integer-only scores of ``qmodel`` (``score(logits_fn, desc)``), or why there are none."""
-    try:
-        int_model = integer.from_quantized(qmodel)
-    except ValueError as err:  # e.g. the int32 accumulator bound check
-        log.warning("no integer-only evaluation: %s", err)
-        return None, str(err)
-    return score(integer.logits_fn(int_model), "integer"), None
 
 
 def step_ptq_rows(train_config, train_dir: str, config, done: Mapping[str, Any]) -> dict:
@@ -190,33 +176,36 @@ def step_ptq_rows(train_config, train_dir: str, config, done: Mapping[str, Any])
     Returns the new rows, ``{recipe: {"fake_quant": ..., "integer": ..., ...}}``.
     """
     data = eval_input(train_config, train_config.eval_data, limit=config.eval_limit)
-
-    def score(fn, desc):
-        return evaluation.evaluate(fn, data.make(), data.num_batches, desc=desc)
-
     model, variables = checkpointing.load_trained(train_config, train_dir)
     rows = {}
     for name in config.ptq_rows:
-        if name in done:
+        if _row_current(name, done.get(name), config):
             continue
         # Calibrated again per recipe: a recipe that changes the folded weights (the fix)
         # changes the activation ranges too.
         qmodel = quantize(model, variables, train_config, config, name)
         row = {
             "recipe": dataclasses.asdict(qmodel.recipe),
-            "fake_quant": score(ptq.fake_quant_logits_fn(qmodel), f"fake-quant {name}"),
-            "integer": None,
+            **common.score_quantized(qmodel, data, integer_pass=config.integer, desc=name),
         }
         fixed = qmodel.info.get("zero_variance_channels")
         if fixed is not None:  # {layer path: channel indices} the recipe's fix changed
+            row["zero_variance_threshold"] = qmodel.info["zero_variance_threshold"]
             row["zero_variance_fixed"] = {k: v for k, v in fixed.items() if v}
-        if config.integer:
-            row["integer"], error = _integer_score(qmodel, score)
-            if error:
-                row["integer_error"] = error
         rows[name] = row
         jax.clear_caches()
     return rows
+
+
+def _row_current(name: str, row: Mapping[str, Any] | None, config) -> bool:
+    """Whether a stored ``ptq_rows`` row holds what ``config`` asks for: a fix recipe's row only
+    under the same ``zero_variance_threshold`` (rows that do not record one used the default)."""
+    if row is None:
+        return False
+    if not ptq.recipe_by_name(name).zero_variance_fix:
+        return True
+    threshold = row.get("zero_variance_threshold", ptq.ZERO_VARIANCE_THRESHOLD)
+    return threshold == config.zero_variance_threshold
 
 
 def step_sqnr(train_config, qmodel, config) -> dict:
@@ -277,6 +266,7 @@ def _summarize_ptq_rows(runs: Mapping[int, Mapping[str, Any]], main_recipe: str)
     if not seeds:
         return None
     rows: dict[str, dict[str, list[float]]] = {}
+    thresholds: dict[str, set[float]] = {}
     for s in seeds:
         res = runs[s]["results"]
         for name, row in {main_recipe: res, **runs[s]["ptq_rows"]}.items():
@@ -284,12 +274,19 @@ def _summarize_ptq_rows(runs: Mapping[int, Mapping[str, Any]], main_recipe: str)
             into["fake_quant"].append(row["fake_quant"]["top1"])
             if row.get("integer"):
                 into["integer"].append(row["integer"]["top1"])
+            if name != main_recipe and ptq.recipe_by_name(name).zero_variance_fix:
+                threshold = row.get("zero_variance_threshold", ptq.ZERO_VARIANCE_THRESHOLD)
+                thresholds.setdefault(name, set()).add(threshold)
+    recipes: dict[str, dict[str, Any]] = {
+        name: {kind: _stats(vals) for kind, vals in row.items()} for name, row in rows.items()
+    }
+    for name, values in thresholds.items():
+        # one value when every seed's fix used the same threshold
+        recipes[name]["zero_variance_threshold"] = values.pop() if len(values) == 1 else None
     return {
         "seeds": sorted(seeds),
         "float_top1": _stats([runs[s]["results"]["float"]["top1"] for s in seeds]),
-        "recipes": {
-            name: {kind: _stats(vals) for kind, vals in row.items()} for name, row in rows.items()
-        },
+        "recipes": recipes,
     }
 
 
@@ -498,7 +495,7 @@ def _run_ptq_rows(train_config, train_dir: str, run: str, config, key: str) -> s
     """The ``ptq_rows`` step of one run: adds the missing rows to ``ptq_rows.json``."""
     path = os.path.join(run, "ptq_rows.json")
     done = io_utils.read_json(path)["rows"] if os.path.isfile(path) else {}
-    if all(name in done for name in config.ptq_rows):
+    if all(_row_current(name, done.get(name), config) for name in config.ptq_rows):
         return "skipped"
     if not (
         train_done(train_dir)

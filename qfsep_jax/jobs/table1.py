@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from qfsep_jax import config_validation, evaluation, integer, io_utils, paper, ptq
+from qfsep_jax import config_validation, evaluation, io_utils, paper, ptq
 from qfsep_jax.data.input import eval_input
 from qfsep_jax.jobs import common
 
@@ -75,14 +75,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
 
     def quantized_row(qmodel, name):
-        recipe = qmodel.recipe
-        result = score(ptq.fake_quant_logits_fn(qmodel), name)
-        row = {"name": name, **result, "recipe": dataclasses.asdict(recipe)}
-        if config.integer and not recipe.dynamic_activation_ranges:
-            # The same preprocessed images, quantized with the model's input qparams;
-            # top-1 on the fine logits (see the docstring), not on tied 8-bit codes.
-            int_model = integer.from_quantized(qmodel)
-            row["int_top1"] = score(integer.logits_fn(int_model), name + "/int")["top1"]
+        # The integer pass sees the same preprocessed images, quantized with the model's input
+        # qparams; its top-1 is on the fine logits (see the docstring), not on tied 8-bit codes.
+        scores = common.score_quantized(
+            qmodel, evaluate_data, integer_pass=config.integer, desc=name
+        )
+        row = {"name": name, **scores["fake_quant"], "recipe": dataclasses.asdict(qmodel.recipe)}
+        if scores["integer"] is not None:
+            row["int_top1"] = scores["integer"]["top1"]
+        if "integer_error" in scores:
+            row["integer_error"] = scores["integer_error"]
         if "zero_variance_channels" in qmodel.info:
             row["zero_variance_scope"] = qmodel.info["zero_variance_scope"]
             row["zero_variance_channels"] = qmodel.info["zero_variance_channels"]
