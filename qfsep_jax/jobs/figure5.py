@@ -12,7 +12,8 @@ training step itself resumes from its newest checkpoint):
 3. ``sqnr``: per-layer SQNR (fake-quant and integer-only) → ``<variant>/seed<k>/sqnr.json``;
 4. ``ptq_rows`` (only with ``config.ptq_rows``, e.g. ``("tf8_zero_variance_fix", "per_channel")``):
    the same trained model through each further PTQ recipe, fake-quant and integer-only top-1 →
-   ``<variant>/seed<k>/ptq_rows.json`` (a recipe already in the file is skipped);
+   ``<variant>/seed<k>/ptq_rows.json`` (a recipe already in the file is skipped, unless it is a
+   zero-variance fix made under another ``config.zero_variance_threshold``);
 5. ``summary`` (always rerun, cheap): ``<variant>/results.json`` (over seeds),
    ``summary.json`` (what ``tools/collect_results.py`` turns into the README table) and the
    plots ``figure5_accuracy.png``, ``figure5_sqnr.png`` (and ``figure5_sqnr_integer.png``).
