@@ -31,13 +31,18 @@ instead (``RECIPES`` below), the first recipe of the search for a small-scale co
         --workdir results/figure5_tfslim_rmsprop
 
 ``configs/figure5.py:sgd_lr0.4_nowarmup`` (eight times the learning rate, no warmup) is the
-recipe under which the original block collapses in TF8 PTQ, as in the paper, and the QF block
-does not (docs/figure5.md, "A recipe for the collapse"); about 25 min per variant and seed:
+recipe under which the original block collapses in TF8 PTQ, as in the paper, and the QF blocks
+do not (docs/figure5.md, "A recipe for the collapse"); 13–15 min of training per variant and
+seed on the 2-core CPU machine when it runs alone. The original block, also through the paper's
+zero-variance fix and per-channel weights (``ptq_rows`` needs the checkpoints, so it runs where
+they were trained), then the three QF blocks and the summary over all four:
 
     python launch/main.py --config configs/figure5.py:sgd_lr0.4_nowarmup \\
-        --workdir results/figure5_sgd_lr0.4_nowarmup --config.variants='("original","qf_relu6")' \\
+        --workdir results/figure5_sgd_lr0.4_nowarmup --config.variants='("original",)' \\
         --config.seeds='(0,1,2)' \\
         --config.ptq_rows='("tf8_zero_variance_fix","tf8_zero_variance_fix_all","per_channel")'
+    python launch/main.py --config configs/figure5.py:sgd_lr0.4_nowarmup \\
+        --workdir results/figure5_sgd_lr0.4_nowarmup --config.seeds='(0,1,2)'
 
 <!-- results:figure5_sgd_lr0.4_nowarmup_expected -->
 Expected (results/figure5_sgd_lr0.4_nowarmup/summary.json, measured 2026-12-04 15:12 UTC on
