@@ -45,11 +45,13 @@ they were trained), then the three QF blocks and the summary over all four:
         --workdir results/figure5_sgd_lr0.4_nowarmup --config.seeds='(0,1,2)'
 
 <!-- results:figure5_sgd_lr0.4_nowarmup_expected -->
-Expected (results/figure5_sgd_lr0.4_nowarmup/summary.json, measured 2026-12-04 15:12 UTC on
-Intel(R) Xeon(R) Processor (2 cores)): original top-1 % (float / 8-bit fake-quant / 8-bit
-integer, mean ± std over 3 seeds): 65.20 ± 2.96 / 9.66 ± 0.40 / 9.38 ± 0.40; qf_relu6 top-1 %
-(float / 8-bit fake-quant / 8-bit integer, mean ± std over 2 seeds): 67.32 ± 4.24 / 67.18 ± 4.05
-/ 67.20 ± 3.96.
+Expected (results/figure5_sgd_lr0.4_nowarmup/summary.json, measured 2026-12-04 18:01 UTC on AMD
+EPYC (2 cores)): original top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std over 3
+seeds): 65.20 ± 2.96 / 9.66 ± 0.40 / 9.38 ± 0.40; qf_relu6 top-1 % (float / 8-bit fake-quant /
+8-bit integer, mean ± std over 3 seeds): 65.69 ± 4.16 / 65.50 ± 4.07 / 65.60 ± 3.95; qf_relu
+top-1 % (float / 8-bit fake-quant / 8-bit integer, mean ± std over 3 seeds): 70.49 ± 1.89 /
+70.44 ± 1.98 / 70.44 ± 1.99; qf_relu_l2dw top-1 % (float / 8-bit fake-quant / 8-bit integer,
+mean ± std over 3 seeds): 69.10 ± 2.20 / 68.96 ± 2.12 / 69.11 ± 2.10.
 <!-- /results:figure5_sgd_lr0.4_nowarmup_expected -->
 
 ``configs/figure5.py:sgd_lr0.1`` and ``:sgd_lr0.2`` are today's recipe at twice and four times
