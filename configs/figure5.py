@@ -148,7 +148,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # zero-variance fix, or per-channel weights, recover what ptq_recipe loses?
     c.ptq_rows = ()
     # BN channels with moving variance at most this count as zero-variance for the fix recipes
-    # (the paper's fix; the default of qfsep_jax.ptq). Rows record it; a changed value redoes them.
+    # (the paper's fix; the default of qfsep_jax.ptq). Another value makes its own rows,
+    # "<recipe>@<threshold>".
     c.zero_variance_threshold = 1e-10
     c.calibration_data = "folder:imagenette/train"
     c.num_calibration_images = 500

@@ -106,21 +106,24 @@ def test_rerun_skips_every_finished_step(tiny_run):
     again = figure5.run(config, workdir)
     assert set(again["actions"].values()) == {"skipped"} and len(again["actions"]) == 4
     assert os.stat(results).st_mtime_ns == before
-    # Another variance threshold for the fix redoes the fix row only, and records it.
+    # Another variance threshold for the fix adds its own row and keeps every other row.
     rows_path = os.path.join(workdir, "qf_relu_l2dw", "seed0", "ptq_rows.json")
-    per_channel = _read(rows_path)["rows"]["per_channel"]
-    for threshold in (1e-6, 1e-10):
-        changed = tiny_config(
-            config.data_dir,
-            variants=config.variants,
-            ptq_rows=config.ptq_rows,
-            zero_variance_threshold=threshold,
-        )
-        again = figure5.run(changed, workdir)
-        assert again["actions"]["qf_relu_l2dw/seed0/ptq_rows"] == "ran"
-        rows = _read(rows_path)["rows"]
-        assert rows["tf8_zero_variance_fix"]["zero_variance_threshold"] == threshold
-        assert rows["per_channel"] == per_channel
+    before_rows = _read(rows_path)["rows"]
+    changed = tiny_config(
+        config.data_dir,
+        variants=config.variants,
+        ptq_rows=config.ptq_rows,
+        zero_variance_threshold=1e-6,
+    )
+    again = figure5.run(changed, workdir)
+    assert again["actions"]["qf_relu_l2dw/seed0/ptq_rows"] == "ran"
+    rows = _read(rows_path)["rows"]
+    assert list(rows) == [*before_rows, "tf8_zero_variance_fix@1e-06"]
+    assert rows["tf8_zero_variance_fix@1e-06"]["zero_variance_threshold"] == 1e-6
+    assert {k: rows[k] for k in before_rows} == before_rows
+    summary = _read(os.path.join(workdir, "summary.json"))["variants"]["qf_relu_l2dw"]
+    assert "tf8_zero_variance_fix@1e-06" in summary["ptq_rows"]["recipes"]
+    assert figure5.run(changed, workdir)["actions"]["qf_relu_l2dw/seed0/ptq_rows"] == "skipped"
     # Results without their checkpoints (a fresh clone): nothing is retrained.
     shutil.rmtree(os.path.join(workdir, "qf_relu_l2dw", "seed0", "train", "checkpoints"))
     again = figure5.run(config, workdir)
@@ -262,14 +265,6 @@ def test_summary_over_seeds_and_variants(tmp_path, data_dir):
     assert v["qf_relu_l2dw"]["ptq_rows"] is None
     table = collect_results.format_figure5(result["summary"], "summary.json")["figure5_ptq_rows"]
     assert "| `original` | 1 | 20.00 | 21.00 | 19.00 |" in table
-    # A row that does not record its threshold used the default; another one is named.
-    fix_summary = rows["recipes"]["tf8_zero_variance_fix"]
-    assert fix_summary["zero_variance_threshold"] == 1e-10
-    assert "| `tf8_per_tensor` | `tf8_zero_variance_fix` |" in table
-    for threshold, mark in ((1e-6, "(variance ≤ 1e-06)"), (None, "(thresholds differ")):
-        fix_summary["zero_variance_threshold"] = threshold
-        made = collect_results.format_figure5(result["summary"], "summary.json")
-        assert f"`tf8_zero_variance_fix` {mark}" in made["figure5_ptq_rows"]
 
 
 def test_bad_configs_fail_clearly(tmp_path, data_dir):

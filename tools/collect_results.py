@@ -32,7 +32,7 @@ import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qfsep_jax import io_utils, ptq
+from qfsep_jax import io_utils
 
 MARKER = re.compile(r"<!--\s*(/?)results:([A-Za-z0-9_.-]+)\s*-->")
 
@@ -368,22 +368,7 @@ def _figure5_ptq_rows(summary: Mapping[str, Any], path: str) -> dict[str, str]:
         for name, v in variants.items()
     ]
 
-    def column(name):
-        # A fix under another variance threshold than the default fixes other channels: the
-        # header says which threshold its numbers are for.
-        marks = set()
-        for v in variants.values():
-            row = v["recipes"].get(name, {})
-            if "zero_variance_threshold" not in row:
-                continue
-            threshold = row["zero_variance_threshold"]
-            if threshold is None:
-                marks.add(" (thresholds differ between seeds)")
-            elif threshold != ptq.ZERO_VARIANCE_THRESHOLD:
-                marks.add(f" (variance ≤ {threshold:g})")
-        return f"`{name}`" + "".join(sorted(marks))
-
-    header = ["variant", "seeds", "float top-1 %"] + [column(r) for r in names]
+    header = ["variant", "seeds", "float top-1 %"] + [f"`{r}`" for r in names]
     note = (
         "Top-1 % of the same trained models under each PTQ recipe of `qfsep_jax.ptq.RECIPES` "
         "(8-bit fake-quant / integer-only; mean ± std over the seeds listed)." + _measured(summary)

@@ -12,8 +12,9 @@ training step itself resumes from its newest checkpoint):
 3. ``sqnr``: per-layer SQNR (fake-quant and integer-only) → ``<variant>/seed<k>/sqnr.json``;
 4. ``ptq_rows`` (only with ``config.ptq_rows``, e.g. ``("tf8_zero_variance_fix", "per_channel")``):
    the same trained model through each further PTQ recipe, fake-quant and integer-only top-1 →
-   ``<variant>/seed<k>/ptq_rows.json`` (a recipe already in the file is skipped, unless it is a
-   zero-variance fix made under another ``config.zero_variance_threshold``);
+   ``<variant>/seed<k>/ptq_rows.json`` (a row already in the file is skipped; a zero-variance fix
+   under another ``config.zero_variance_threshold`` than the default is its own row,
+   ``<recipe>@<threshold>``, so that no threshold's result replaces another's);
 5. ``summary`` (always rerun, cheap): ``<variant>/results.json`` (over seeds),
    ``summary.json`` (what ``tools/collect_results.py`` turns into the README table) and the
    plots ``figure5_accuracy.png``, ``figure5_sqnr.png`` (and ``figure5_sqnr_integer.png``).
@@ -174,13 +175,15 @@ def step_ptq_rows(train_config, train_dir: str, config, done: Mapping[str, Any])
 
     Tells whether another PTQ pipeline recovers what ``config.ptq_recipe`` loses, e.g. the
     paper's zero-variance fix: if it does, the loss comes from the dead channels it fixes.
-    Returns the new rows, ``{recipe: {"fake_quant": ..., "integer": ..., ...}}``.
+    Returns the new rows, ``{row key: {"fake_quant": ..., "integer": ..., ...}}`` (keys from
+    :func:`ptq_row_key`).
     """
     data = eval_input(train_config, train_config.eval_data, limit=config.eval_limit)
     model, variables = checkpointing.load_trained(train_config, train_dir)
     rows = {}
     for name in config.ptq_rows:
-        if _row_current(name, done.get(name), config):
+        key = ptq_row_key(name, config)
+        if key in done:
             continue
         # Calibrated again per recipe: a recipe that changes the folded weights (the fix)
         # changes the activation ranges too.
@@ -193,20 +196,18 @@ def step_ptq_rows(train_config, train_dir: str, config, done: Mapping[str, Any])
         if fixed is not None:  # {layer path: channel indices} the recipe's fix changed
             row["zero_variance_threshold"] = qmodel.info["zero_variance_threshold"]
             row["zero_variance_fixed"] = {k: v for k, v in fixed.items() if v}
-        rows[name] = row
+        rows[key] = row
         jax.clear_caches()
     return rows
 
 
-def _row_current(name: str, row: Mapping[str, Any] | None, config) -> bool:
-    """Whether a stored ``ptq_rows`` row holds what ``config`` asks for: a fix recipe's row only
-    under the same ``zero_variance_threshold`` (rows that do not record one used the default)."""
-    if row is None:
-        return False
-    if not ptq.recipe_by_name(name).zero_variance_fix:
-        return True
-    threshold = row.get("zero_variance_threshold", ptq.ZERO_VARIANCE_THRESHOLD)
-    return threshold == config.zero_variance_threshold
+def ptq_row_key(name: str, config) -> str:
+    """The ``ptq_rows.json`` key of the PTQ recipe ``name`` under ``config``: the name, or
+    ``<name>@<threshold>`` for a zero-variance fix under a non-default variance threshold."""
+    threshold = config.zero_variance_threshold
+    if ptq.recipe_by_name(name).zero_variance_fix and threshold != ptq.ZERO_VARIANCE_THRESHOLD:
+        return f"{name}@{threshold:g}"
+    return name
 
 
 def step_sqnr(train_config, qmodel, config) -> dict:
@@ -267,7 +268,6 @@ def _summarize_ptq_rows(runs: Mapping[int, Mapping[str, Any]], main_recipe: str)
     if not seeds:
         return None
     rows: dict[str, dict[str, list[float]]] = {}
-    thresholds: dict[str, set[float]] = {}
     for s in seeds:
         res = runs[s]["results"]
         for name, row in {main_recipe: res, **runs[s]["ptq_rows"]}.items():
@@ -275,19 +275,12 @@ def _summarize_ptq_rows(runs: Mapping[int, Mapping[str, Any]], main_recipe: str)
             into["fake_quant"].append(row["fake_quant"]["top1"])
             if row.get("integer"):
                 into["integer"].append(row["integer"]["top1"])
-            if name != main_recipe and ptq.recipe_by_name(name).zero_variance_fix:
-                threshold = row.get("zero_variance_threshold", ptq.ZERO_VARIANCE_THRESHOLD)
-                thresholds.setdefault(name, set()).add(threshold)
-    recipes: dict[str, dict[str, Any]] = {
-        name: {kind: _stats(vals) for kind, vals in row.items()} for name, row in rows.items()
-    }
-    for name, values in thresholds.items():
-        # one value when every seed's fix used the same threshold
-        recipes[name]["zero_variance_threshold"] = values.pop() if len(values) == 1 else None
     return {
         "seeds": sorted(seeds),
         "float_top1": _stats([runs[s]["results"]["float"]["top1"] for s in seeds]),
-        "recipes": recipes,
+        "recipes": {
+            name: {kind: _stats(vals) for kind, vals in row.items()} for name, row in rows.items()
+        },
     }
 
 
@@ -496,7 +489,7 @@ def _run_ptq_rows(train_config, train_dir: str, run: str, config, key: str) -> s
     """The ``ptq_rows`` step of one run: adds the missing rows to ``ptq_rows.json``."""
     path = os.path.join(run, "ptq_rows.json")
     done = io_utils.read_json(path)["rows"] if os.path.isfile(path) else {}
-    if all(_row_current(name, done.get(name), config) for name in config.ptq_rows):
+    if all(ptq_row_key(name, config) in done for name in config.ptq_rows):
         return "skipped"
     if not (
         train_done(train_dir)
