@@ -665,9 +665,9 @@ SOURCES: dict[str, tuple[str, Formatter]] = {
         "figure5_sgd_lr0.4_nowarmup/summary.json",
         format_figure5_recipe("figure5_sgd_lr0.4_nowarmup"),
     ),
-    "figure5_sgd_lr0.4_nowarmup_fix1e-6": (
-        "figure5_sgd_lr0.4_nowarmup_fix1e-6/summary.json",
-        format_figure5_recipe("figure5_sgd_lr0.4_nowarmup_fix1e-6"),
+    "figure5_sgd_lr0.4_nowarmup_fix_threshold": (
+        "figure5_sgd_lr0.4_nowarmup_fix_threshold/summary.json",
+        format_figure5_recipe("figure5_sgd_lr0.4_nowarmup_fix_threshold"),
     ),
     "figure5_peer": ("figure5_peer/figure5_peer.json", format_figure5_peer),
     "figure5_peer_channels_last": (
