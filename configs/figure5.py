@@ -32,7 +32,7 @@ instead (``RECIPES`` below), the first recipe of the search for a small-scale co
 
 ``configs/figure5.py:sgd_lr0.4_nowarmup`` (eight times the learning rate, no warmup) is the
 recipe under which the original block collapses in TF8 PTQ, as in the paper, and the QF blocks
-do not (docs/figure5.md, "A recipe for the collapse"); 13–15 min of training per variant and
+do not (docs/figure5.md, "A recipe for the collapse"); 12–15 min of training per variant and
 seed on the 2-core CPU machine when it runs alone. The original block, also through the paper's
 zero-variance fix and per-channel weights (``ptq_rows`` needs the checkpoints, so it runs where
 they were trained), then the three QF blocks and the summary over all four:
